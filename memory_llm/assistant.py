@@ -1,0 +1,359 @@
+"""The facade: MemoryLLM composes the store, loaders, embedder, retrieval and generator. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from memory_llm.config import Settings
+from memory_llm.errors import InputError, MemoryLLMError
+from memory_llm.ingest import Document, chunk_text, content_hash, iter_paths, load_file, load_text
+from memory_llm.store import Hit, Store
+from memory_llm.store.sqlite import NewChunk
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = "default"
+EMBED_BUFFER = 256  # chunks embedded together across small files
+
+
+@dataclass
+class LearnReport:
+    files: int = 0
+    unchanged: int = 0
+    chunks_added: int = 0
+    duplicates_skipped: int = 0
+    near_duplicates_skipped: int = 0
+    replaced_sources: int = 0
+    skipped_files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    memory_ids: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d.pop("memory_ids")
+        d["seconds"] = round(self.seconds, 3)
+        return d
+
+
+@dataclass
+class Answer:
+    """An answer with the memories it was given and where the time went (seconds)."""
+
+    text: str
+    question: str
+    sources: list[Hit]
+    timings: dict
+    model: str
+    namespace: str
+    used_memory: bool
+
+    def as_dict(self) -> dict:
+        return {"answer": self.text, "question": self.question, "namespace": self.namespace,
+                "model": self.model, "used_memory": self.used_memory,
+                "sources": [{"n": i, **h.as_dict()} for i, h in enumerate(self.sources, 1)],
+                "timings": {k: round(v, 4) for k, v in self.timings.items()}}
+
+
+class AnswerStream:
+    """Iterate to receive text pieces as they are generated; `.answer` is complete afterwards."""
+
+    def __init__(self, pieces: Iterator[str], finish: Callable[[str, float | None], Answer]):
+        self._pieces, self._finish = pieces, finish
+        self.answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        parts, first = [], None
+        for piece in self._pieces:
+            if first is None:
+                first = time.perf_counter()
+            parts.append(piece)
+            yield piece
+        self.answer = self._finish("".join(parts), first)
+
+
+class MemoryLLM:
+    """A language model with a memory that grows.
+
+    Args:
+        home: memory home directory (default: MLLM_HOME or the user data dir).
+        settings: a Settings object; keyword overrides (model=..., embedder=..., top_k=...) apply on top.
+        embedder / generator: injected models (tests, or sharing one loaded model between instances).
+    """
+
+    def __init__(self, home: str | Path | None = None, settings: Settings | None = None, *, embedder=None,
+                 generator=None, **overrides):
+        if settings is None:
+            settings = Settings.load(home, **overrides)
+        elif home is not None or overrides:
+            settings = Settings(**{**settings.__dict__, **overrides, **({"home": home} if home else {})})
+        self.settings = settings
+        self._embedder, self._generator = embedder, generator
+        self._store: Store | None = None
+        self._lock = threading.RLock()
+
+    # ---- components (lazy) ---------------------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        with self._lock:
+            if self._store is None:
+                s = self.settings
+                self._store = Store(s.home, lock_timeout=s.lock_timeout, exact_index_max=s.exact_index_max,
+                                    hnsw_m=s.hnsw_m, ef_search=s.hnsw_ef_search)
+            return self._store
+
+    @property
+    def embedder(self):
+        with self._lock:
+            if self._embedder is None:
+                from memory_llm.embed import SentenceEmbedder
+
+                self._embedder = SentenceEmbedder(self.settings.embedder, self.settings.device)
+            return self._embedder
+
+    @property
+    def generator(self):
+        with self._lock:
+            if self._generator is None:
+                from memory_llm.generate import Generator
+
+                s = self.settings
+                self._generator = Generator.load(s.model, s.cache_dir, s.device, s.dtype)
+            return self._generator
+
+    def _bind_embedder(self) -> None:
+        self.store.check_embedder(self.embedder.name, self.embedder.dim)
+
+    # ---- learn --------------------------------------------------------------------------------------
+    def learn(self, paths: Iterable[str | Path] = (), *, text: str | None = None, namespace: str = DEFAULT_NAMESPACE,
+              include: Sequence[str] = (), exclude: Sequence[str] = (), text_field: str | None = None,
+              encoding: str = "utf-8", source: str | None = None,
+              progress: Callable[[str, int, int], None] | None = None) -> LearnReport:
+        """Learn files, directories (recursively) and/or a text.
+
+        Named files are read before anything is stored, so a bad one stops the run with nothing written;
+        unreadable files met inside a directory are skipped and reported. Each source is committed in one
+        transaction; an unchanged source adds nothing; a changed one replaces its old chunks.
+
+        Args:
+            paths: files and directories.
+            text: a text to learn (its source is `source` or a hash of the text).
+            namespace: the namespace the memories belong to.
+            include / exclude: glob patterns for directory members.
+            text_field: the field holding the text in JSON/JSONL records.
+            progress: called as progress(phase, done, total).
+        Returns:
+            A LearnReport (files, chunks added, skipped, seconds).
+        """
+        start = time.perf_counter()
+        _check_namespace(namespace)
+        s = self.settings
+        report = LearnReport()
+        named: list[Document] = []
+        members: list[Path] = []
+        if text is not None:
+            named.append(load_text(text, source))
+        for path, is_named in iter_paths([Path(p) for p in paths], include, exclude):
+            if is_named:
+                named.append(load_file(path, text_field=text_field, max_mb=s.max_file_mb, encoding=encoding))
+            else:
+                members.append(path)
+        if not named and not members:
+            raise InputError("nothing to learn: no learnable files found" if paths else "nothing to learn")
+        total = len(named) + len(members)
+
+        def documents() -> Iterator[Document]:
+            yield from named
+            for path in members:
+                try:
+                    yield load_file(path, text_field=text_field, max_mb=s.max_file_mb, encoding=encoding)
+                except InputError as exc:
+                    logger.warning("skipped %s", exc)
+                    report.skipped_files.append(str(exc))
+
+        buffer: list[tuple[Document, list]] = []
+        done = 0
+        for doc in documents():
+            report.files += 1
+            if self.store.source_hash(namespace, doc.uri) == doc.content_hash:
+                report.unchanged += 1
+                done += 1
+                if progress is not None:
+                    progress("learn", done, total)
+            else:
+                chunks = chunk_text(doc.sections, self.embedder.count_tokens, s.chunk_tokens, s.chunk_overlap)
+                buffer.append((doc, chunks))
+            if sum(len(c) for _, c in buffer) >= EMBED_BUFFER:
+                done = self._flush_learn(buffer, namespace, report, progress, done, total)
+                buffer = []
+        done = self._flush_learn(buffer, namespace, report, progress, done, total)
+        if progress is not None:
+            progress("learn", total, total)
+        self.store.flush()
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _flush_learn(self, buffer, namespace: str, report: LearnReport, progress, done: int, total: int) -> int:
+        """Embed the buffered documents' chunks in one batch, then commit each document on its own."""
+        s = self.settings
+        if not buffer:
+            return done
+        self._bind_embedder()
+        self.store.index()  # load (or rebuild) before writing, so writes update it in place
+        texts = [c.text for _, chunks in buffer for c in chunks]
+        vectors = self.embedder.encode(texts, batch_size=s.embed_batch_size)
+        offset = 0
+        for doc, chunks in buffer:
+            vecs = vectors[offset:offset + len(chunks)]
+            offset += len(chunks)
+            new = self._novel_chunks(doc, chunks, vecs, namespace, report)
+            ids = self.store.replace_source(namespace, doc.uri, doc.content_hash, new)
+            report.chunks_added += len(ids)
+            report.memory_ids += ids
+            done += 1
+            if progress is not None:
+                progress("learn", done, total)
+        return done
+
+    def _novel_chunks(self, doc: Document, chunks, vectors: np.ndarray, namespace: str,
+                      report: LearnReport) -> list[NewChunk]:
+        """Drop chunks that repeat stored memories (same hash) or nearly repeat them (cosine ≥ threshold)."""
+        hashes = [content_hash(c.text) for c in chunks]
+        stored = self.store.existing_hashes(namespace, hashes, exclude_uri=doc.uri)
+        old_ids = set(self.store.source_memory_ids(namespace, doc.uri))
+        threshold = self.settings.dedup_threshold
+        kept: list[NewChunk] = []
+        seen: set[str] = set()
+        for chunk, h, vec in zip(chunks, hashes, vectors):
+            if h in stored or h in seen:
+                report.duplicates_skipped += 1
+                continue
+            if any(float(vec @ k.vector) >= threshold for k in kept) or any(
+                    score >= threshold for i, score in self.store.dense(vec, 2 + len(old_ids), namespace)
+                    if i not in old_ids):
+                report.near_duplicates_skipped += 1
+                continue
+            seen.add(h)
+            kept.append(NewChunk(len(kept), chunk.text, h, vec))
+        if old_ids:
+            report.replaced_sources += 1
+        return kept
+
+    # ---- search / ask -------------------------------------------------------------------------------
+    def search(self, query: str, k: int | None = None, namespace: str = DEFAULT_NAMESPACE) -> list[Hit]:
+        """The k best memories for a query (dense + lexical, fused)."""
+        from memory_llm.retrieve import retrieve
+
+        if not query or not query.strip():
+            raise InputError("the query is empty")
+        k = self.settings.top_k if k is None else k
+        if k <= 0:
+            raise InputError(f"k must be > 0, not {k}")
+        if not self.store.meta("dim"):
+            return []
+        self._bind_embedder()
+        return retrieve(self.store, self.embedder, query, k, namespace, self.settings.rrf_k)
+
+    def _prepare(self, question: str, k: int | None, namespace: str, use_memory: bool):
+        from memory_llm.generate import build_messages
+        from memory_llm.retrieve import pack
+
+        if not question or not question.strip():
+            raise InputError("the question is empty")
+        t0 = time.perf_counter()
+        hits = self.search(question, k, namespace) if use_memory else []
+        t1 = time.perf_counter()
+        gen = self.generator
+        hits = pack(hits, gen.count_tokens, self.settings.context_tokens)
+        ids = gen.chat_ids(build_messages(question, [h.memory.text for h in hits]))
+        t2 = time.perf_counter()
+        return hits, ids, {"retrieve": t1 - t0, "prompt": t2 - t1, "prompt_tokens": float(ids.shape[1])}, t0
+
+    def ask(self, question: str, *, k: int | None = None, namespace: str = DEFAULT_NAMESPACE,
+            use_memory: bool = True, max_new_tokens: int | None = None) -> Answer:
+        """Answer a question from memory (retrieval + generation), with numbered sources and timings."""
+        stream = self.ask_stream(question, k=k, namespace=namespace, use_memory=use_memory,
+                                 max_new_tokens=max_new_tokens)
+        for _ in stream:
+            pass
+        return stream.answer
+
+    def ask_stream(self, question: str, *, k: int | None = None, namespace: str = DEFAULT_NAMESPACE,
+                   use_memory: bool = True, max_new_tokens: int | None = None) -> AnswerStream:
+        """Like ask, but iterate the result to receive text pieces as they are generated."""
+        hits, ids, timings, t0 = self._prepare(question, k, namespace, use_memory)
+        max_new = max_new_tokens or self.settings.max_new_tokens
+        t_gen = time.perf_counter()
+
+        def finish(text: str, first: float | None) -> Answer:
+            end = time.perf_counter()
+            timings.update(generate=end - t_gen, first_token=(first or end) - t0, total=end - t0)
+            return Answer(text.strip(), question, hits, timings, self.settings.model, namespace, use_memory)
+
+        return AnswerStream(self.generator.stream(ids, max_new), finish)
+
+    # ---- forget / stats -----------------------------------------------------------------------------
+    def forget(self, ids: Sequence[int] = (), *, source: str | None = None, namespace: str | None = None,
+               everything: bool = False) -> int:
+        """Delete memories by id, by source, or all (within a namespace if given). Returns how many."""
+        n = self.store.forget(ids=ids, source=source, namespace=namespace, everything=everything)
+        self.store.flush()
+        return n
+
+    def stats(self) -> dict:
+        s = self.settings
+        return {**self.store.stats(), "home": str(s.home), "model": s.model, "embedder_setting": s.embedder,
+                "cache_dir": str(s.cache_dir)}
+
+    def sources(self, namespace: str | None = None) -> list[dict]:
+        return self.store.list_sources(namespace)
+
+    # ---- eval ---------------------------------------------------------------------------------------
+    def evaluate(self, path: str | Path, mode: str = "rag", *, k: int | None = None,
+                 namespace: str = DEFAULT_NAMESPACE, limit: int | None = None, progress=None) -> dict:
+        """Run an eval file (design.md's format) in a mode; returns accuracy overall and by tag."""
+        from memory_llm import evaluate as ev
+        from memory_llm.generate import build_messages
+        from memory_llm.retrieve import pack
+
+        if mode not in ev.MODES:
+            raise InputError(f"mode must be one of {', '.join(ev.MODES)}, not {mode!r}"
+                             " (closed and hybrid arrive with consolidation)")
+        probes = ev.load_probes(Path(path))[:limit]
+        gen = self.generator
+        start = time.perf_counter()
+
+        def prompt_ids(p: ev.Probe) -> list[int]:
+            context = []
+            if mode == "rag":
+                hits = pack(self.search(p.input, k, namespace), gen.count_tokens, self.settings.context_tokens)
+                context = [h.memory.text for h in hits]
+            if p.kind == "qa":
+                return gen.chat_ids(build_messages(p.input, context))[0].tolist()
+            text = ("\n\n".join(context) + "\n\n" + p.input) if context else p.input
+            return gen.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        outputs = ev.run(probes, prompt_ids, gen.generate_batch, progress=progress)
+        result = ev.score(probes, outputs, mode)
+        result["seconds"] = round(time.perf_counter() - start, 2)
+        result["model"] = self.settings.model
+        return result
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+def _check_namespace(namespace: str) -> None:
+    if not namespace or len(namespace) > 128 or not namespace.isprintable():
+        raise InputError(f"invalid namespace {namespace!r}: use 1-128 printable characters")
+
+
+__all__ = ["Answer", "AnswerStream", "LearnReport", "MemoryLLM", "MemoryLLMError"]

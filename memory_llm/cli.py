@@ -1,0 +1,313 @@
+"""The `mllm` command: parse, call the MemoryLLM facade, print. Library errors become one line and exit 1."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+
+from memory_llm.errors import MemoryLLMError
+
+app = typer.Typer(help="A language model with a memory that grows: learn documents, ask with sources.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
+
+HOME = typer.Option(None, "--home", help="Memory home (default: $MLLM_HOME or ~/.local/share/memory_llm).",
+                    show_default=False)
+NAMESPACE = typer.Option("default", "--namespace", "-n", help="Namespace of the memories.")
+JSON = typer.Option(False, "--json", help="Print one JSON object (for scripts).")
+MODEL = typer.Option(None, "--model", help="LLM: 'smollm2' (default), a hub id, a local dir or a .gguf file.",
+                     show_default=False)
+EMBEDDER = typer.Option(None, "--embedder", help="Sentence-transformers model (default all-MiniLM-L6-v2).",
+                        show_default=False)
+
+
+def _stderr(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _quiet_libraries() -> None:
+    """Keep third-party progress bars and advice off the user's terminal; our own warnings stay."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger("memory_llm")
+    if not root.handlers or all(isinstance(h, logging.NullHandler) for h in root.handlers):
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if os.environ.get("MLLM_DEBUG") else logging.WARNING)
+    for name in ("transformers", "sentence_transformers", "huggingface_hub", "faiss"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextmanager
+def handled() -> Iterator[None]:
+    """Library errors → one line on stderr, exit 1; Ctrl-C → exit 130; anything else → one line, exit 2."""
+    try:
+        yield
+    except MemoryLLMError as exc:
+        _stderr(f"Error: {exc}")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        _stderr("Interrupted.")
+        raise typer.Exit(130)
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except Exception as exc:  # a bug: still one line, the traceback only on request
+        if os.environ.get("MLLM_DEBUG"):
+            raise
+        _stderr(f"Internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                " (set MLLM_DEBUG=1 for the traceback)")
+        raise typer.Exit(2)
+
+
+def _mllm(home: Optional[Path], **overrides):
+    from memory_llm.assistant import MemoryLLM
+
+    _quiet_libraries()
+    return MemoryLLM(home, **overrides)
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj, ensure_ascii=False, indent=2))
+
+
+@app.command()
+def learn(
+    paths: List[Path] = typer.Argument(None, help="Files or directories to learn; '-' reads standard input.",
+                                       show_default=False),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="Learn this text.", show_default=False),
+    namespace: str = NAMESPACE,
+    include: List[str] = typer.Option([], "--include", help="Glob of directory members to learn (repeatable)."),
+    exclude: List[str] = typer.Option([], "--exclude", help="Glob of directory members to skip (repeatable)."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="JSON/JSONL field holding the text.",
+                                             show_default=False),
+    encoding: str = typer.Option("utf-8", "--encoding", help="Text encoding of the files."),
+    max_file_mb: Optional[float] = typer.Option(None, "--max-file-mb", help="Largest file accepted (default 20).",
+                                                show_default=False),
+    embedder: Optional[str] = EMBEDDER,
+    home: Optional[Path] = HOME,
+    as_json: bool = JSON,
+) -> None:
+    """Teach the memory: txt, md, html, pdf, json/jsonl files, folders (recursively), stdin or --text."""
+    with handled():
+        paths = list(paths or [])
+        stdin_text = None
+        if any(str(p) == "-" for p in paths):
+            paths = [p for p in paths if str(p) != "-"]
+            stdin_text = sys.stdin.read()
+        if text is not None and stdin_text is not None:
+            raise MemoryLLMError("give either --text or '-' (stdin), not both")
+        if not paths and text is None and stdin_text is None:
+            raise MemoryLLMError("nothing to learn: give files, folders, '-' or --text")
+        m = _mllm(home, embedder=embedder, max_file_mb=max_file_mb)
+        source = None
+        if stdin_text is not None:
+            import hashlib
+
+            text, source = stdin_text, "stdin:" + hashlib.sha256(stdin_text.encode()).hexdigest()[:16]
+        with _progress(as_json) as progress:
+            report = m.learn(paths, text=text, namespace=namespace, include=include, exclude=exclude,
+                             text_field=text_field, encoding=encoding, source=source, progress=progress)
+        if as_json:
+            _print_json(report.as_dict())
+        else:
+            skipped = report.duplicates_skipped + report.near_duplicates_skipped
+            typer.echo(f"Learned {report.files} source(s): {report.chunks_added} chunk(s) added, "
+                       f"{report.unchanged} unchanged, {skipped} duplicate chunk(s) skipped, "
+                       f"{report.replaced_sources} replaced, in {report.seconds:.1f} s.")
+            for line in report.skipped_files:
+                _stderr(f"skipped: {line}")
+
+
+@contextmanager
+def _progress(disabled: bool):
+    """A rich progress bar on stderr; yields a callback progress(phase, done, total)."""
+    if disabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        yield update
+
+
+@app.command()
+def search(
+    query: str = typer.Argument(..., help="What to look for."),
+    k: int = typer.Option(5, "-k", help="How many memories."),
+    namespace: str = NAMESPACE,
+    home: Optional[Path] = HOME,
+    as_json: bool = JSON,
+) -> None:
+    """List the memories closest to a query (dense + lexical, fused)."""
+    with handled():
+        hits = _mllm(home).search(query, k, namespace)
+        if as_json:
+            _print_json({"query": query, "hits": [h.as_dict() for h in hits]})
+            return
+        if not hits:
+            typer.echo("No memories match.")
+        for h in hits:
+            snippet = " ".join(h.memory.text.split())
+            typer.echo(f"#{h.memory.id}  {h.score:.4f}  {h.memory.source}\n    {snippet[:300]}")
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="The question."),
+    k: Optional[int] = typer.Option(None, "-k", help="Memories to retrieve (default 4).", show_default=False),
+    no_memory: bool = typer.Option(False, "--no-memory", help="Closed-book: answer without retrieval."),
+    namespace: str = NAMESPACE,
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Longest answer (default 200).",
+                                                 show_default=False),
+    model: Optional[str] = MODEL,
+    embedder: Optional[str] = EMBEDDER,
+    home: Optional[Path] = HOME,
+    as_json: bool = JSON,
+) -> None:
+    """Answer a question from memory; streams the answer, then lists its sources."""
+    with handled():
+        if max_new_tokens is not None and max_new_tokens <= 0:
+            raise MemoryLLMError(f"--max-new-tokens must be > 0, not {max_new_tokens}")
+        m = _mllm(home, model=model, embedder=embedder)
+        stream = m.ask_stream(question, k=k, namespace=namespace, use_memory=not no_memory,
+                              max_new_tokens=max_new_tokens)
+        for piece in stream:
+            if not as_json:
+                typer.echo(piece, nl=False)
+                sys.stdout.flush()
+        answer = stream.answer
+        if as_json:
+            _print_json(answer.as_dict())
+            return
+        typer.echo("")
+        if answer.sources:
+            typer.echo("\nSources:")
+            for i, h in enumerate(answer.sources, 1):
+                snippet = " ".join(h.memory.text.split())
+                typer.echo(f"  [{i}] {h.memory.source} (#{h.memory.id}): {snippet[:100]}…")
+        elif answer.used_memory:
+            typer.echo("\n(No memories matched; answered without sources.)")
+
+
+@app.command()
+def forget(
+    ids: List[int] = typer.Argument(None, help="Memory ids to forget.", show_default=False),
+    source: Optional[str] = typer.Option(None, "--source", help="Forget every memory from this source.",
+                                         show_default=False),
+    everything: bool = typer.Option(False, "--all", help="Forget every memory (in the namespace, if given)."),
+    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Only within this namespace.",
+                                            show_default=False),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation with --all."),
+    home: Optional[Path] = HOME,
+    as_json: bool = JSON,
+) -> None:
+    """Forget memories by id, by source, or all of them (asks first)."""
+    with handled():
+        ids = list(ids or [])
+        if everything and (ids or source):
+            raise MemoryLLMError("--all cannot be combined with ids or --source")
+        if not (ids or source or everything):
+            raise MemoryLLMError("say what to forget: memory ids, --source PATH, or --all")
+        m = _mllm(home)
+        if everything and not yes:
+            scope = f"namespace {namespace!r}" if namespace else "every namespace"
+            n = m.stats()["namespaces"].get(namespace, 0) if namespace else m.stats()["memories"]
+            if not sys.stdin.isatty():
+                raise MemoryLLMError(f"refusing to forget {n} memories in {scope} without --yes")
+            typer.confirm(f"Forget all {n} memories in {scope}?", abort=True)
+        n = m.forget(ids, source=source, namespace=namespace, everything=everything)
+        if as_json:
+            _print_json({"forgotten": n})
+        else:
+            typer.echo(f"Forgot {n} memor{'y' if n == 1 else 'ies'}.")
+        if n == 0 and (ids or source):
+            raise typer.Exit(1)
+
+
+@app.command()
+def stats(home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
+    """Show what the memory holds: memories, sources, index, models, home."""
+    with handled():
+        st = _mllm(home).stats()
+        if as_json:
+            _print_json(st)
+            return
+        typer.echo(f"home:        {st['home']}")
+        typer.echo(f"memories:    {st['memories']} in {st['sources']} source(s)")
+        for ns, n in st["namespaces"].items():
+            typer.echo(f"  {ns}: {n}")
+        typer.echo(f"index:       {st['index_type']}, {st['index_size']} vectors, {st['index_bytes']} bytes")
+        typer.echo(f"database:    {st['db_bytes']} bytes, schema v{st['schema_version']}")
+        typer.echo(f"model:       {st['model']}")
+        typer.echo(f"embedder:    {st['embedder'] or st['embedder_setting']}")
+
+
+@app.command()
+def sources(namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Only this namespace.",
+                                                    show_default=False),
+            home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
+    """List learned sources with their chunk counts."""
+    with handled():
+        rows = _mllm(home).sources(namespace)
+        if as_json:
+            _print_json(rows)
+            return
+        for r in rows:
+            typer.echo(f"{r['chunks']:5d}  [{r['namespace']}]  {r['uri']}")
+
+
+@app.command(name="eval")
+def eval_(
+    file: Path = typer.Argument(..., help="JSON Lines probe file (see design.md)."),
+    mode: str = typer.Option("rag", "--mode", help="base (no memory) or rag (retrieval)."),
+    k: Optional[int] = typer.Option(None, "-k", help="Memories to retrieve in rag mode.", show_default=False),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N probes.", show_default=False),
+    namespace: str = NAMESPACE,
+    model: Optional[str] = MODEL,
+    home: Optional[Path] = HOME,
+    as_json: bool = JSON,
+) -> None:
+    """Measure accuracy on an eval file: overall and by tag."""
+    with handled():
+        from memory_llm.evaluate import load_probes
+
+        n = len(load_probes(file)[:limit])  # validate the file before loading any model
+        m = _mllm(home, model=model)
+        with _progress(as_json) as progress:
+            cb = (lambda done, _s={"n": 0}: (_s.__setitem__("n", _s["n"] + done), progress("eval", _s["n"], n))) \
+                if progress else None
+            result = m.evaluate(file, mode, k=k, namespace=namespace, limit=limit, progress=cb)
+        if as_json:
+            _print_json({k: v for k, v in result.items() if k != "probes"})
+            return
+        typer.echo(f"mode {result['mode']}: accuracy {result['accuracy']:.3f} on {result['n']} probes"
+                   f" ({result['seconds']:.0f} s)")
+        for tag, acc in result["by_tag"].items():
+            typer.echo(f"  {tag:12s} {acc:.3f}  (n={result['by_tag_n'][tag]})")
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except MemoryLLMError as exc:  # raised outside a command body (should not happen)
+        _stderr(f"Error: {exc}")
+        sys.exit(1)

