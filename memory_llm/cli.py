@@ -37,14 +37,21 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     root = logging.getLogger("memory_llm")
-    if not root.handlers or all(isinstance(h, logging.NullHandler) for h in root.handlers):
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if os.environ.get("MLLM_DEBUG") else logging.WARNING)
     for name in ("transformers", "sentence_transformers", "huggingface_hub", "faiss"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (test runners swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
 
 
 @contextmanager

@@ -32,7 +32,7 @@ def m001_initial(db: sqlite3.Connection) -> None:
         """
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         CREATE TABLE sources (
-            id INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
             namespace TEXT NOT NULL,
             uri TEXT NOT NULL,
             content_hash TEXT NOT NULL,
@@ -40,7 +40,7 @@ def m001_initial(db: sqlite3.Connection) -> None:
             UNIQUE (namespace, uri)
         );
         CREATE TABLE memories (
-            id INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
             source_id INTEGER NOT NULL REFERENCES sources(id) ON DELETE CASCADE,
             namespace TEXT NOT NULL,
             position INTEGER NOT NULL,

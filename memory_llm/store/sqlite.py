@@ -231,9 +231,8 @@ class Store:
             if self.index_path.exists():
                 try:
                     index = FaissIndex.load(self.index_path, ef_search=self.ef_search)
-                except (RuntimeError, OSError) as exc:
-                    logger.warning("vector index %s is unreadable (%s); rebuilding it from SQLite",
-                                   self.index_path, str(exc).splitlines()[0][:120])
+                except (RuntimeError, OSError):
+                    logger.warning("vector index %s is unreadable; rebuilding it from SQLite", self.index_path)
                 if index is not None and (index.fingerprint() != expected or index.dim != dim
                                           or index.kind != choose_kind(len(index), self.exact_index_max)):
                     logger.warning("vector index disagrees with SQLite; rebuilding it")

@@ -1,0 +1,328 @@
+#!/usr/bin/env python
+"""Vector search: p50/p95 latency and recall@10 vs exact, at several sizes, 384-dim synthetic clustered data.
+
+Compared in one run, on the same vectors and queries:
+  lib        memory_llm.store.vectors.open_index (the kind the library chooses: flat <= exact_max, else HNSW
+             M=32, efConstruction=80, efSearch=128), searched through FaissIndex.search
+  faiss-flat raw faiss.IndexFlatIP (exact: the ground truth and the latency floor of exact search)
+  faiss-hnsw raw faiss.IndexHNSWFlat, same parameters (for sizes where lib is HNSW: the very graph inside the
+             lib's IndexIDMap2, searched directly, so the difference is wrapper overhead only)
+  store      Store.dense through a real memory home (SQLite + index), sizes in --store-sizes
+plus an efSearch sweep on HNSW and, with --alternatives, cheaper-to-build HNSW and IVF variants.
+
+Latency: one query per search call, k=10, faiss.omp_set_num_threads(1) (single-threaded search, as one
+request of a CLI/server would run). Builds use all cores (2 here). Ground truth: batch exact search.
+
+Data: a two-level Gaussian mixture, L2-normalised: 64 topic centres, --centres cluster centres around them
+(Zipf-like cluster sizes), points = centre + within-cluster noise that lives mostly in a 24-dim subspace (one of
+64, chosen by cluster) plus small isotropic noise. Cosine(point, its centre) ~0.75, mean cosine between random
+points ~0.12, nearest neighbour of a query ~0.73 and 10th ~0.62, like sentence embeddings. Queries are fresh draws from the same mixture (near the data, never in it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _benchmd import command_line, machine, pct, table, today, write_section  # noqa: E402
+
+import faiss  # noqa: E402
+
+from memory_llm.store.vectors import FaissIndex, open_index  # noqa: E402
+
+DIM = 384
+K = 10
+EXACT_MAX = 50_000  # the library default (Settings.exact_index_max)
+LIB_M, LIB_EFC, LIB_EFS = 32, 80, 128  # FaissIndex / Settings defaults
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+class Mixture:
+    def __init__(self, n_centres: int, dim: int = DIM, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.dim = dim
+        topics = _norm(rng.standard_normal((64, dim), dtype=np.float32))
+        common = _norm(rng.standard_normal((1, dim), dtype=np.float32))  # shared direction: embeddings are anisotropic
+        topic_of = rng.integers(0, 64, n_centres)
+        centres = 0.45 * common + 0.6 * topics[topic_of] + 0.65 * _norm(
+            rng.standard_normal((n_centres, dim), dtype=np.float32))
+        self.centres = _norm(centres)
+        w = 1.0 / np.arange(1, n_centres + 1) ** 0.8
+        self.weights = rng.permutation(w / w.sum())
+        self.bases = (rng.standard_normal((64, dim, 24), dtype=np.float32) / np.sqrt(dim)).astype(np.float32)
+        self.sub = 0.16  # ||B z|| ~ 0.16 * sqrt(24 * 1) ~ 0.78
+        self.iso = 0.02  # ||iso|| ~ 0.02 * sqrt(384) ~ 0.39
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        out = np.empty((n, self.dim), dtype=np.float32)
+        for s in range(0, n, 50_000):
+            m = min(50_000, n - s)
+            c = rng.choice(len(self.centres), size=m, p=self.weights)
+            z = rng.standard_normal((m, 24), dtype=np.float32)
+            x = self.centres[c].copy()
+            b = c % 64
+            for j in np.unique(b):
+                sel = b == j
+                x[sel] += self.sub * z[sel] @ self.bases[j].T
+            x += self.iso * rng.standard_normal((m, self.dim), dtype=np.float32)
+            out[s:s + m] = _norm(x)
+        return out
+
+
+def _norm(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+# ---- measurement ----------------------------------------------------------------------------------------
+def latencies(search, queries: np.ndarray, warmup: int = 20) -> tuple[list[float], list[np.ndarray]]:
+    """Per-query wall time (ms) of search(q) over single queries, and the ids each returned."""
+    for q in queries[:warmup]:
+        search(q)
+    times, results = [], []
+    for q in queries:
+        t = time.perf_counter_ns()
+        ids = search(q)
+        times.append((time.perf_counter_ns() - t) / 1e6)
+        results.append(ids)
+    return times, results
+
+
+def recall(results: list[np.ndarray], truth: np.ndarray) -> float:
+    hits = sum(len(np.intersect1d(np.asarray(r)[:K], t)) for r, t in zip(results, truth))
+    return hits / (len(results) * K)
+
+
+def row(name: str, n: int, times, rec: float, build: float | None, params: str, mem_mb: float | None = None):
+    return {"n": n, "method": name, "params": params, "p50_ms": pct(times, 50), "p95_ms": pct(times, 95),
+            "recall@10": rec, "build_s": build, "mem_mb": mem_mb}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def build_threads():
+    faiss.omp_set_num_threads(faiss.omp_get_max_threads() if BUILD_THREADS is None else BUILD_THREADS)
+
+
+def search_threads():
+    faiss.omp_set_num_threads(1)
+
+
+BUILD_THREADS = None
+
+
+def bench_size(n: int, args, mix: Mixture, out: list[dict]) -> None:
+    log(f"n={n:,}: generating data")
+    data = mix.sample(n, seed=1000 + n)
+    queries = mix.sample(args.queries, seed=7)
+    ids = np.arange(1, n + 1, dtype=np.int64)  # memory ids as SQLite assigns them
+
+    # ground truth + raw flat
+    build_threads()
+    t = time.perf_counter()
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(data)
+    flat_build = time.perf_counter() - t
+    _, truth = flat.search(queries, K)
+    nf = min(args.queries, args.flat_queries)
+    search_threads()
+    times, res = latencies(lambda q: flat.search(q.reshape(1, -1), K)[1][0], queries[:nf])
+    out.append(row("faiss-flat (exact)", n, times, recall(res, truth[:nf]), flat_build, "IndexFlatIP",
+                   data.nbytes / 2**20))
+    log(f"  faiss-flat p50 {out[-1]['p50_ms']:.3f} ms")
+    del flat
+    gc.collect()
+
+    # the library's choice
+    build_threads()
+    t = time.perf_counter()
+    lib = open_index(DIM, n, EXACT_MAX)
+    for s in range(0, n, 20_000):  # as Store.rebuild_index feeds it
+        lib.add(ids[s:s + 20_000], data[s:s + 20_000])
+    lib_build = time.perf_counter() - t
+    log(f"  lib {lib.kind} built in {lib_build:.1f} s")
+    search_threads()
+    times, res = latencies(lambda q: lib.search(q, K)[0] - 1, queries)
+    params = "IDMap2(FlatIP)" if lib.kind == "flat" else f"IDMap2(HNSW M={LIB_M} efC={LIB_EFC} efS={LIB_EFS})"
+    out.append(row(f"lib FaissIndex ({lib.kind})", n, times, recall(res, truth), lib_build, params))
+    log(f"  lib p50 {out[-1]['p50_ms']:.3f} ms recall {out[-1]['recall@10']:.4f}")
+
+    # raw HNSW, same parameters
+    if lib.kind == "hnsw":
+        hnsw = faiss.downcast_index(lib.index.index)  # the same graph, without IDMap2 and the Python wrapper
+        hnsw_build = None
+        label = "faiss-hnsw (lib's graph, raw)"
+    else:
+        build_threads()
+        t = time.perf_counter()
+        hnsw = faiss.IndexHNSWFlat(DIM, LIB_M, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = LIB_EFC
+        hnsw.add(data)
+        hnsw_build = time.perf_counter() - t
+        label = "faiss-hnsw"
+    hnsw.hnsw.efSearch = LIB_EFS
+    search_threads()
+    times, res = latencies(lambda q: hnsw.search(q.reshape(1, -1), K)[1][0], queries)
+    out.append(row(label, n, times, recall(res, truth), hnsw_build, f"M={LIB_M} efC={LIB_EFC} efS={LIB_EFS}"))
+    log(f"  raw hnsw p50 {out[-1]['p50_ms']:.3f} ms recall {out[-1]['recall@10']:.4f}")
+    for ef in args.ef_sweep:
+        if ef == LIB_EFS:
+            continue
+        hnsw.hnsw.efSearch = ef
+        times, res = latencies(lambda q: hnsw.search(q.reshape(1, -1), K)[1][0], queries)
+        out.append(row("faiss-hnsw efSearch sweep", n, times, recall(res, truth), None,
+                       f"M={LIB_M} efC={LIB_EFC} efS={ef}"))
+    hnsw.hnsw.efSearch = LIB_EFS
+    if lib.kind != "hnsw":
+        del hnsw
+
+    # alternatives that build faster (large sizes only)
+    if args.alternatives and n >= args.alternatives_min:
+        for m_, efc in args.hnsw_alt:
+            build_threads()
+            t = time.perf_counter()
+            alt = faiss.IndexHNSWFlat(DIM, m_, faiss.METRIC_INNER_PRODUCT)
+            alt.hnsw.efConstruction = efc
+            alt.add(data)
+            b = time.perf_counter() - t
+            log(f"  alt hnsw M={m_} efC={efc} built in {b:.1f} s")
+            search_threads()
+            for ef in args.alt_ef:
+                alt.hnsw.efSearch = ef
+                times, res = latencies(lambda q: alt.search(q.reshape(1, -1), K)[1][0], queries)
+                out.append(row("faiss-hnsw alt", n, times, recall(res, truth), b, f"M={m_} efC={efc} efS={ef}"))
+                log(f"    efS={ef} p50 {out[-1]['p50_ms']:.3f} recall {out[-1]['recall@10']:.4f}")
+            del alt
+            gc.collect()
+        nlist = args.nlist or int(4 * np.sqrt(n))
+        build_threads()
+        t = time.perf_counter()
+        quant = faiss.IndexFlatIP(DIM)
+        ivf = faiss.IndexIVFFlat(quant, DIM, nlist, faiss.METRIC_INNER_PRODUCT)
+        train = data[np.random.default_rng(3).choice(n, min(n, 64 * nlist), replace=False)]
+        ivf.train(train)
+        ivf.add(data)
+        b = time.perf_counter() - t
+        log(f"  ivf nlist={nlist} built in {b:.1f} s")
+        search_threads()
+        for nprobe in args.nprobe:
+            ivf.nprobe = nprobe
+            times, res = latencies(lambda q: ivf.search(q.reshape(1, -1), K)[1][0], queries)
+            out.append(row("faiss-ivfflat", n, times, recall(res, truth), b, f"nlist={nlist} nprobe={nprobe}"))
+            log(f"    nprobe={nprobe} p50 {out[-1]['p50_ms']:.3f} recall {out[-1]['recall@10']:.4f}")
+        del ivf, quant
+        gc.collect()
+
+    # the full Store.dense path
+    if n in args.store_sizes:
+        bench_store(n, data, queries, truth, lib, args, out)
+    del lib
+    gc.collect()
+
+
+def bench_store(n: int, data, queries, truth, lib: FaissIndex, args, out: list[dict]) -> None:
+    from memory_llm.store.sqlite import NewChunk, Store
+
+    with tempfile.TemporaryDirectory(prefix="mllm-bench-store-", dir=args.tmp) as home:
+        store = Store(Path(home))
+        store.check_embedder("synthetic-384", DIM)
+        t = time.perf_counter()
+        per = 5000
+        for s in range(0, n, per):
+            chunks = [NewChunk(j, f"memory {s + j}", f"h{s + j}", data[s + j]) for j in range(min(per, n - s))]
+            store.replace_source("default", f"synthetic:{s}", f"src{s}", chunks)
+        insert = time.perf_counter() - t
+        log(f"  store: inserted {n:,} rows in {insert:.1f} s")
+        build_threads()
+        reuse = n > args.store_rebuild_max
+        if reuse:  # skip a second HNSW build: hand the store the lib index built above (same ids 1..n)
+            lib.save(store.index_path)
+        t = time.perf_counter()
+        index = store.index()
+        open_s = time.perf_counter() - t
+        how = "loaded the lib index from disk" if reuse else "rebuilt from SQLite"
+        log(f"  store.index() {how} in {open_s:.1f} s ({index.kind})")
+        search_threads()
+        times, res = latencies(lambda q: np.array([i for i, _ in store.dense(q, K)]) - 1, queries)
+        out.append(row(f"Store.dense ({index.kind})", n, times, recall(res, truth), open_s,
+                       f"namespace=None; build = store.index() {how}; insert {insert:.0f} s"))
+        log(f"  store.dense p50 {out[-1]['p50_ms']:.3f} ms")
+        times, res = latencies(lambda q: np.array([i for i, _ in store.dense(q, K, "default")]) - 1, queries)
+        out.append(row(f"Store.dense ({index.kind})", n, times, recall(res, truth), None,
+                       "namespace='default' (the ask/search path)"))
+        log(f"  store.dense(ns) p50 {out[-1]['p50_ms']:.3f} ms")
+        store.close()
+
+
+def main() -> None:
+    global BUILD_THREADS
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated memory counts")
+    p.add_argument("--queries", type=int, default=1000, help="queries per method (latency and recall)")
+    p.add_argument("--flat-queries", type=int, default=300, help="at most this many for exact flat latency")
+    p.add_argument("--centres", type=int, default=4000, help="cluster centres of the mixture")
+    p.add_argument("--store-sizes", default="10000,100000", help="sizes that also run the Store.dense path")
+    p.add_argument("--store-rebuild-max", type=int, default=200_000,
+                   help="above this the store loads the lib index from disk instead of rebuilding it")
+    p.add_argument("--ef-sweep", default="16,32,64,128,256")
+    p.add_argument("--alternatives", action="store_true", help="also build cheaper HNSW and IVF at large n")
+    p.add_argument("--alternatives-min", type=int, default=1_000_000)
+    p.add_argument("--hnsw-alt", default="16:40,32:40", help="M:efConstruction pairs")
+    p.add_argument("--alt-ef", default="32,64,128,256")
+    p.add_argument("--nlist", type=int, default=0, help="IVF lists (default 4*sqrt(n))")
+    p.add_argument("--nprobe", default="8,16,32,64,128")
+    p.add_argument("--build-threads", type=int, default=None)
+    p.add_argument("--tmp", default=None, help="directory for the temporary store homes")
+    p.add_argument("--json", default="/tmp/bench_search.json", help="raw results")
+    p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    args = p.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    args.store_sizes = {int(s) for s in args.store_sizes.split(",") if s}
+    args.ef_sweep = [int(s) for s in args.ef_sweep.split(",") if s]
+    args.alt_ef = [int(s) for s in args.alt_ef.split(",") if s]
+    args.nprobe = [int(s) for s in args.nprobe.split(",") if s]
+    args.hnsw_alt = [tuple(int(x) for x in s.split(":")) for s in args.hnsw_alt.split(",") if s]
+    BUILD_THREADS = args.build_threads
+    started = time.perf_counter()
+    mix = Mixture(args.centres)
+    sample = mix.sample(2000, seed=5)
+    cos = sample @ sample.T
+    log(f"data check: mean cosine between random points {cos[np.triu_indices(2000, 1)].mean():.3f}, "
+        f"to own centre ~0.75 by construction; faiss {faiss.__version__}, build threads {faiss.omp_get_max_threads()}")
+    out: list[dict] = []
+    for n in sizes:
+        bench_size(n, args, mix, out)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    total = time.perf_counter() - started
+    log(f"done in {total / 60:.1f} min")
+    rows = [[f"{r['n']:,}", r["method"], r["params"], r["p50_ms"], r["p95_ms"], f"{r['recall@10']:.4f}",
+             "" if r["build_s"] is None else f"{r['build_s']:.1f}"] for r in out]
+    body = (f"Command: `{command_line()}`  \nDate: {today()}; {machine()}; faiss {faiss.__version__}; "
+            f"total run {total / 60:.1f} min.\n\n"
+            "384-dim synthetic clustered vectors (two-level Gaussian mixture, "
+            f"{args.centres} centres, L2-normalised; queries are fresh draws from the same mixture), k=10, "
+            f"{args.queries} queries per method (exact flat latency on the first {args.flat_queries}). "
+            "Latency = one query per call, faiss.omp_set_num_threads(1); builds use all "
+            f"{faiss.omp_get_max_threads()} cores. Recall@10 is against exact IndexFlatIP. "
+            "`build s` is index construction (for Store.dense: `store.index()`).\n\n"
+            + table(["n", "method", "params", "p50 ms", "p95 ms", "recall@10", "build s"], rows))
+    if not args.no_write:
+        write_section("Vector search (bench_search.py)", body + "\n\n" + NOTES.strip())
+    print(body)
+
+
+NOTES = """
+"""
+
+if __name__ == "__main__":
+    main()

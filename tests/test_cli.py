@@ -1,0 +1,133 @@
+"""The CLI through typer's CliRunner, on fakes: output formats and the bad-input contract
+(one-line error, exit 1, no traceback, nothing stored lost)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from memory_llm import MemoryLLM, cli
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def fake_models(monkeypatch, fake_embedder, tiny_generator, tmp_path):
+    def factory(home, **overrides):
+        overrides = {k: v for k, v in overrides.items() if k not in ("embedder", "model")}
+        return MemoryLLM(home, embedder=fake_embedder, generator=tiny_generator, **overrides)
+
+    monkeypatch.setattr(cli, "_mllm", factory)
+
+
+def mllm(*args, input=None):
+    return runner.invoke(cli.app, list(args), input=input)
+
+
+def stored():
+    return json.loads(mllm("stats", "--json").stdout)["memories"]
+
+
+def assert_clean_error(result, fragment):
+    assert result.exit_code == 1, result.output
+    err = result.stderr.strip()
+    assert err.startswith("Error: ") and fragment in err and len(err.splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_learn_search_ask_json(tmp_path):
+    doc = tmp_path / "herons.md"
+    doc.write_text("Herons nest in tall trees near the lake.")
+    out = json.loads(mllm("learn", str(doc), "--json").stdout)
+    assert out["chunks_added"] == 1 and out["files"] == 1
+    hits = json.loads(mllm("search", "herons nest", "--json").stdout)["hits"]
+    assert hits[0]["source"] == str(doc.resolve()) and hits[0]["text"].startswith("Herons")
+    ans = json.loads(mllm("ask", "Where do herons nest?", "--json", "--max-new-tokens", "4").stdout)
+    assert ans["sources"][0]["source"] == str(doc.resolve()) and "total" in ans["timings"]
+    plain = mllm("ask", "Where do herons nest?", "--max-new-tokens", "4")
+    assert plain.exit_code == 0 and "Sources:" in plain.stdout and "herons.md" in plain.stdout
+
+
+def test_learn_text_and_stdin_then_forget_and_stats(tmp_path):
+    assert mllm("learn", "--text", "Remember the milk.").exit_code == 0
+    assert mllm("learn", "-", input="Buy fresh bread on Friday.").exit_code == 0
+    assert stored() == 2
+    uri = [s for s in json.loads(mllm("sources", "--json").stdout) if s["uri"].startswith("stdin:")][0]["uri"]
+    assert json.loads(mllm("forget", "--source", uri, "--json").stdout) == {"forgotten": 1}
+    refused = mllm("forget", "--all")  # no terminal, no --yes
+    assert_clean_error(refused, "without --yes")
+    assert stored() == 1
+    assert mllm("forget", "--all", "--yes").exit_code == 0 and stored() == 0
+    text = mllm("stats").stdout
+    assert "memories:    0" in text and "index:" in text
+
+
+def test_learn_progress_free_summary(tmp_path):
+    (tmp_path / "a.txt").write_text("Alpha is the first letter.")
+    out = mllm("learn", str(tmp_path))
+    assert out.exit_code == 0 and out.stdout.startswith("Learned 1 source(s): 1 chunk(s) added")
+
+
+@pytest.mark.parametrize("setup,args,fragment", [
+    (lambda p: None, ["learn", "{p}/missing.txt"], "no such file or directory"),
+    (lambda p: (p / "e.txt").write_text(""), ["learn", "{p}/e.txt"], "file is empty"),
+    (lambda p: (p / "b.bin").write_bytes(b"\x00\x01" * 50), ["learn", "{p}/b.bin"], "binary"),
+    (lambda p: (p / "l.txt").write_bytes("olé".encode("latin-1")), ["learn", "{p}/l.txt"], "not valid utf-8"),
+    (lambda p: (p / "big.txt").write_bytes(b"a" * (50 * 1024 * 1024)), ["learn", "{p}/big.txt"], "50.0 MB"),
+    (lambda p: None, ["learn"], "nothing to learn"),
+    (lambda p: (p / "x.jsonl").write_text("{bad"), ["eval", "{p}/x.jsonl"], "invalid JSON"),
+    (lambda p: None, ["eval", "{p}/none.jsonl"], "no such eval file"),
+    (lambda p: None, ["eval", "{p}/none.jsonl", "--mode", "closed"], "no such eval file"),
+    (lambda p: None, ["ask", "  "], "question is empty"),
+    (lambda p: None, ["forget"], "say what to forget"),
+    (lambda p: None, ["ask", "hi", "--max-new-tokens", "0"], "must be > 0"),
+    (lambda p: None, ["learn", "--text", "x", "-n", ""], "invalid namespace"),
+])
+def test_bad_input_is_one_line_exit_1_and_keeps_memories(tmp_path, setup, args, fragment):
+    assert mllm("learn", "--text", "An earlier memory about owls.").exit_code == 0
+    setup(tmp_path)
+    result = mllm(*[a.replace("{p}", str(tmp_path)) for a in args])
+    assert_clean_error(result, fragment)
+    assert stored() == 1
+
+
+def test_bad_eval_mode_is_refused(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text('{"id": "a", "input": "x", "answers": [["y"]]}\n')
+    assert_clean_error(mllm("eval", str(path), "--mode", "closed"), "closed and hybrid arrive")
+
+
+def test_corrupted_index_is_rebuilt_transparently(tmp_path):
+    assert mllm("learn", "--text", "Owls hunt at night in the forest.").exit_code == 0
+    index = tmp_path / "home" / "index" / "vectors.faiss"
+    index.write_bytes(b"\x00garbage")
+    result = mllm("search", "owls hunt", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["hits"][0]["text"].startswith("Owls")
+    assert "rebuilding" in result.stderr
+
+
+def test_home_written_by_newer_schema(tmp_path):
+    assert mllm("learn", "--text", "Owls hunt at night.").exit_code == 0
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "home" / "memory.sqlite")
+    db.execute("INSERT INTO _migrations VALUES ('m999_future', 0)")
+    db.commit()
+    db.close()
+    assert_clean_error(mllm("stats"), "newer memory_llm")
+    assert_clean_error(mllm("learn", "--text", "more"), "newer memory_llm")
+
+
+def test_eval_json_shape(tmp_path):
+    assert mllm("learn", "--text", "The secret word is zebra.").exit_code == 0
+    path = tmp_path / "e.jsonl"
+    path.write_text('{"id": "a", "kind": "cloze", "input": "The secret word is", "answers": [["zebra"]],'
+                    ' "tags": ["mem"]}\n')
+    out = json.loads(mllm("eval", str(path), "--mode", "rag", "--json").stdout)
+    assert set(out) >= {"mode", "n", "accuracy", "by_tag"} and out["n"] == 1 and "mem" in out["by_tag"]
+
+
+def test_help_lists_commands():
+    out = mllm("--help").stdout
+    for cmd in ("learn", "ask", "search", "forget", "stats", "eval"):
+        assert cmd in out

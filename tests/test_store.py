@@ -1,0 +1,141 @@
+import sqlite3
+
+import numpy as np
+import pytest
+
+from memory_llm import StoreError
+from memory_llm.store import Store
+from memory_llm.store.sqlite import NewChunk
+
+
+def vec(i: int, dim: int = 8) -> np.ndarray:
+    v = np.random.default_rng(i).normal(size=dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def chunks(texts, start=0):
+    return [NewChunk(i, t, f"h{start + i}-{t}", vec(start + i)) for i, t in enumerate(texts)]
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "home")
+    s.check_embedder("fake", 8)
+    yield s
+    s.close()
+
+
+def test_replace_source_and_search(store):
+    ids = store.replace_source("default", "a.txt", "ha", chunks(["alpha beta", "gamma delta"]))
+    assert len(ids) == 2
+    hits = store.dense(vec(1), 1)
+    assert hits[0][0] == ids[1] and hits[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert [i for i, _ in store.lexical("gamma", 5)] == [ids[1]]
+    new_ids = store.replace_source("default", "a.txt", "hb", chunks(["epsilon"], 10))
+    assert store.stats()["memories"] == 1
+    assert not store.get(ids) and list(store.get(new_ids).values())[0].text == "epsilon"
+    assert len(store.index()) == 1
+
+
+def test_index_persists_and_agrees_after_reopen(tmp_path, store):
+    store.replace_source("default", "a.txt", "ha", chunks(["one", "two", "three"]))
+    store.flush()
+    again = Store(tmp_path / "home")
+    assert again.index().fingerprint() == store.index().fingerprint()
+    again.close()
+
+
+def test_corrupted_index_is_rebuilt_from_sqlite(tmp_path, store, caplog):
+    ids = store.replace_source("default", "a.txt", "ha", chunks(["one", "two"]))
+    store.flush()
+    store.index_path.write_bytes(b"garbage")
+    again = Store(tmp_path / "home")
+    assert [i for i, _ in again.dense(vec(0), 1)] == [ids[0]]
+    assert "unreadable" in caplog.text
+    again.close()
+
+
+def test_stale_index_is_rebuilt(tmp_path, store):
+    store.replace_source("default", "a.txt", "ha", chunks(["one"]))
+    store.flush()
+    stale = store.index_path.read_bytes()
+    store.replace_source("default", "b.txt", "hb", chunks(["two"], 5))
+    store.flush()
+    store.index_path.write_bytes(stale)  # e.g. a crash after the commit, before the index was saved
+    again = Store(tmp_path / "home")
+    assert len(again.index()) == 2
+    again.close()
+
+
+def test_writes_by_another_process_are_seen(tmp_path, store):
+    store.replace_source("default", "a.txt", "ha", chunks(["one"]))
+    other = Store(tmp_path / "home")
+    other.replace_source("default", "b.txt", "hb", chunks(["two"], 5))
+    other.flush()
+    assert len(store.index()) == 2  # generation moved: reloaded
+    store.replace_source("default", "c.txt", "hc", chunks(["three"], 9))
+    assert len(store.index()) == 3
+    other.close()
+
+
+def test_switches_to_hnsw_when_large_and_back(tmp_path):
+    s = Store(tmp_path / "h2", exact_index_max=5)
+    s.check_embedder("fake", 8)
+    s.replace_source("default", "a", "h", chunks([f"t{i}" for i in range(8)]))
+    assert s.index().kind == "hnsw" and len(s.index()) == 8
+    s.forget(source="a")
+    assert s.index().kind == "flat" and len(s.index()) == 0
+    s.close()
+
+
+def test_forget_variants(store):
+    a = store.replace_source("default", "a.txt", "ha", chunks(["one", "two"]))
+    store.replace_source("other", "b.txt", "hb", chunks(["three"], 5))
+    assert store.forget(ids=[a[0]]) == 1
+    assert store.forget(source="a.txt") == 1
+    assert store.stats()["sources"] == 1
+    assert store.forget(everything=True, namespace="default") == 0
+    assert store.forget(everything=True) == 1
+    assert store.stats()["memories"] == 0 and len(store.index()) == 0
+
+
+def test_namespaces_filter_dense_and_lexical(store):
+    a = store.replace_source("ns1", "a.txt", "ha", chunks(["shared word"]))
+    b = store.replace_source("ns2", "b.txt", "hb", chunks(["shared word"], 3))
+    assert [i for i, _ in store.dense(vec(0), 5, "ns2")] == b
+    assert [i for i, _ in store.lexical("shared", 5, "ns1")] == a
+
+
+def test_newer_schema_is_refused(tmp_path, store):
+    store.db.execute("INSERT INTO _migrations VALUES ('m999_from_the_future', 0)")
+    with pytest.raises(StoreError, match="newer memory_llm"):
+        Store(tmp_path / "home")
+
+
+def test_other_embedder_is_refused(store):
+    from memory_llm import InputError
+
+    with pytest.raises(InputError, match="embedded with 'fake'"):
+        store.check_embedder("other-model", 8)
+
+
+def test_not_a_database(tmp_path):
+    home = tmp_path / "bad"
+    home.mkdir()
+    (home / "memory.sqlite").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="cannot open"):
+        Store(home)
+
+
+def test_home_is_private(tmp_path, store):
+    assert (store.home.stat().st_mode & 0o077) == 0
+    assert (store.path.stat().st_mode & 0o077) == 0
+
+
+def test_a_failed_transaction_leaves_nothing(store, monkeypatch):
+    bad = chunks(["one", "two"])
+    bad[1].vector = "not a vector"  # fails inside the transaction, after the first insert
+    with pytest.raises(Exception):
+        store.replace_source("default", "a.txt", "ha", bad)
+    assert store.stats()["memories"] == 0 and store.stats()["sources"] == 0
+    assert store.db.execute("SELECT count(*) FROM memories_fts").fetchone()[0] == 0
