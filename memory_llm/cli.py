@@ -57,6 +57,7 @@ class _StderrHandler(logging.Handler):
 @contextmanager
 def handled() -> Iterator[None]:
     """Library errors → one line on stderr, exit 1; Ctrl-C → exit 130; anything else → one line, exit 2."""
+    _quiet_libraries()
     try:
         yield
     except MemoryLLMError as exc:
@@ -78,7 +79,6 @@ def handled() -> Iterator[None]:
 def _mllm(home: Optional[Path], **overrides):
     from memory_llm.assistant import MemoryLLM
 
-    _quiet_libraries()
     return MemoryLLM(home, **overrides)
 
 
