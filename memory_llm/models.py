@@ -65,13 +65,16 @@ def resolve_embedder(name: str) -> str:
 def load_embedder(name: str, device: str = "auto"):
     """A SentenceTransformer, offline unless the user named a hub model that is not cached."""
     path = resolve_embedder(name)
-    with _load_lock, _quiet_hub():
+    _offline_by_default()
+    with _load_lock:
         try:
             from sentence_transformers import SentenceTransformer
 
             return SentenceTransformer(path, device=resolve_device(device))
         except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load embedder {name!r}: {_first_line(exc)}") from None
+            hint = "" if os.environ.get("MLLM_ALLOW_DOWNLOAD") or Path(path).exists() else \
+                " (not a local path nor in the local hub cache; set MLLM_ALLOW_DOWNLOAD=1 to download it)"
+            raise ModelError(f"cannot load embedder {name!r}{hint}: {_first_line(exc)}") from None
 
 
 def resolve_model(name: str) -> tuple[str, str | None]:
@@ -105,12 +108,13 @@ def load_causal_lm(name: str, cache_dir: Path, device: str = "auto", dtype: str 
     A GGUF is de-quantised once (~15-30 s) and saved as a dense checkpoint in the cache, so later starts
     load in well under a second.
     """
+    _offline_by_default()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, gguf_file = resolve_model(name)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    with _load_lock, _quiet_hub():
+    with _load_lock:
         try:
             if gguf_file:
                 target = converted_dir(cache_dir, directory, gguf_file)
@@ -120,7 +124,9 @@ def load_causal_lm(name: str, cache_dir: Path, device: str = "auto", dtype: str 
             tokenizer = AutoTokenizer.from_pretrained(directory)
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load model {name!r}: {_first_line(exc)}") from None
+            hint = "" if os.environ.get("MLLM_ALLOW_DOWNLOAD") or Path(directory).exists() else \
+                " (not a local path nor in the local hub cache; set MLLM_ALLOW_DOWNLOAD=1 to download it)"
+            raise ModelError(f"cannot load model {name!r}{hint}: {_first_line(exc)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
@@ -150,21 +156,12 @@ def _convert_gguf(directory: str, gguf_file: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class _quiet_hub:
-    """Offline by default: a hub lookup happens only when the user named a hub id and allowed the network.
-
-    We set HF_HUB_OFFLINE=1 unless the user set it, so an unknown id fails at once instead of hanging.
-    """
-
-    def __enter__(self):
-        self.prev = os.environ.get("HF_HUB_OFFLINE")
-        if self.prev is None and not os.environ.get("MLLM_ALLOW_DOWNLOAD"):
-            os.environ["HF_HUB_OFFLINE"] = "1"
-        return self
-
-    def __exit__(self, *exc):
-        if self.prev is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
+def _offline_by_default() -> None:
+    """No hub traffic unless the user allows it: a hub id works when it is in the local cache, and
+    MLLM_ALLOW_DOWNLOAD=1 lets it download. Set before transformers / huggingface_hub are imported,
+    which read it once."""
+    if not os.environ.get("MLLM_ALLOW_DOWNLOAD"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _first_line(exc: BaseException) -> str:

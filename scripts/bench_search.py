@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -83,17 +84,24 @@ def _norm(x: np.ndarray) -> np.ndarray:
 
 
 # ---- measurement ----------------------------------------------------------------------------------------
-def latencies(search, queries: np.ndarray, warmup: int = 20) -> tuple[list[float], list[np.ndarray]]:
-    """Per-query wall time (ms) of search(q) over single queries, and the ids each returned."""
-    for q in queries[:warmup]:
-        search(q)
-    times, results = [], []
+def interleaved(methods: dict, queries: np.ndarray, warmup: int = 20) -> dict:
+    """methods: name -> (setup, search). For each query, every method in turn: setup() (untimed, e.g. set
+    efSearch), then search(q) timed. Interleaving makes the comparison robust to machine noise drifting.
+    Returns name -> (per-query ms list, list of returned ids)."""
+    out = {name: ([], []) for name in methods}
+    for i, q in enumerate(queries[:warmup]):
+        for setup, search in methods.values():
+            setup()
+            search(q)
     for q in queries:
-        t = time.perf_counter_ns()
-        ids = search(q)
-        times.append((time.perf_counter_ns() - t) / 1e6)
-        results.append(ids)
-    return times, results
+        for name, (setup, search) in methods.items():
+            setup()
+            t = time.perf_counter_ns()
+            ids = search(q)
+            dt = (time.perf_counter_ns() - t) / 1e6
+            out[name][0].append(dt)
+            out[name][1].append(ids)
+    return out
 
 
 def recall(results: list[np.ndarray], truth: np.ndarray) -> float:
@@ -101,24 +109,54 @@ def recall(results: list[np.ndarray], truth: np.ndarray) -> float:
     return hits / (len(results) * K)
 
 
-def row(name: str, n: int, times, rec: float, build: float | None, params: str, mem_mb: float | None = None):
+def row(name: str, n: int, times, rec: float, build: float | None, params: str):
     return {"n": n, "method": name, "params": params, "p50_ms": pct(times, 50), "p95_ms": pct(times, 95),
-            "recall@10": rec, "build_s": build, "mem_mb": mem_mb}
+            "recall@10": rec, "build_s": build}
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+MAX_THREADS = faiss.omp_get_max_threads()  # read before anything sets it to 1
+BUILD_THREADS = None
+
+
 def build_threads():
-    faiss.omp_set_num_threads(faiss.omp_get_max_threads() if BUILD_THREADS is None else BUILD_THREADS)
+    faiss.omp_set_num_threads(MAX_THREADS if BUILD_THREADS is None else BUILD_THREADS)
 
 
 def search_threads():
     faiss.omp_set_num_threads(1)
 
 
-BUILD_THREADS = None
+def nothing():
+    pass
+
+
+def raw_search(index):
+    return lambda q: index.search(q.reshape(1, -1), K)[1][0]
+
+
+def set_ef(index, ef):
+    def setup():
+        index.hnsw.efSearch = ef
+    return setup
+
+
+def set_nprobe(index, nprobe):
+    def setup():
+        index.nprobe = nprobe
+    return setup
+
+
+def report(out: list[dict], res: dict, truth: np.ndarray, n: int, meta: dict) -> None:
+    """meta: name -> (label, params, build_s)."""
+    for name, (times, ids) in res.items():
+        label, params, build = meta[name]
+        out.append(row(label, n, times, recall(ids, truth[:len(ids)]), build, params))
+        r = out[-1]
+        log(f"  {label} [{params}]: p50 {r['p50_ms']:.3f} ms p95 {r['p95_ms']:.3f} ms recall {r['recall@10']:.4f}")
 
 
 def bench_size(n: int, args, mix: Mixture, out: list[dict]) -> None:
@@ -127,61 +165,59 @@ def bench_size(n: int, args, mix: Mixture, out: list[dict]) -> None:
     queries = mix.sample(args.queries, seed=7)
     ids = np.arange(1, n + 1, dtype=np.int64)  # memory ids as SQLite assigns them
 
-    # ground truth + raw flat
+    # ground truth (batch, all cores)
     build_threads()
     t = time.perf_counter()
     flat = faiss.IndexFlatIP(DIM)
     flat.add(data)
     flat_build = time.perf_counter() - t
     _, truth = flat.search(queries, K)
-    nf = min(args.queries, args.flat_queries)
-    search_threads()
-    times, res = latencies(lambda q: flat.search(q.reshape(1, -1), K)[1][0], queries[:nf])
-    out.append(row("faiss-flat (exact)", n, times, recall(res, truth[:nf]), flat_build, "IndexFlatIP",
-                   data.nbytes / 2**20))
-    log(f"  faiss-flat p50 {out[-1]['p50_ms']:.3f} ms")
-    del flat
-    gc.collect()
 
     # the library's choice
-    build_threads()
     t = time.perf_counter()
     lib = open_index(DIM, n, EXACT_MAX)
     for s in range(0, n, 20_000):  # as Store.rebuild_index feeds it
         lib.add(ids[s:s + 20_000], data[s:s + 20_000])
     lib_build = time.perf_counter() - t
     log(f"  lib {lib.kind} built in {lib_build:.1f} s")
-    search_threads()
-    times, res = latencies(lambda q: lib.search(q, K)[0] - 1, queries)
-    params = "IDMap2(FlatIP)" if lib.kind == "flat" else f"IDMap2(HNSW M={LIB_M} efC={LIB_EFC} efS={LIB_EFS})"
-    out.append(row(f"lib FaissIndex ({lib.kind})", n, times, recall(res, truth), lib_build, params))
-    log(f"  lib p50 {out[-1]['p50_ms']:.3f} ms recall {out[-1]['recall@10']:.4f}")
+    lib_params = "IDMap2(FlatIP)" if lib.kind == "flat" else f"IDMap2(HNSW M={LIB_M} efC={LIB_EFC} efS={LIB_EFS})"
+    lib_search = (nothing, lambda q: lib.search(q, K)[0] - 1)
 
     # raw HNSW, same parameters
     if lib.kind == "hnsw":
         hnsw = faiss.downcast_index(lib.index.index)  # the same graph, without IDMap2 and the Python wrapper
-        hnsw_build = None
-        label = "faiss-hnsw (lib's graph, raw)"
+        hnsw_build, hnsw_label = None, "faiss-hnsw (lib's graph, raw)"
     else:
-        build_threads()
         t = time.perf_counter()
         hnsw = faiss.IndexHNSWFlat(DIM, LIB_M, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = LIB_EFC
         hnsw.add(data)
-        hnsw_build = time.perf_counter() - t
-        label = "faiss-hnsw"
-    hnsw.hnsw.efSearch = LIB_EFS
+        hnsw_build, hnsw_label = time.perf_counter() - t, "faiss-hnsw"
+        log(f"  raw hnsw built in {hnsw_build:.1f} s")
     search_threads()
-    times, res = latencies(lambda q: hnsw.search(q.reshape(1, -1), K)[1][0], queries)
-    out.append(row(label, n, times, recall(res, truth), hnsw_build, f"M={LIB_M} efC={LIB_EFC} efS={LIB_EFS}"))
-    log(f"  raw hnsw p50 {out[-1]['p50_ms']:.3f} ms recall {out[-1]['recall@10']:.4f}")
+
+    # exact flat (slow at large n: fewer queries), interleaved with the lib when the lib is flat too
+    nf = min(args.queries, args.flat_queries)
+    methods = {"flat": (nothing, raw_search(flat))}
+    meta = {"flat": ("faiss-flat (exact)", "IndexFlatIP", flat_build),
+            "lib": (f"lib FaissIndex ({lib.kind})", lib_params, lib_build)}
+    if lib.kind == "flat":
+        methods["lib"] = lib_search
+    report(out, interleaved(methods, queries[:nf]), truth, n, meta)
+    del flat
+    gc.collect()
+
+    # lib (HNSW) vs the raw graph, and the efSearch sweep, interleaved per query
+    methods = {} if lib.kind == "flat" else {"lib": lib_search}
+    methods["hnsw"] = (set_ef(hnsw, LIB_EFS), raw_search(hnsw))
+    meta["hnsw"] = (hnsw_label, f"M={LIB_M} efC={LIB_EFC} efS={LIB_EFS}", hnsw_build)
     for ef in args.ef_sweep:
-        if ef == LIB_EFS:
-            continue
-        hnsw.hnsw.efSearch = ef
-        times, res = latencies(lambda q: hnsw.search(q.reshape(1, -1), K)[1][0], queries)
-        out.append(row("faiss-hnsw efSearch sweep", n, times, recall(res, truth), None,
-                       f"M={LIB_M} efC={LIB_EFC} efS={ef}"))
+        if ef != LIB_EFS:
+            methods[f"ef{ef}"] = (set_ef(hnsw, ef), raw_search(hnsw))
+            meta[f"ef{ef}"] = ("faiss-hnsw efSearch sweep", f"M={LIB_M} efC={LIB_EFC} efS={ef}", None)
+    if lib.kind == "hnsw":  # lib's search must see its own efSearch: reset it after every sweep point
+        methods["lib"] = (set_ef(hnsw, LIB_EFS), lib_search[1])
+    report(out, interleaved(methods, queries), truth, n, meta)
     hnsw.hnsw.efSearch = LIB_EFS
     if lib.kind != "hnsw":
         del hnsw
@@ -197,11 +233,9 @@ def bench_size(n: int, args, mix: Mixture, out: list[dict]) -> None:
             b = time.perf_counter() - t
             log(f"  alt hnsw M={m_} efC={efc} built in {b:.1f} s")
             search_threads()
-            for ef in args.alt_ef:
-                alt.hnsw.efSearch = ef
-                times, res = latencies(lambda q: alt.search(q.reshape(1, -1), K)[1][0], queries)
-                out.append(row("faiss-hnsw alt", n, times, recall(res, truth), b, f"M={m_} efC={efc} efS={ef}"))
-                log(f"    efS={ef} p50 {out[-1]['p50_ms']:.3f} recall {out[-1]['recall@10']:.4f}")
+            methods = {f"ef{ef}": (set_ef(alt, ef), raw_search(alt)) for ef in args.alt_ef}
+            meta = {f"ef{ef}": ("faiss-hnsw alt", f"M={m_} efC={efc} efS={ef}", b) for ef in args.alt_ef}
+            report(out, interleaved(methods, queries), truth, n, meta)
             del alt
             gc.collect()
         nlist = args.nlist or int(4 * np.sqrt(n))
@@ -209,17 +243,15 @@ def bench_size(n: int, args, mix: Mixture, out: list[dict]) -> None:
         t = time.perf_counter()
         quant = faiss.IndexFlatIP(DIM)
         ivf = faiss.IndexIVFFlat(quant, DIM, nlist, faiss.METRIC_INNER_PRODUCT)
-        train = data[np.random.default_rng(3).choice(n, min(n, 64 * nlist), replace=False)]
+        train = data[np.random.default_rng(3).choice(n, min(n, 32 * nlist), replace=False)]
         ivf.train(train)
         ivf.add(data)
         b = time.perf_counter() - t
         log(f"  ivf nlist={nlist} built in {b:.1f} s")
         search_threads()
-        for nprobe in args.nprobe:
-            ivf.nprobe = nprobe
-            times, res = latencies(lambda q: ivf.search(q.reshape(1, -1), K)[1][0], queries)
-            out.append(row("faiss-ivfflat", n, times, recall(res, truth), b, f"nlist={nlist} nprobe={nprobe}"))
-            log(f"    nprobe={nprobe} p50 {out[-1]['p50_ms']:.3f} recall {out[-1]['recall@10']:.4f}")
+        methods = {f"np{p_}": (set_nprobe(ivf, p_), raw_search(ivf)) for p_ in args.nprobe}
+        meta = {f"np{p_}": ("faiss-ivfflat", f"nlist={nlist} nprobe={p_}", b) for p_ in args.nprobe}
+        report(out, interleaved(methods, queries), truth, n, meta)
         del ivf, quant
         gc.collect()
 
@@ -250,17 +282,19 @@ def bench_store(n: int, data, queries, truth, lib: FaissIndex, args, out: list[d
         t = time.perf_counter()
         index = store.index()
         open_s = time.perf_counter() - t
-        how = "loaded the lib index from disk" if reuse else "rebuilt from SQLite"
+        how = "loaded the saved lib index" if reuse else "rebuilt from SQLite"
         log(f"  store.index() {how} in {open_s:.1f} s ({index.kind})")
         search_threads()
-        times, res = latencies(lambda q: np.array([i for i, _ in store.dense(q, K)]) - 1, queries)
-        out.append(row(f"Store.dense ({index.kind})", n, times, recall(res, truth), open_s,
-                       f"namespace=None; build = store.index() {how}; insert {insert:.0f} s"))
-        log(f"  store.dense p50 {out[-1]['p50_ms']:.3f} ms")
-        times, res = latencies(lambda q: np.array([i for i, _ in store.dense(q, K, "default")]) - 1, queries)
-        out.append(row(f"Store.dense ({index.kind})", n, times, recall(res, truth), None,
-                       "namespace='default' (the ask/search path)"))
-        log(f"  store.dense(ns) p50 {out[-1]['p50_ms']:.3f} ms")
+        lib_search = (lambda q: lib.search(q, K)[0] - 1) if lib.kind == index.kind else None
+        methods = {"none": (nothing, lambda q: np.array([i for i, _ in store.dense(q, K)]) - 1),
+                   "ns": (nothing, lambda q: np.array([i for i, _ in store.dense(q, K, "default")]) - 1)}
+        meta = {"none": (f"Store.dense ({index.kind})", f"namespace=None; build = store.index() {how}; "
+                         f"insert {insert:.0f} s", open_s),
+                "ns": (f"Store.dense ({index.kind})", "namespace='default' (the ask/search path)", None),
+                "lib": (f"lib FaissIndex ({lib.kind}), again", "interleaved with Store.dense", None)}
+        if lib_search is not None:
+            methods["lib"] = (nothing, lib_search)
+        report(out, interleaved(methods, queries), truth, n, meta)
         store.close()
 
 
@@ -294,11 +328,12 @@ def main() -> None:
     args.hnsw_alt = [tuple(int(x) for x in s.split(":")) for s in args.hnsw_alt.split(",") if s]
     BUILD_THREADS = args.build_threads
     started = time.perf_counter()
+    load0 = os.getloadavg()[0]
     mix = Mixture(args.centres)
     sample = mix.sample(2000, seed=5)
     cos = sample @ sample.T
     log(f"data check: mean cosine between random points {cos[np.triu_indices(2000, 1)].mean():.3f}, "
-        f"to own centre ~0.75 by construction; faiss {faiss.__version__}, build threads {faiss.omp_get_max_threads()}")
+        f"to own centre ~0.75 by construction; faiss {faiss.__version__}, build threads {BUILD_THREADS or MAX_THREADS}")
     out: list[dict] = []
     for n in sizes:
         bench_size(n, args, mix, out)
@@ -307,13 +342,14 @@ def main() -> None:
     log(f"done in {total / 60:.1f} min")
     rows = [[f"{r['n']:,}", r["method"], r["params"], r["p50_ms"], r["p95_ms"], f"{r['recall@10']:.4f}",
              "" if r["build_s"] is None else f"{r['build_s']:.1f}"] for r in out]
-    body = (f"Command: `{command_line()}`  \nDate: {today()}; {machine()}; faiss {faiss.__version__}; "
+    body = (f"Command: `{command_line()}`  \nDate: {today()}; {machine()}; load average at start/end "
+            f"{load0:.1f}/{os.getloadavg()[0]:.1f}; faiss {faiss.__version__}; "
             f"total run {total / 60:.1f} min.\n\n"
             "384-dim synthetic clustered vectors (two-level Gaussian mixture, "
             f"{args.centres} centres, L2-normalised; queries are fresh draws from the same mixture), k=10, "
             f"{args.queries} queries per method (exact flat latency on the first {args.flat_queries}). "
             "Latency = one query per call, faiss.omp_set_num_threads(1); builds use all "
-            f"{faiss.omp_get_max_threads()} cores. Recall@10 is against exact IndexFlatIP. "
+            f"{BUILD_THREADS or MAX_THREADS} cores. Recall@10 is against exact IndexFlatIP. "
             "`build s` is index construction (for Store.dense: `store.index()`).\n\n"
             + table(["n", "method", "params", "p50 ms", "p95 ms", "recall@10", "build s"], rows))
     if not args.no_write:

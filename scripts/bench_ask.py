@@ -1,0 +1,301 @@
+#!/usr/bin/env python
+"""`ask` latency: a new `mllm ask` process (time to first token, total, peak RSS), the in-process overhead of
+MemoryLLM.ask over raw model.generate, and where a new process's first-token time goes.
+
+(a) CLI, new process each run, on a home that learned data/sample (`mllm learn data/sample`, untimed):
+    plain   `mllm ask Q --max-new-tokens N`: wall time from Popen to the first stdout byte (read unbuffered)
+            and to exit
+    --json  `mllm ask Q --json ...`: the library's own timings (first_token is measured from the start of
+            retrieval, which in a new process includes loading the embedder and the LLM) and process wall
+    One warm-up run of each (OS page cache), then --runs runs each, interleaved; medians.
+(c) Peak RSS of each `mllm ask` child: os.wait4's ru_maxrss (that process alone).
+(b) In process, models loaded and warmed: MemoryLLM.ask(Q, max_new_tokens=N) vs raw model.generate on the very
+    prompt ids ask builds (MemoryLLM._prepare), greedy, same max_new_tokens, plain generate (no streamer). Greedy
+    decoding of the same ids is deterministic, so both produce the same tokens: the script checks the texts are
+    equal and reports per-token times too. Interleaved, median of --inproc-runs.
+Stages: a fresh child process (this script with --child-stages) times each step in the CLI's order with the
+    imports done up front; plus `python -X importtime` of one real `mllm ask` for the heaviest imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _benchmd import command_line, machine, median, table, today, write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = ROOT / ".venv" / "bin"
+SAMPLE = ROOT / "data" / "sample"
+QUESTION = "When did the Larkspur Observatory open, and who founded it?"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("MLLM_CACHE", "/tmp/mcache")
+    env.pop("MLLM_HOME", None)
+    return env
+
+
+# ---- (a) + (c): the CLI in a new process ----------------------------------------------------------------
+def run_cli(home: Path, args, as_json: bool) -> dict:
+    cmd = [str(BIN / "mllm"), "ask", args.question, "--home", str(home), "--max-new-tokens", str(args.max_new_tokens)]
+    if as_json:
+        cmd.append("--json")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), bufsize=0)
+    first = None
+    chunks = []
+    fd = proc.stdout.fileno()
+    while True:
+        b = os.read(fd, 65536)
+        if not b:
+            break
+        if first is None:
+            first = time.perf_counter() - t0
+        chunks.append(b)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    out = b"".join(chunks).decode(errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {err[-2000:]}")
+    res = {"wall": wall, "first_byte": first, "rss_mb": usage.ru_maxrss / 1024, "stdout": out}
+    if as_json:
+        res["timings"] = json.loads(out)["timings"]
+    return res
+
+
+def import_profile(home: Path, args) -> list[tuple[str, float]]:
+    """Top-level packages by cumulative import time (s) in one `python -X importtime mllm ask`."""
+    cmd = [str(BIN / "python"), "-X", "importtime", str(BIN / "mllm"), "ask", args.question, "--home", str(home),
+           "--max-new-tokens", "8", "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
+    tops: dict[str, float] = {}
+    for line in p.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
+        if m and len(m.group(3)) == 1:  # top level: imported by our code, not by another module
+            name = m.group(4).split(".")[0]
+            tops[name] = tops.get(name, 0.0) + int(m.group(2)) / 1e6
+    return sorted(tops.items(), key=lambda kv: -kv[1])
+
+
+def stage_profile(home: Path, args) -> dict:
+    cmd = [str(BIN / "python"), __file__, "--child-stages", "--home", str(home), "--question", args.question,
+           "--max-new-tokens", str(args.max_new_tokens), "--spawned-at", repr(time.time())]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
+    if p.returncode != 0:
+        raise SystemExit(f"stage child failed: {p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def child_stages(args) -> None:
+    """Run in a fresh process: each step of `mllm ask`, in the CLI's order, with imports done up front."""
+    stages: dict[str, float] = {"interpreter start (spawn → main)": time.time() - float(args.spawned_at)}
+    t = time.perf_counter()
+
+    def mark(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        stages[name] = now - t
+        t = now
+
+    import memory_llm.cli as cli  # noqa: F401  (typer, the facade; what `mllm` imports first)
+
+    mark("import memory_llm.cli (typer, numpy, ...)")
+    import torch  # noqa: F401
+
+    mark("import torch")
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer  # noqa: F401
+
+    mark("import transformers (+ AutoModel classes)")
+    import sentence_transformers  # noqa: F401
+
+    mark("import sentence_transformers")
+    import faiss  # noqa: F401
+
+    mark("import faiss")
+    cli._quiet_libraries()
+    from memory_llm.assistant import MemoryLLM
+    from memory_llm.generate import build_messages
+    from memory_llm.retrieve import pack
+
+    m = MemoryLLM(Path(args.home))
+    m.store.meta("dim")
+    mark("Settings + open store (SQLite)")
+    m.embedder
+    mark("load embedder (SentenceTransformer)")
+    hits = m.search(args.question)
+    mark("retrieve (embed query, index load, dense + FTS, fuse)")
+    gen = m.generator
+    mark("load LLM (converted checkpoint)")
+    hits = pack(hits, gen.count_tokens, m.settings.context_tokens)
+    ids = gen.chat_ids(build_messages(args.question, [h.memory.text for h in hits]))
+    mark("prompt (pack + chat template + tokenize)")
+    stream = iter(gen.stream(ids, args.max_new_tokens))
+    next(stream)
+    mark("first token (prefill + 1 decode step, streamer thread)")
+    for _ in stream:  # drain: exiting while the generate thread runs aborts the process
+        pass
+    stages["prompt tokens"] = float(ids.shape[1])
+    print(json.dumps(stages))
+
+
+# ---- (b): in-process overhead ---------------------------------------------------------------------------
+def in_process(home: Path, args) -> dict:
+    import torch
+
+    from memory_llm import MemoryLLM
+
+    m = MemoryLLM(home)
+    gen = m.generator
+    _, ids, _, _ = m._prepare(args.question, None, "default", True)
+    model, tok = gen.model, gen.tokenizer
+
+    def raw():
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        dt = time.perf_counter() - t
+        new = out[0, ids.shape[1]:]
+        return dt, int(new.shape[0]), tok.decode(new, skip_special_tokens=True).strip()
+
+    def ask():
+        t = time.perf_counter()
+        a = m.ask(args.question, max_new_tokens=args.max_new_tokens)
+        return time.perf_counter() - t, a
+
+    ask()
+    raw()  # warm-up
+    asks, raws, ntok, same = [], [], None, True
+    for _ in range(args.inproc_runs):
+        dt, a = ask()
+        asks.append((dt, a.timings))
+        rdt, ntok, text = raw()
+        raws.append(rdt)
+        same = same and (text == a.text)
+    ask_t = median([a for a, _ in asks])
+    raw_t = median(raws)
+    comp = {k: median([tm[k] for _, tm in asks]) for k in ("retrieve", "prompt", "generate", "first_token")}
+    m.close()
+    return {"ask": ask_t, "raw": raw_t, "overhead": (ask_t - raw_t) / raw_t, "tokens": ntok, "same_text": same,
+            "asks": [a for a, _ in asks], "raws": raws, "components": comp,
+            "prompt_tokens": int(ids.shape[1]), "torch_threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--question", default=QUESTION)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--runs", type=int, default=3, help="timed CLI runs of each kind (after one warm-up)")
+    p.add_argument("--inproc-runs", type=int, default=5)
+    p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    p.add_argument("--child-stages", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--home", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--spawned-at", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child_stages:
+        child_stages(args)
+        return
+    os.environ.setdefault("MLLM_CACHE", "/tmp/mcache")
+    load0 = os.getloadavg()[0]
+    tmp = Path(tempfile.mkdtemp(prefix="mllm-bench-ask-"))
+    try:
+        home = tmp / "home"
+        t = time.perf_counter()
+        subprocess.run([str(BIN / "mllm"), "learn", str(SAMPLE), "--home", str(home)], check=True, env=child_env(),
+                       capture_output=True)
+        log(f"learned {SAMPLE} in {time.perf_counter() - t:.1f} s (setup, untimed)")
+
+        run_cli(home, args, False)
+        run_cli(home, args, True)  # warm-ups
+        plain, js = [], []
+        for i in range(args.runs):
+            plain.append(run_cli(home, args, False))
+            js.append(run_cli(home, args, True))
+            log(f"run {i + 1}: plain first byte {plain[-1]['first_byte']:.2f} s wall {plain[-1]['wall']:.2f} s; "
+                f"json first_token {js[-1]['timings']['first_token']:.2f} s wall {js[-1]['wall']:.2f} s")
+        stages = stage_profile(home, args)
+        log("stages: " + json.dumps(stages))
+        imports = import_profile(home, args)
+        log("imports: " + json.dumps(imports[:10]))
+        ip = in_process(home, args)
+        log(f"in-process: ask {ip['ask']:.3f} s raw {ip['raw']:.3f} s overhead {100 * ip['overhead']:.1f}% "
+            f"tokens {ip['tokens']} same text {ip['same_text']}")
+
+        med = lambda xs, k: median([x[k] for x in xs])  # noqa: E731
+        tm = lambda k: median([x["timings"][k] for x in js])  # noqa: E731
+        import torch
+
+        rows_a = [
+            ["plain: wall to first stdout byte (from Popen)", med(plain, "first_byte"),
+             " / ".join(f"{x['first_byte']:.2f}" for x in plain)],
+            ["plain: wall to exit", med(plain, "wall"), " / ".join(f"{x['wall']:.2f}" for x in plain)],
+            ["--json: first_token (from start of retrieval)", tm("first_token"),
+             " / ".join(f"{x['timings']['first_token']:.2f}" for x in js)],
+            ["--json: retrieve (includes embedder load)", tm("retrieve"), ""],
+            ["--json: prompt (includes LLM load)", tm("prompt"), ""],
+            ["--json: generate", tm("generate"), ""],
+            ["--json: total (library)", tm("total"), ""],
+            ["--json: wall to exit (from Popen)", med(js, "wall"), " / ".join(f"{x['wall']:.2f}" for x in js)],
+            ["--json: before retrieval (wall − total: spawn, imports, exit)", med(js, "wall") - tm("total"), ""],
+        ]
+        rss = [x["rss_mb"] for x in plain + js]
+        stage_rows = [[k, v] for k, v in stages.items() if k != "prompt tokens"]
+        stage_sum = sum(v for _, v in stage_rows)
+        body = (
+            f"Command: `{command_line()}`  \nDate: {today()}; {machine()}; load average at start/end "
+            f"{load0:.1f}/{os.getloadavg()[0]:.1f}; torch {torch.__version__} "
+            f"({ip['torch_threads']} threads); MLLM_CACHE holds the converted default LLM (SmolLM2-135M).\n\n"
+            f"Home: `mllm learn data/sample`. Question: \"{args.question}\", --max-new-tokens {args.max_new_tokens}, "
+            f"prompt {ip['prompt_tokens']} tokens.\n\n"
+            f"### (a) `mllm ask` in a new process (median of {args.runs}, after one warm-up each, interleaved)\n\n"
+            + table(["measure", "median s", "runs s"], rows_a)
+            + f"\n\n### (c) Peak RSS of the `mllm ask` process\n\nmedian {median(rss):.0f} MB, max {max(rss):.0f} MB "
+              f"(os.wait4 ru_maxrss of the child, {len(rss)} runs).\n\n"
+            + f"### Where a new process's first-token time goes (one fresh child, steps in the CLI's order)\n\n"
+            + table(["step", "s"], stage_rows) + f"\n| **sum** | **{stage_sum:.3g}** |\n\n"
+            + "Heaviest top-level imports of a real `mllm ask` (`python -X importtime`, cumulative s; these "
+              "overlap the step rows above):\n\n"
+            + table(["module", "s"], [[k, v] for k, v in imports[:8]])
+            + f"\n\n### (b) In-process overhead: MemoryLLM.ask vs raw model.generate (median of {args.inproc_runs}, "
+              "interleaved, models loaded and warm)\n\n"
+            + table(["path", "median s", "runs s", "ms / new token"],
+                    [["MemoryLLM.ask(Q, max_new_tokens)", ip["ask"], " / ".join(f"{x:.3f}" for x in ip["asks"]),
+                      1000 * ip["ask"] / ip["tokens"]],
+                     ["  of which retrieve", ip["components"]["retrieve"], "", ""],
+                     ["  of which prompt", ip["components"]["prompt"], "", ""],
+                     ["  of which generate (streamed)", ip["components"]["generate"], "", ""],
+                     ["raw model.generate (same ids, greedy, no streamer)", ip["raw"],
+                      " / ".join(f"{x:.3f}" for x in ip["raws"]), 1000 * ip["raw"] / ip["tokens"]]])
+            + f"\n\nBoth generated {ip['tokens']} new tokens (greedy on identical ids; texts identical: "
+              f"{ip['same_text']}). **Overhead (ask − raw) / raw = {100 * ip['overhead']:.1f}%** (target ≤ 5%).\n")
+        print(body)
+        if not args.no_write:
+            write_section("Ask latency (bench_ask.py)", body + NOTES)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+NOTES = """
+"""
+
+if __name__ == "__main__":
+    main()
