@@ -319,7 +319,18 @@ def main() -> None:
     p.add_argument("--tmp", default=None, help="directory for the temporary store homes")
     p.add_argument("--json", default="/tmp/bench_search.json", help="raw results")
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    p.add_argument("--render", default=None, metavar="JSON", help="only write BENCHMARKS.md from a saved run")
+    p.add_argument("--render-command", default=None, help="the command that produced --render's JSON")
+    p.add_argument("--render-meta", default=None, help="JSON object of meta fields for --render")
     args = p.parse_args()
+    if args.render:
+        extra = json.loads(args.render_meta) if args.render_meta else {}
+        saved = json.loads(Path(args.render).read_text())
+        if isinstance(saved, list):
+            saved = {"meta": extra, "results": saved}
+            Path(args.render).write_text(json.dumps(saved, indent=1))
+        render_saved(args.render, args.render_command)
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     args.store_sizes = {int(s) for s in args.store_sizes.split(",") if s}
     args.ef_sweep = [int(s) for s in args.ef_sweep.split(",") if s]
@@ -335,30 +346,67 @@ def main() -> None:
     log(f"data check: mean cosine between random points {cos[np.triu_indices(2000, 1)].mean():.3f}, "
         f"to own centre ~0.75 by construction; faiss {faiss.__version__}, build threads {BUILD_THREADS or MAX_THREADS}")
     out: list[dict] = []
+    meta = {"command": command_line(), "date": today(), "load_start": load0, "centres": args.centres,
+            "queries": args.queries, "flat_queries": args.flat_queries, "threads": BUILD_THREADS or MAX_THREADS}
     for n in sizes:
         bench_size(n, args, mix, out)
-        Path(args.json).write_text(json.dumps(out, indent=1))
-    total = time.perf_counter() - started
-    log(f"done in {total / 60:.1f} min")
-    rows = [[f"{r['n']:,}", r["method"], r["params"], r["p50_ms"], r["p95_ms"], f"{r['recall@10']:.4f}",
-             "" if r["build_s"] is None else f"{r['build_s']:.1f}"] for r in out]
-    body = (f"Command: `{command_line()}`  \nDate: {today()}; {machine()}; load average at start/end "
-            f"{load0:.1f}/{os.getloadavg()[0]:.1f}; faiss {faiss.__version__}; "
-            f"total run {total / 60:.1f} min.\n\n"
-            "384-dim synthetic clustered vectors (two-level Gaussian mixture, "
-            f"{args.centres} centres, L2-normalised; queries are fresh draws from the same mixture), k=10, "
-            f"{args.queries} queries per method (exact flat latency on the first {args.flat_queries}). "
-            "Latency = one query per call, faiss.omp_set_num_threads(1); builds use all "
-            f"{BUILD_THREADS or MAX_THREADS} cores. Recall@10 is against exact IndexFlatIP. "
-            "`build s` is index construction (for Store.dense: `store.index()`).\n\n"
-            + table(["n", "method", "params", "p50 ms", "p95 ms", "recall@10", "build s"], rows))
+        meta["minutes"] = (time.perf_counter() - started) / 60
+        meta["load_end"] = os.getloadavg()[0]
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": out}, indent=1))
+    log(f"done in {meta['minutes']:.1f} min")
+    body = render(meta, out)
     if not args.no_write:
-        write_section("Vector search (bench_search.py)", body + "\n\n" + NOTES.strip())
+        write_section("Vector search (bench_search.py)", body)
     print(body)
 
 
-NOTES = """
-"""
+def render(meta: dict, out: list[dict]) -> str:
+    rows = [[f"{r['n']:,}", r["method"], r["params"], r["p50_ms"], r["p95_ms"], f"{r['recall@10']:.4f}",
+             "" if r["build_s"] is None else f"{r['build_s']:.1f}"] for r in out]
+    lines = []
+    for n in sorted({r["n"] for r in out}):
+        at = [r for r in out if r["n"] == n]
+        lib = next((r for r in at if r["method"].startswith("lib FaissIndex") and "again" not in r["method"]), None)
+        if lib is None:
+            continue
+        ref = next((r for r in at if r["method"] == ("faiss-flat (exact)" if "(flat)" in lib["method"]
+                                                     else "faiss-hnsw (lib's graph, raw)")), None)
+        line = f"- n={n:,}: the library ({lib['params']}) p50 {lib['p50_ms']:.3f} ms, recall {lib['recall@10']:.4f}"
+        if ref is not None:
+            d = lib["p50_ms"] - ref["p50_ms"]
+            line += (f"; wrapper overhead vs raw faiss on the same index {d * 1000:+.0f} µs "
+                     f"({100 * d / ref['p50_ms']:+.0f}%)")
+        ok = [r for r in at if r["recall@10"] >= 0.95 and "flat" not in r["method"] and "Store" not in r["method"]]
+        if ok:
+            best = min(ok, key=lambda r: r["p50_ms"])
+            line += (f"; fastest ANN config with recall ≥ 0.95: {best['method']} {best['params']} "
+                     f"p50 {best['p50_ms']:.3f} ms, recall {best['recall@10']:.4f}")
+        lines.append(line + ".")
+    return (f"Command: `{meta['command']}`  \nDate: {meta['date']}; {machine()}; load average at start/end "
+            f"{meta['load_start']:.1f}/{meta['load_end']:.1f} (other jobs shared the machine); faiss "
+            f"{faiss.__version__}; total run {meta['minutes']:.1f} min.\n\n"
+            "384-dim synthetic clustered vectors (two-level Gaussian mixture, "
+            f"{meta['centres']} centres, L2-normalised; queries are fresh draws from the same mixture), k=10, "
+            f"{meta['queries']} queries per method (exact flat latency on the first {meta['flat_queries']}). "
+            "Latency = one query per call with faiss.omp_set_num_threads(1) (single-threaded search); methods on "
+            "the same index are interleaved query by query so noise hits them alike. Builds use all "
+            f"{meta['threads']} cores. Recall@10 is against exact IndexFlatIP. `build s` is index construction "
+            "(for Store.dense: `store.index()`, which rebuilds from SQLite).\n\n"
+            + table(["n", "method", "params", "p50 ms", "p95 ms", "recall@10", "build s"], rows)
+            + "\n\nSummary:\n\n" + "\n".join(lines) + "\n")
+
+
+def render_saved(path: str, command: str | None) -> None:
+    saved = json.loads(Path(path).read_text())
+    if isinstance(saved, list):  # an older run saved only the results
+        saved = {"meta": {}, "results": saved}
+    meta = {"command": command or "?", "date": today(), "load_start": float("nan"), "load_end": float("nan"),
+            "centres": 4000, "queries": 1000, "flat_queries": 300, "threads": MAX_THREADS, "minutes": float("nan"),
+            **saved["meta"], **({"command": command} if command else {})}
+    body = render(meta, saved["results"])
+    write_section("Vector search (bench_search.py)", body)
+    print(body)
+
 
 if __name__ == "__main__":
     main()
