@@ -311,6 +311,15 @@ class MemoryLLM:
         return {**self.store.stats(), "home": str(s.home), "model": s.model, "embedder_setting": s.embedder,
                 "cache_dir": str(s.cache_dir)}
 
+    def doctor(self, repair: bool = False) -> dict:
+        """Check the home's health; with repair=True, rebuild what can be rebuilt from SQLite and re-check."""
+        checks = self.store.check()
+        repaired: list[str] = []
+        if repair and any(c["repairable"] for c in checks):
+            repaired = self.store.repair()
+            checks = self.store.check()
+        return {"healthy": all(c["ok"] for c in checks), "checks": checks, "repaired": repaired}
+
     def sources(self, namespace: str | None = None) -> list[dict]:
         return self.store.list_sources(namespace)
 

@@ -241,12 +241,13 @@ def forget(
                 raise MemoryLLMError(f"refusing to forget {n} memories in {scope} without --yes")
             typer.confirm(f"Forget all {n} memories in {scope}?", abort=True)
         n = m.forget(ids, source=source, namespace=namespace, everything=everything)
+        if n == 0 and (ids or source):
+            what = f"source {source!r}" if source else "id(s) " + ", ".join(map(str, ids))
+            raise MemoryLLMError(f"nothing forgotten: no memory matches {what}")
         if as_json:
             _print_json({"forgotten": n})
         else:
             typer.echo(f"Forgot {n} memor{'y' if n == 1 else 'ies'}.")
-        if n == 0 and (ids or source):
-            raise typer.Exit(1)
 
 
 @app.command()
@@ -279,6 +280,24 @@ def sources(namespace: Optional[str] = typer.Option(None, "--namespace", "-n", h
             return
         for r in rows:
             typer.echo(f"{r['chunks']:5d}  [{r['namespace']}]  {r['uri']}")
+
+
+@app.command()
+def doctor(repair: bool = typer.Option(False, "--repair", help="Rebuild what can be rebuilt from SQLite."),
+           home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
+    """Check the memory home (SQLite, full-text index, embeddings, vector index); --repair fixes what it can."""
+    with handled():
+        report = _mllm(home).doctor(repair)
+        if as_json:
+            _print_json(report)
+        else:
+            for line in report["repaired"]:
+                typer.echo(f"repaired: {line}")
+            for c in report["checks"]:
+                hint = " (mllm doctor --repair can fix this)" if c["repairable"] else ""
+                typer.echo(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['check']:10s} {c['detail']}{hint}")
+        if not report["healthy"]:
+            raise typer.Exit(1)
 
 
 @app.command(name="eval")

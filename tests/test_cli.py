@@ -80,6 +80,8 @@ def test_learn_progress_free_summary(tmp_path):
     (lambda p: None, ["eval", "{p}/none.jsonl", "--mode", "closed"], "no such eval file"),
     (lambda p: None, ["ask", "  "], "question is empty"),
     (lambda p: None, ["forget"], "say what to forget"),
+    (lambda p: None, ["forget", "9999"], "no memory matches id(s) 9999"),
+    (lambda p: None, ["forget", "--source", "{p}/never-learned.txt"], "no memory matches source"),
     (lambda p: None, ["ask", "hi", "--max-new-tokens", "0"], "must be > 0"),
     (lambda p: None, ["learn", "--text", "x", "-n", ""], "invalid namespace"),
 ])
@@ -131,3 +133,15 @@ def test_help_lists_commands():
     out = mllm("--help").stdout
     for cmd in ("learn", "ask", "search", "forget", "stats", "eval"):
         assert cmd in out
+
+
+def test_doctor_finds_and_repairs_a_broken_index(tmp_path):
+    assert mllm("learn", "--text", "Owls hunt at night in the forest.").exit_code == 0
+    healthy = json.loads(mllm("doctor", "--json").stdout)
+    assert healthy["healthy"] and {c["check"] for c in healthy["checks"]} == {"sqlite", "fts", "embeddings", "index"}
+    (tmp_path / "home" / "index" / "vectors.faiss").write_bytes(b"junk")
+    broken = mllm("doctor")
+    assert broken.exit_code == 1 and "FAIL  index" in broken.stdout and "--repair" in broken.stdout
+    fixed = mllm("doctor", "--repair")
+    assert fixed.exit_code == 0 and "repaired: rebuilt the vector index" in fixed.stdout
+    assert json.loads(mllm("doctor", "--json").stdout)["healthy"] and stored() == 1

@@ -377,10 +377,54 @@ class Store:
             rows = self.db.execute(sql, [namespace] if namespace is not None else []).fetchall()
         return [dict(r) for r in rows]
 
+    # ---- health -------------------------------------------------------------------------------------
+    def check(self) -> list[dict]:
+        """Health checks: SQLite integrity, FTS5 agreement, embedding sizes, index/SQLite agreement."""
+        results = []
+        with self._lock:
+            rows = [r[0] for r in self.db.execute("PRAGMA integrity_check").fetchall()]
+            results.append(_check("sqlite", rows == ["ok"], "integrity ok" if rows == ["ok"] else "; ".join(rows[:3])))
+            try:
+                self.db.execute("INSERT INTO memories_fts(memories_fts, rank) VALUES ('integrity-check', 1)")
+                results.append(_check("fts", True, "full-text index agrees with memories"))
+            except sqlite3.DatabaseError as exc:
+                results.append(_check("fts", False, f"full-text index disagrees with memories ({exc})", True))
+            dim = int(self.meta("dim") or 0)
+            bad = self.db.execute("SELECT count(*) FROM memories WHERE length(embedding) != ?", (dim * 4,)).fetchone()[0]
+            results.append(_check("embeddings", bad == 0, f"{bad} embedding(s) of the wrong size" if bad
+                                  else f"all embeddings have dim {dim}"))
+            expected = self._sqlite_fingerprint()
+        if not dim:
+            results.append(_check("index", True, "empty home, no index yet"))
+            return results
+        try:
+            on_disk = FaissIndex.load(self.index_path, ef_search=self.ef_search)
+            agrees = on_disk.fingerprint() == expected
+            results.append(_check("index", agrees, f"{len(on_disk)} vectors agree with SQLite" if agrees
+                                  else f"index holds {len(on_disk)} vectors, SQLite {expected[0]} memories", True))
+        except (RuntimeError, OSError):
+            results.append(_check("index", False, f"{self.index_path} is missing or unreadable", True))
+        return results
+
+    def repair(self) -> list[str]:
+        """Repair what can be repaired from SQLite: the FTS5 table and the vector index."""
+        done = []
+        with self.write() as db:
+            db.execute("INSERT INTO memories_fts(memories_fts) VALUES ('rebuild')")
+        done.append("rebuilt the full-text index from memories")
+        if self.meta("dim"):
+            index = self.rebuild_index()
+            done.append(f"rebuilt the vector index from SQLite ({len(index)} vectors)")
+        return done
+
     def close(self) -> None:
         with self._lock:
             self.flush()
             self.db.close()
+
+
+def _check(name: str, ok: bool, detail: str, repairable: bool = False) -> dict:
+    return {"check": name, "ok": ok, "detail": detail, "repairable": repairable and not ok}
 
 
 def _forget_filter(ids: Sequence[int], source: str | None, namespace: str | None,
