@@ -53,10 +53,12 @@ class Answer:
     model: str
     namespace: str
     used_memory: bool
+    adapter: str | None = None
 
     def as_dict(self) -> dict:
         return {"answer": self.text, "question": self.question, "namespace": self.namespace,
-                "model": self.model, "used_memory": self.used_memory,
+                "model": self.model, "adapter": self.adapter, "used_memory": self.used_memory,
+                "retrieved_ids": [h.memory.id for h in self.sources],
                 "sources": [{"n": i, **h.as_dict()} for i, h in enumerate(self.sources, 1)],
                 "timings": {k: round(v, 4) for k, v in self.timings.items()}}
 
@@ -88,13 +90,17 @@ class MemoryLLM:
     """
 
     def __init__(self, home: str | Path | None = None, settings: Settings | None = None, *, embedder=None,
-                 generator=None, **overrides):
+                 generator=None, use_adapter: bool = True, **overrides):
         if settings is None:
             settings = Settings.load(home, **overrides)
         elif home is not None or overrides:
             settings = Settings(**{**settings.__dict__, **overrides, **({"home": home} if home else {})})
         self.settings = settings
         self._embedder, self._generator = embedder, generator
+        self._injected_generator = generator
+        self.use_adapter = use_adapter
+        self.adapter_version: str | None = None
+        self._adapter_attached = False
         self._store: Store | None = None
         self._lock = threading.RLock()
 
@@ -125,7 +131,54 @@ class MemoryLLM:
 
                 s = self.settings
                 self._generator = Generator.load(s.model, s.cache_dir, s.device, s.dtype)
+            if self.use_adapter and not self._adapter_attached:
+                self._attach_current_adapter()
             return self._generator
+
+    def new_generator(self):
+        """A separate base model (no adapter) for consolidation, leaving the serving one untouched."""
+        import copy
+
+        from memory_llm.generate import Generator
+
+        if self._injected_generator is not None:
+            g = self._injected_generator
+            model = copy.deepcopy(g.model)
+            model = model.unload() if hasattr(model, "unload") else model
+            return Generator(model, g.tokenizer, g.name)
+        s = self.settings
+        return Generator.load(s.model, s.cache_dir, s.device, s.dtype)
+
+    def _attach_current_adapter(self) -> None:
+        """Serve the promoted adapter (if any) on top of the base model; it records the base it was made for."""
+        from memory_llm.consolidate.adapters import AdapterRegistry
+
+        self._adapter_attached = True
+        registry = AdapterRegistry(self.settings.home)
+        current = registry.current()
+        if current is None:
+            return
+        registry.check_base(current, self.settings.model)
+        from peft import PeftModel
+
+        gen = self._generator
+        base = gen.model.get_base_model() if hasattr(gen.model, "get_base_model") else gen.model
+        gen.model = PeftModel.from_pretrained(base, str(current.path)).eval()
+        self.adapter_version = current.name
+
+    def reload_adapter(self) -> None:
+        """Pick up a newly promoted (or rolled back) adapter in a running instance."""
+        with self._lock:
+            if self._generator is not None and hasattr(self._generator.model, "unload"):
+                self._generator.model = self._generator.model.unload()
+            self._adapter_attached, self.adapter_version = False, None
+
+    def _base_context(self):
+        """Run the generator as the base model (no adapter) inside this context."""
+        from contextlib import nullcontext
+
+        model = self.generator.model
+        return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
 
     def _bind_embedder(self) -> None:
         self.store.check_embedder(self.embedder.name, self.embedder.dim)
@@ -294,7 +347,8 @@ class MemoryLLM:
         def finish(text: str, first: float | None) -> Answer:
             end = time.perf_counter()
             timings.update(generate=end - t_gen, first_token=(first or end) - t0, total=end - t0)
-            return Answer(text.strip(), question, hits, timings, self.settings.model, namespace, use_memory)
+            return Answer(text.strip(), question, hits, timings, self.settings.model, namespace, use_memory,
+                          self.adapter_version)
 
         return AnswerStream(self.generator.stream(ids, max_new), finish)
 
@@ -332,15 +386,18 @@ class MemoryLLM:
         from memory_llm.retrieve import pack
 
         if mode not in ev.MODES:
-            raise InputError(f"mode must be one of {', '.join(ev.MODES)}, not {mode!r}"
-                             " (closed and hybrid arrive with consolidation)")
+            raise InputError(f"mode must be one of {', '.join(ev.MODES)}, not {mode!r}")
         probes = ev.load_probes(Path(path))[:limit]
         gen = self.generator
+        retrieval = mode in ("rag", "hybrid")
+        adapted = mode in ("closed", "hybrid")
+        if adapted and self.adapter_version is None:
+            raise InputError(f"mode {mode} needs a consolidated adapter: run `mllm consolidate` first")
         start = time.perf_counter()
 
         def prompt_ids(p: ev.Probe) -> list[int]:
             context = []
-            if mode == "rag":
+            if retrieval:
                 hits = pack(self.search(p.input, k, namespace), gen.count_tokens, self.settings.context_tokens)
                 context = [h.memory.text for h in hits]
             if p.kind == "qa":
@@ -348,11 +405,31 @@ class MemoryLLM:
             text = ("\n\n".join(context) + "\n\n" + p.input) if context else p.input
             return gen.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-        outputs = ev.run(probes, prompt_ids, gen.generate_batch, progress=progress)
+        from contextlib import nullcontext
+
+        with (nullcontext() if adapted else self._base_context()):
+            outputs = ev.run(probes, prompt_ids, gen.generate_batch, progress=progress)
         result = ev.score(probes, outputs, mode)
+        result["adapter"] = self.adapter_version if adapted else None
         result["seconds"] = round(time.perf_counter() - start, 2)
         result["model"] = self.settings.model
         return result
+
+    # ---- consolidation -------------------------------------------------------------------------------
+    def consolidate(self, *, max_minutes: float | None = None, dry_run: bool = False, full: bool = False,
+                    namespace: str | None = None, recipe=None, floors=None, progress=None):
+        """Distil memories into a LoRA adapter (see memory_llm.consolidate.run). Returns a Summary."""
+        from memory_llm.consolidate.run import consolidate
+
+        return consolidate(self, max_minutes=max_minutes, dry_run=dry_run, full=full, namespace=namespace,
+                           recipe=recipe, floors=floors, progress=progress)
+
+    @property
+    def adapters(self):
+        """The adapter registry: versions, current, rollback."""
+        from memory_llm.consolidate.adapters import AdapterRegistry
+
+        return AdapterRegistry(self.settings.home)
 
     def close(self) -> None:
         if self._store is not None:

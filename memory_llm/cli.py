@@ -181,6 +181,7 @@ def ask(
     question: str = typer.Argument(..., help="The question."),
     k: Optional[int] = typer.Option(None, "-k", help="Memories to retrieve (default 4).", show_default=False),
     no_memory: bool = typer.Option(False, "--no-memory", help="Closed-book: answer without retrieval."),
+    no_adapter: bool = typer.Option(False, "--no-adapter", help="Do not use the consolidated adapter."),
     namespace: str = NAMESPACE,
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Longest answer (default 200).",
                                                  show_default=False),
@@ -193,7 +194,7 @@ def ask(
     with handled():
         if max_new_tokens is not None and max_new_tokens <= 0:
             raise MemoryLLMError(f"--max-new-tokens must be > 0, not {max_new_tokens}")
-        m = _mllm(home, model=model, embedder=embedder)
+        m = _mllm(home, model=model, embedder=embedder, use_adapter=not no_adapter)
         stream = m.ask_stream(question, k=k, namespace=namespace, use_memory=not no_memory,
                               max_new_tokens=max_new_tokens)
         for piece in stream:
@@ -303,7 +304,8 @@ def doctor(repair: bool = typer.Option(False, "--repair", help="Rebuild what can
 @app.command(name="eval")
 def eval_(
     file: Path = typer.Argument(..., help="JSON Lines probe file (see design.md)."),
-    mode: str = typer.Option("rag", "--mode", help="base (no memory) or rag (retrieval)."),
+    mode: str = typer.Option("rag", "--mode", help="base (nothing), rag (retrieval), closed (adapter only) or"
+                                                    " hybrid (adapter + retrieval)."),
     k: Optional[int] = typer.Option(None, "-k", help="Memories to retrieve in rag mode.", show_default=False),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N probes.", show_default=False),
     namespace: str = NAMESPACE,
@@ -328,6 +330,98 @@ def eval_(
                    f" ({result['seconds']:.0f} s)")
         for tag, acc in result["by_tag"].items():
             typer.echo(f"  {tag:12s} {acc:.3f}  (n={result['by_tag_n'][tag]})")
+
+
+@app.command()
+def consolidate(
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Time budget; stops cleanly, keeps"
+                                                " finished work, never half-promotes.", show_default=False),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be trained."),
+    full: bool = typer.Option(False, "--full", help="Rebuild the adapter from all memories."),
+    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Only this namespace's new memories.",
+                                            show_default=False),
+    home: Optional[Path] = HOME,
+    as_json: bool = JSON,
+) -> None:
+    """Distil new memories into the model's weights (a LoRA adapter), gated and versioned.
+
+    Exit codes: 0 promoted / nothing new / dry run; 3 candidate rejected by the gate (current adapter kept);
+    4 time budget reached (partial work kept); 75 another consolidation is running; 1 error.
+    """
+    with handled():
+        from memory_llm.consolidate.run import EXIT_LOCKED, ConsolidationLocked
+
+        m = _mllm(home)
+        try:
+            with _progress(as_json) as progress:
+                summary = m.consolidate(max_minutes=max_minutes, dry_run=dry_run, full=full, namespace=namespace,
+                                        progress=progress)
+        except ConsolidationLocked as exc:
+            _stderr(f"Error: {exc}")
+            raise typer.Exit(EXIT_LOCKED)
+        if as_json:
+            _print_json(summary.as_dict())
+        else:
+            typer.echo(summary.message[:1].upper() + summary.message[1:] + ".")
+            if summary.training:
+                t = summary.training
+                typer.echo(f"  memories {summary.memories}, items {summary.items}, steps {t['steps']}, "
+                           f"{t['tokens_per_s']} tokens/s, loss {t['loss_first']} → {t['loss_last']}")
+            for k, v in (summary.metrics or {}).items():
+                cur = (summary.current_metrics or {}).get(k)
+                typer.echo(f"  {k:22s} {v}" + (f"   (current {cur})" if cur is not None else ""))
+            for r in summary.reasons:
+                typer.echo(f"  {r}")
+            typer.echo(f"  {summary.seconds:.0f} s")
+        raise typer.Exit(summary.exit_code)
+
+
+adapters_app = typer.Typer(help="Consolidated adapter versions: list, show, rollback.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+
+
+@adapters_app.command("list")
+def adapters_list(home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
+    """List adapter versions; * marks the current one."""
+    with handled():
+        reg = _mllm(home).adapters
+        current = reg.current_name()
+        rows = [{"version": v.name, "current": v.name == current, "memories": len(v.manifest.get("memories", [])),
+                 "base_model": v.manifest.get("base_model"), "metrics": v.manifest.get("metrics", {})}
+                for v in reg.versions()]
+        if as_json:
+            _print_json({"current": current, "versions": rows, "broken": reg.problems()})
+            return
+        if not rows:
+            typer.echo("No adapters yet (run `mllm consolidate`).")
+        for r in rows:
+            met = r["metrics"]
+            typer.echo(f"{'*' if r['current'] else ' '} {r['version']}  {r['memories']} memories  "
+                       f"reliability {met.get('reliability')}  locality {met.get('locality')}")
+        for p in reg.problems():
+            _stderr(f"broken: {p}")
+
+
+@adapters_app.command("show")
+def adapters_show(version: Optional[str] = typer.Argument(None, help="Version (default: current)."),
+                  home: Optional[Path] = HOME) -> None:
+    """Print a version's manifest (JSON)."""
+    with handled():
+        reg = _mllm(home).adapters
+        name = version or reg.current_name()
+        if not name:
+            raise MemoryLLMError("no current adapter; name a version")
+        _print_json(reg.get(name).manifest)
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(to: Optional[str] = typer.Option(None, "--to", help="Make this version current.",
+                                                       show_default=False),
+                      home: Optional[Path] = HOME) -> None:
+    """Make the previous intact version (or --to VERSION) current; with none left, serve the base model."""
+    with handled():
+        v = _mllm(home).adapters.rollback(to)
+        typer.echo(f"Current adapter: {v.name}." if v else "No adapter is current now; the base model answers.")
 
 
 def main() -> None:

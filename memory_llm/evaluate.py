@@ -13,7 +13,7 @@ from memory_llm.errors import EvalFormatError
 logger = logging.getLogger(__name__)
 
 KINDS = ("qa", "cloze")
-MODES = ("base", "rag")  # "closed" and "hybrid" arrive with consolidation
+MODES = ("base", "rag", "closed", "hybrid")  # closed/hybrid use the consolidated adapter
 
 
 @dataclass

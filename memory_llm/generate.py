@@ -86,8 +86,9 @@ class Generator:
                                       **self._gen_kwargs(max_new_tokens, temperature))
         return self.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
 
-    def generate_batch(self, prompts: list, max_new_tokens: int = 12) -> list[str]:
-        """Greedy continuations of several prompts (lists of token ids) at once, left-padded."""
+    def generate_batch(self, prompts: list, max_new_tokens: int = 12, temperature: float = 0.0) -> list[str]:
+        """Continuations of several prompts (lists of token ids) at once, left-padded; greedy unless a
+        temperature is given."""
         import torch
 
         if not prompts:
@@ -101,7 +102,7 @@ class Generator:
             mask[i, width - len(p):] = 1
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                      **self._gen_kwargs(max_new_tokens, 0.0))
+                                      **self._gen_kwargs(max_new_tokens, temperature))
         return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
     def stream(self, input_ids, max_new_tokens: int = 200, temperature: float = 0.0) -> Iterator[str]:

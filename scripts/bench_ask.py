@@ -74,7 +74,8 @@ def run_cli(home: Path, args, as_json: bool) -> dict:
     out = b"".join(chunks).decode(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {err[-2000:]}")
-    res = {"wall": wall, "first_byte": first, "rss_mb": usage.ru_maxrss / 1024, "stdout": out}
+    res = {"wall": wall, "first_byte": first, "rss_mb": usage.ru_maxrss / 1024, "stdout": out,
+           "cpu": usage.ru_utime + usage.ru_stime}
     if as_json:
         res["timings"] = json.loads(out)["timings"]
     return res
@@ -248,6 +249,8 @@ def main() -> None:
             ["plain: wall to first stdout byte (from Popen)", med(plain, "first_byte"),
              " / ".join(f"{x['first_byte']:.2f}" for x in plain)],
             ["plain: wall to exit", med(plain, "wall"), " / ".join(f"{x['wall']:.2f}" for x in plain)],
+            ["plain: CPU time of the process (user+sys, all threads)", med(plain, "cpu"),
+             " / ".join(f"{x['cpu']:.2f}" for x in plain)],
             ["--json: first_token (from start of retrieval)", tm("first_token"),
              " / ".join(f"{x['timings']['first_token']:.2f}" for x in js)],
             ["--json: retrieve (includes embedder load)", tm("retrieve"), ""],

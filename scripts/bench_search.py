@@ -85,23 +85,28 @@ def _norm(x: np.ndarray) -> np.ndarray:
 
 # ---- measurement ----------------------------------------------------------------------------------------
 def interleaved(methods: dict, queries: np.ndarray, warmup: int = 20) -> dict:
-    """methods: name -> (setup, search). For each query, every method in turn: setup() (untimed, e.g. set
-    efSearch), then search(q) timed. Interleaving makes the comparison robust to machine noise drifting.
-    Returns name -> (per-query ms list, list of returned ids)."""
-    out = {name: ([], []) for name in methods}
-    for i, q in enumerate(queries[:warmup]):
+    """methods: name -> (setup, search). Step i runs every method in turn, method j on query (i + j*shift) % nq,
+    so the methods are interleaved in time (machine noise hits them alike) but never run the same query back to
+    back (which would find the same graph nodes hot in cache). setup() is untimed (e.g. set efSearch).
+    Returns name -> (per-query ms list, ids per query in query order)."""
+    nq, names = len(queries), list(methods)
+    shift = max(1, nq // max(1, len(names)))
+    times = {name: [] for name in names}
+    ids = {name: [None] * nq for name in names}
+    for q in queries[:warmup]:
         for setup, search in methods.values():
             setup()
             search(q)
-    for q in queries:
-        for name, (setup, search) in methods.items():
+    for i in range(nq):
+        for j, name in enumerate(names):
+            setup, search = methods[name]
+            qi = (i + j * shift) % nq
             setup()
             t = time.perf_counter_ns()
-            ids = search(q)
-            dt = (time.perf_counter_ns() - t) / 1e6
-            out[name][0].append(dt)
-            out[name][1].append(ids)
-    return out
+            res = search(queries[qi])
+            times[name].append((time.perf_counter_ns() - t) / 1e6)
+            ids[name][qi] = res
+    return {name: (times[name], ids[name]) for name in names}
 
 
 def recall(results: list[np.ndarray], truth: np.ndarray) -> float:
@@ -159,6 +164,34 @@ def report(out: list[dict], res: dict, truth: np.ndarray, n: int, meta: dict) ->
         log(f"  {label} [{params}]: p50 {r['p50_ms']:.3f} ms p95 {r['p95_ms']:.3f} ms recall {r['recall@10']:.4f}")
 
 
+def raw_saver(index):
+    return lambda path: faiss.write_index(index, str(path))
+
+
+def raw_loader(path):
+    return faiss.read_index(str(path))
+
+
+def cached(args, key: str, build, saver, loader):
+    """Build an index (timed), or load it from --cache with the build time measured when it was built."""
+    if args.cache:
+        d = Path(args.cache)
+        path, info = d / f"{key}.faiss", d / f"{key}.json"
+        if path.exists() and info.exists() and not args.rebuild:
+            t = time.perf_counter()
+            index = loader(path)
+            log(f"  loaded {key} from the cache in {time.perf_counter() - t:.1f} s")
+            return index, json.loads(info.read_text())["build_s"]
+    t = time.perf_counter()
+    index = build()
+    b = time.perf_counter() - t
+    if args.cache:
+        d.mkdir(parents=True, exist_ok=True)
+        saver(index)(path)
+        info.write_text(json.dumps({"build_s": b, "date": today(), "load": os.getloadavg()[0]}))
+    return index, b
+
+
 def bench_size(n: int, args, mix: Mixture, out: list[dict]) -> None:
     log(f"n={n:,}: generating data")
     data = mix.sample(n, seed=1000 + n)
@@ -174,11 +207,19 @@ def bench_size(n: int, args, mix: Mixture, out: list[dict]) -> None:
     _, truth = flat.search(queries, K)
 
     # the library's choice
-    t = time.perf_counter()
-    lib = open_index(DIM, n, EXACT_MAX)
-    for s in range(0, n, 20_000):  # as Store.rebuild_index feeds it
-        lib.add(ids[s:s + 20_000], data[s:s + 20_000])
-    lib_build = time.perf_counter() - t
+    def build_lib():
+        lib = open_index(DIM, n, EXACT_MAX)
+        for s in range(0, n, 20_000):  # as Store.rebuild_index feeds it
+            lib.add(ids[s:s + 20_000], data[s:s + 20_000])
+        return lib
+
+    if n > EXACT_MAX:
+        lib, lib_build = cached(args, f"lib-n{n}-c{args.centres}", build_lib, lambda ix: ix.save,
+                                lambda path: FaissIndex.load(path, ef_search=LIB_EFS))
+    else:
+        t = time.perf_counter()
+        lib = build_lib()
+        lib_build = time.perf_counter() - t
     log(f"  lib {lib.kind} built in {lib_build:.1f} s")
     lib_params = "IDMap2(FlatIP)" if lib.kind == "flat" else f"IDMap2(HNSW M={LIB_M} efC={LIB_EFC} efS={LIB_EFS})"
     lib_search = (nothing, lambda q: lib.search(q, K)[0] - 1)
@@ -226,11 +267,14 @@ def bench_size(n: int, args, mix: Mixture, out: list[dict]) -> None:
     if args.alternatives and n >= args.alternatives_min:
         for m_, efc in args.hnsw_alt:
             build_threads()
-            t = time.perf_counter()
-            alt = faiss.IndexHNSWFlat(DIM, m_, faiss.METRIC_INNER_PRODUCT)
-            alt.hnsw.efConstruction = efc
-            alt.add(data)
-            b = time.perf_counter() - t
+
+            def build_alt():
+                alt = faiss.IndexHNSWFlat(DIM, m_, faiss.METRIC_INNER_PRODUCT)
+                alt.hnsw.efConstruction = efc
+                alt.add(data)
+                return alt
+
+            alt, b = cached(args, f"hnsw-n{n}-c{args.centres}-M{m_}-efc{efc}", build_alt, raw_saver, raw_loader)
             log(f"  alt hnsw M={m_} efC={efc} built in {b:.1f} s")
             search_threads()
             methods = {f"ef{ef}": (set_ef(alt, ef), raw_search(alt)) for ef in args.alt_ef}
@@ -240,19 +284,25 @@ def bench_size(n: int, args, mix: Mixture, out: list[dict]) -> None:
             gc.collect()
         nlist = args.nlist or int(4 * np.sqrt(n))
         build_threads()
-        t = time.perf_counter()
-        quant = faiss.IndexFlatIP(DIM)
-        ivf = faiss.IndexIVFFlat(quant, DIM, nlist, faiss.METRIC_INNER_PRODUCT)
-        train = data[np.random.default_rng(3).choice(n, min(n, 32 * nlist), replace=False)]
-        ivf.train(train)
-        ivf.add(data)
-        b = time.perf_counter() - t
+
+        def build_ivf():
+            quant = faiss.IndexFlatIP(DIM)
+            ivf = faiss.IndexIVFFlat(quant, DIM, nlist, faiss.METRIC_INNER_PRODUCT)
+            ivf.own_fields = True
+            quant.this.disown()
+            train = data[np.random.default_rng(3).choice(n, min(n, 32 * nlist), replace=False)]
+            ivf.train(train)
+            ivf.add(data)
+            return ivf
+
+        ivf, b = cached(args, f"ivf-n{n}-c{args.centres}-nlist{nlist}", build_ivf, raw_saver,
+                        lambda p_: faiss.extract_index_ivf(faiss.read_index(p_)))
         log(f"  ivf nlist={nlist} built in {b:.1f} s")
         search_threads()
         methods = {f"np{p_}": (set_nprobe(ivf, p_), raw_search(ivf)) for p_ in args.nprobe}
         meta = {f"np{p_}": ("faiss-ivfflat", f"nlist={nlist} nprobe={p_}", b) for p_ in args.nprobe}
         report(out, interleaved(methods, queries), truth, n, meta)
-        del ivf, quant
+        del ivf
         gc.collect()
 
     # the full Store.dense path
@@ -295,6 +345,21 @@ def bench_store(n: int, data, queries, truth, lib: FaissIndex, args, out: list[d
         if lib_search is not None:
             methods["lib"] = (nothing, lib_search)
         report(out, interleaved(methods, queries), truth, n, meta)
+        if n <= args.relearn_max:
+            # re-learn one changed source (same uri, 10 chunks): what `mllm learn` does for an edited file
+            build_threads()
+            t = time.perf_counter()
+            chunks = [NewChunk(j, f"edited memory {j}", f"e{j}", data[j]) for j in range(10)]
+            store.replace_source("default", "synthetic:0", "edited", chunks)
+            w = time.perf_counter() - t
+            store.dense(queries[0], K)
+            total = time.perf_counter() - t
+            search_threads()
+            log(f"  re-learn one source: replace_source {w:.3f} s, + next Store.dense {total:.3f} s")
+            out.append({"n": n, "method": f"Store: re-learn 1 source ({index.kind})", "params":
+                        "replace_source of a 10-chunk source + the next Store.dense (which rebuilds HNSW)",
+                        "p50_ms": 1000 * total, "p95_ms": float("nan"), "recall@10": float("nan"),
+                        "build_s": total})
         store.close()
 
 
@@ -308,6 +373,8 @@ def main() -> None:
     p.add_argument("--store-sizes", default="10000,100000", help="sizes that also run the Store.dense path")
     p.add_argument("--store-rebuild-max", type=int, default=200_000,
                    help="above this the store loads the lib index from disk instead of rebuilding it")
+    p.add_argument("--relearn-max", type=int, default=200_000,
+                   help="up to this size also time re-learning one source in the store (an HNSW rebuild)")
     p.add_argument("--ef-sweep", default="16,32,64,128,256")
     p.add_argument("--alternatives", action="store_true", help="also build cheaper HNSW and IVF at large n")
     p.add_argument("--alternatives-min", type=int, default=1_000_000)
@@ -316,6 +383,9 @@ def main() -> None:
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (default 4*sqrt(n))")
     p.add_argument("--nprobe", default="8,16,32,64,128")
     p.add_argument("--build-threads", type=int, default=None)
+    p.add_argument("--cache", default="/tmp/bench_search_cache",
+                   help="keep built ANN indexes here (with their build times) so reruns skip the builds; '' = off")
+    p.add_argument("--rebuild", action="store_true", help="ignore the cache (rebuild and re-time)")
     p.add_argument("--tmp", default=None, help="directory for the temporary store homes")
     p.add_argument("--json", default="/tmp/bench_search.json", help="raw results")
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
@@ -361,7 +431,8 @@ def main() -> None:
 
 
 def render(meta: dict, out: list[dict]) -> str:
-    rows = [[f"{r['n']:,}", r["method"], r["params"], r["p50_ms"], r["p95_ms"], f"{r['recall@10']:.4f}",
+    rows = [[f"{r['n']:,}", r["method"], r["params"], r["p50_ms"], r["p95_ms"],
+             "" if r["recall@10"] != r["recall@10"] else f"{r['recall@10']:.4f}",
              "" if r["build_s"] is None else f"{r['build_s']:.1f}"] for r in out]
     lines = []
     for n in sorted({r["n"] for r in out}):

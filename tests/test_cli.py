@@ -96,7 +96,8 @@ def test_bad_input_is_one_line_exit_1_and_keeps_memories(tmp_path, setup, args, 
 def test_bad_eval_mode_is_refused(tmp_path):
     path = tmp_path / "e.jsonl"
     path.write_text('{"id": "a", "input": "x", "answers": [["y"]]}\n')
-    assert_clean_error(mllm("eval", str(path), "--mode", "closed"), "closed and hybrid arrive")
+    assert_clean_error(mllm("eval", str(path), "--mode", "closed"), "needs a consolidated adapter")
+    assert_clean_error(mllm("eval", str(path), "--mode", "sideways"), "mode must be one of")
 
 
 def test_corrupted_index_is_rebuilt_transparently(tmp_path):

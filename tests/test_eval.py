@@ -62,5 +62,5 @@ def test_evaluate_base_and_rag_with_tiny_model(mem, tmp_path):
         result = mem.evaluate(path, mode)
         assert result["mode"] == mode and result["n"] == 2 and set(result["by_tag"]) == {"mem", "gen"}
         assert len(result["probes"]) == 2 and all(isinstance(p["output"], str) for p in result["probes"])
-    with pytest.raises(Exception, match="closed and hybrid arrive"):
+    with pytest.raises(Exception, match="needs a consolidated adapter"):
         mem.evaluate(path, "closed")

@@ -62,4 +62,30 @@ def m001_initial(db: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m002_consolidation(db: sqlite3.Connection) -> None:
+    run_script(
+        db,
+        """
+        CREATE TABLE training_items (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            memory_id INTEGER NOT NULL REFERENCES memories(id) ON DELETE CASCADE,
+            namespace TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            answer TEXT NOT NULL,
+            held_out INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX training_items_memory ON training_items(memory_id);
+        CREATE TABLE ledger (
+            memory_id INTEGER NOT NULL,
+            adapter_version TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (memory_id, adapter_version)
+        );
+        """,
+    )
+
+
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -377,6 +377,60 @@ class Store:
             rows = self.db.execute(sql, [namespace] if namespace is not None else []).fetchall()
         return [dict(r) for r in rows]
 
+    # ---- consolidation: training items and the ledger ----------------------------------------------
+    def memory_ids(self, namespace: str | None = None) -> list[int]:
+        sql = "SELECT id FROM memories" + (" WHERE namespace = ?" if namespace is not None else "") + " ORDER BY id"
+        with self._lock:
+            return [r[0] for r in self.db.execute(sql, [namespace] if namespace is not None else [])]
+
+    def add_items(self, memory_id: int, namespace: str, items) -> None:
+        """Store one memory's synthesized items in one transaction (a killed run keeps finished memories)."""
+        now = time.time()
+        with self.write() as db:
+            if db.execute("SELECT 1 FROM memories WHERE id = ?", (memory_id,)).fetchone() is None:
+                return  # forgotten meanwhile
+            db.execute("DELETE FROM training_items WHERE memory_id = ?", (memory_id,))
+            for it in items:
+                cur = db.execute("INSERT INTO training_items (memory_id, namespace, kind, prompt, answer, held_out,"
+                                 " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 (memory_id, namespace, it.kind, it.prompt, it.answer, int(it.held_out), now))
+                it.id = cur.lastrowid
+
+    def items(self, memory_ids) -> list:
+        from memory_llm.consolidate.synth import Item
+
+        out = []
+        ids = list(memory_ids)
+        with self._lock:
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                rows = self.db.execute(
+                    "SELECT id, memory_id, kind, prompt, answer, held_out FROM training_items"
+                    f" WHERE memory_id IN ({','.join('?' * len(part))}) ORDER BY id", part).fetchall()
+                out += [Item(r[1], r[2], r[3], r[4], bool(r[5]), r[0]) for r in rows]
+        return out
+
+    def memories_with_items(self, memory_ids) -> set[int]:
+        ids = list(memory_ids)
+        found: set[int] = set()
+        with self._lock:
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                found.update(r[0] for r in self.db.execute(
+                    f"SELECT DISTINCT memory_id FROM training_items WHERE memory_id IN ({','.join('?' * len(part))})",
+                    part))
+        return found
+
+    def record_ledger(self, version: str, memory_ids) -> None:
+        now = time.time()
+        with self.write() as db:
+            db.executemany("INSERT OR IGNORE INTO ledger VALUES (?, ?, ?)", [(int(i), version, now) for i in memory_ids])
+
+    def ledger(self, version: str | None = None) -> list[tuple[int, str]]:
+        sql = "SELECT memory_id, adapter_version FROM ledger" + (" WHERE adapter_version = ?" if version else "")
+        with self._lock:
+            return [tuple(r) for r in self.db.execute(sql + " ORDER BY memory_id", [version] if version else [])]
+
     # ---- health -------------------------------------------------------------------------------------
     def check(self) -> list[dict]:
         """Health checks: SQLite integrity, FTS5 agreement, embedding sizes, index/SQLite agreement."""

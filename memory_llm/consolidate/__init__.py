@@ -1,0 +1,1 @@
+"""Consolidation: distil memories into LoRA adapters — synthesize → train → evaluate → gate → promote."""

@@ -1,0 +1,160 @@
+"""Adapter versions on disk: adapters/vNNNN/ (peft save_pretrained + manifest.json) and adapters/current.
+
+A version directory is written under a temporary name and renamed into place when complete; `current` is a
+small file replaced atomically. A directory without a readable manifest and weights is never promoted or
+loaded; rollback names an earlier intact version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from memory_llm.errors import InputError, ModelError, StoreError
+
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_VERSION = re.compile(r"^v(\d{4,})$")
+
+
+@dataclass
+class AdapterVersion:
+    name: str
+    path: Path
+    manifest: dict
+
+    @property
+    def number(self) -> int:
+        return int(self.name[1:])
+
+
+class AdapterRegistry:
+    def __init__(self, home: Path):
+        self.root = Path(home) / "adapters"
+
+    # ---- reading ------------------------------------------------------------------------------------
+    def versions(self) -> list[AdapterVersion]:
+        """Every intact version, oldest first (broken directories are skipped; see `problems`)."""
+        out = []
+        if self.root.is_dir():
+            for p in sorted(self.root.iterdir()):
+                if _VERSION.match(p.name) and p.is_dir():
+                    try:
+                        out.append(self._read(p))
+                    except StoreError:
+                        continue
+        return sorted(out, key=lambda v: v.number)
+
+    def problems(self) -> list[str]:
+        """One line per broken version directory (missing manifest or weights, unreadable manifest)."""
+        bad = []
+        if self.root.is_dir():
+            for p in sorted(self.root.iterdir()):
+                if _VERSION.match(p.name) and p.is_dir():
+                    try:
+                        self._read(p)
+                    except StoreError as exc:
+                        bad.append(str(exc))
+        return bad
+
+    def _read(self, path: Path) -> AdapterVersion:
+        try:
+            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"adapter {path.name} is broken: manifest unreadable ({type(exc).__name__})") from None
+        if not isinstance(manifest, dict) or "base_model" not in manifest:
+            raise StoreError(f"adapter {path.name} is broken: manifest lacks base_model")
+        if not (path / "adapter_config.json").exists() or not any((path / w).exists() for w in WEIGHTS):
+            raise StoreError(f"adapter {path.name} is broken: adapter weights missing")
+        return AdapterVersion(path.name, path, manifest)
+
+    def get(self, name: str) -> AdapterVersion:
+        path = self.root / name
+        if not _VERSION.match(name) or not path.is_dir():
+            raise InputError(f"no adapter version {name!r} (see `mllm adapters list`)")
+        return self._read(path)
+
+    def current_name(self) -> str | None:
+        try:
+            name = (self.root / "current").read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
+        return name or None
+
+    def current(self) -> AdapterVersion | None:
+        """The promoted version, or None. A broken current version is a StoreError (rollback fixes it)."""
+        name = self.current_name()
+        if name is None:
+            return None
+        path = self.root / name
+        if not path.is_dir():
+            raise StoreError(f"current adapter {name} is missing; run `mllm adapters rollback`")
+        try:
+            return self._read(path)
+        except StoreError as exc:
+            raise StoreError(f"{exc}; run `mllm adapters rollback`") from None
+
+    def check_base(self, version: AdapterVersion, base_model: str) -> None:
+        if version.manifest.get("base_model") != base_model:
+            raise ModelError(f"adapter {version.name} was made for base model {version.manifest.get('base_model')!r},"
+                             f" not {base_model!r}; use --no-adapter or re-consolidate (mllm consolidate --full)")
+
+    # ---- writing ------------------------------------------------------------------------------------
+    def next_name(self) -> str:
+        numbers = [int(m.group(1)) for p in (self.root.iterdir() if self.root.is_dir() else [])
+                   if (m := _VERSION.match(p.name))]
+        return f"v{max(numbers, default=0) + 1:04d}"
+
+    def staging(self) -> Path:
+        """A fresh temporary directory inside adapters/ for a candidate (renamed into place on commit)."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return Path(tempfile.mkdtemp(prefix=".candidate-", dir=self.root))
+
+    def commit(self, staged: Path, manifest: dict) -> AdapterVersion:
+        """Write the manifest into a staged candidate and rename it to the next version (not yet current)."""
+        manifest = {**manifest, "created_at": time.time()}
+        _write_atomic(staged / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+        name = self.next_name()
+        manifest["version"] = name
+        _write_atomic(staged / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(staged, self.root / name)
+        return self._read(self.root / name)
+
+    def promote(self, name: str) -> None:
+        self.get(name)  # must be intact
+        _write_atomic(self.root / "current", name + "\n")
+
+    def rollback(self, to: str | None = None) -> AdapterVersion | None:
+        """Make an earlier intact version current (the newest intact one older than current), or none."""
+        if to is not None:
+            self.promote(to)
+            return self.get(to)
+        current = self.current_name()
+        number = int(current[1:]) if current and _VERSION.match(current) else 10 ** 9
+        older = [v for v in self.versions() if v.number < number]
+        if not older:
+            _write_atomic(self.root / "current", "")
+            return None
+        self.promote(older[-1].name)
+        return older[-1]
+
+    def discard_staging(self) -> None:
+        """Remove candidates left by a killed run."""
+        if self.root.is_dir():
+            for p in self.root.glob(".candidate-*"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,122 @@
+"""Evaluate a candidate adapter and decide whether to promote it.
+
+reliability: closed-book accuracy on trained items; generalization: on held-out (paraphrased) items;
+locality: teacher-forced agreement with the base model's greedy continuation on held-out generic prompts;
+retention: accuracy on earlier rounds' held-out items, relative to the current adapter.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from memory_llm.consolidate.recipe import student_prompt_ids
+from memory_llm.consolidate.synth import Item
+
+_WORD = re.compile(r"\w+")
+
+
+@dataclass
+class Floors:
+    """What a candidate must reach to be promoted (settings; see design.md)."""
+
+    reliability: float = 0.5
+    locality: float = 0.95
+    retention: float = 0.9  # of the current adapter's value on the same items
+    tolerance: float = 0.02  # allowed drop against the current adapter (locality, generalization)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def item_correct(item: Item, output: str) -> bool:
+    """cloze: the continuation starts with the answer's first words (up to 3, punctuation ignored);
+    qa: at least half of the teacher answer's content words (4+ letters, max 8) appear in the output."""
+    out = [w.lower() for w in _WORD.findall(output)]
+    ans = [w.lower() for w in _WORD.findall(item.answer)]
+    if not ans:
+        return False
+    if item.kind == "cloze":
+        need = ans[:3]
+        return out[:len(need)] == need
+    content = [w for w in dict.fromkeys(ans) if len(w) >= 4][:8] or ans[:3]
+    return sum(w in out for w in content) >= max(1, len(content) / 2)
+
+
+def item_accuracy(generator, items: Sequence[Item], batch_size: int = 8) -> float | None:
+    """Closed-book (no context) greedy accuracy of the generator's current weights on items."""
+    if not items:
+        return None
+    correct = 0
+    for i in range(0, len(items), batch_size):
+        batch = items[i:i + batch_size]
+        prompts = [student_prompt_ids(generator, it) for it in batch]
+        new = 10 if all(it.kind == "cloze" for it in batch) else 48
+        outs = generator.generate_batch(prompts, new)
+        correct += sum(item_correct(it, o) for it, o in zip(batch, outs))
+    return correct / len(items)
+
+
+def locality(generator, prompts: Sequence[str], base_context, tokens: int = 32, strict_tokens: int = 16,
+             batch_size: int = 8) -> dict:
+    """Teacher-forced agreement with the base model on generic prompts.
+
+    base_context: a context manager under which generator.model behaves as the base (peft's
+    disable_adapter()); the current weights are the adapted ones.
+    """
+    import torch
+
+    prompt_ids = [generator.chat_ids([{"role": "user", "content": p}])[0].tolist() for p in prompts]
+    with base_context():
+        base = []
+        for i in range(0, len(prompt_ids), batch_size):
+            base += generator.generate_batch(prompt_ids[i:i + batch_size], tokens)
+    base_ids = [generator.tokenizer(b, add_special_tokens=False)["input_ids"][:tokens] for b in base]
+    agree = total = 0
+    device = generator.device
+    for p, b in zip(prompt_ids, base_ids):
+        if not b:
+            continue
+        ids = torch.as_tensor([p + b], device=device)
+        with torch.inference_mode():
+            pred = generator.model(input_ids=ids).logits[0, len(p) - 1:len(p) + len(b) - 1].argmax(-1).tolist()
+        agree += sum(int(x == y) for x, y in zip(pred, b))
+        total += len(b)
+    strict = 0
+    for i in range(0, len(prompt_ids), batch_size):
+        outs = generator.generate_batch(prompt_ids[i:i + batch_size], strict_tokens)
+        for o, b in zip(outs, base_ids[i:i + batch_size]):
+            o_ids = generator.tokenizer(o, add_special_tokens=False)["input_ids"][:strict_tokens]
+            strict += int(o_ids == b[:strict_tokens])
+    return {"agreement": agree / total if total else 1.0, "strict": strict / len(prompts) if prompts else 1.0}
+
+
+def decide(candidate: dict, current: dict | None, floors: Floors) -> tuple[bool, list[str]]:
+    """Promote or not, and why (one reason per failed rule, or the passed rules)."""
+    reasons, ok = [], True
+
+    def need(cond: bool, text: str) -> None:
+        nonlocal ok
+        ok = ok and cond
+        reasons.append(("ok: " if cond else "failed: ") + text)
+
+    need(candidate["reliability"] is not None and candidate["reliability"] >= floors.reliability,
+         f"reliability {_f(candidate['reliability'])} ≥ floor {floors.reliability}")
+    need(candidate["locality"] >= floors.locality, f"locality {_f(candidate['locality'])} ≥ floor {floors.locality}")
+    if current:
+        if current.get("retention") is not None and candidate.get("retention") is not None:
+            need(candidate["retention"] >= floors.retention * current["retention"] - 1e-9,
+                 f"retention {_f(candidate['retention'])} ≥ {floors.retention} × current {_f(current['retention'])}")
+        need(candidate["locality"] >= current["locality"] - floors.tolerance,
+             f"locality {_f(candidate['locality'])} not below current {_f(current['locality'])} - {floors.tolerance}")
+    return ok, reasons
+
+
+def _f(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def no_context():
+    return nullcontext()

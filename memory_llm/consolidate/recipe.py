@@ -1,0 +1,246 @@
+"""The training recipe: distil the teacher (model WITH the memory in context) into a LoRA student (model
+WITHOUT it), with a locality term that keeps the student close to the base model on generic prompts.
+
+Linear, top to bottom: prepare examples (teacher top-k targets, computed once) → train → return the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+from memory_llm.consolidate.synth import Item
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Recipe:
+    """Hyper-parameters; the defaults are the measured ones (scripts/sweep_consolidation.py, BENCHMARKS.md)."""
+
+    rank: int = 16
+    alpha: int = 32
+    lr: float = 1e-3
+    epochs: int = 4
+    batch_size: int = 8
+    temperature: float = 2.0
+    ce_weight: float = 1.0
+    locality_weight: float = 1.0
+    top_k: int = 32
+    replay_fraction: float = 0.25
+    locality_tokens: int = 32
+    locality_prompts: int = 60  # generic prompts for the locality term (as many more are held out for the gate)
+    rewrites: int = 1  # model rewrites per memory (plus one held out)
+    questions: int = 4  # questions sampled per memory
+    seed: int = 0
+    target_modules: tuple = field(default=LORA_TARGETS)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+@dataclass
+class Example:
+    """One training sequence: ids, the positions whose next token is supervised, and the teacher's top-k."""
+
+    ids: list[int]
+    positions: list[int]  # index i: logits at i predict ids[i + 1]
+    top_idx: object  # LongTensor (len(positions), k)
+    top_p: object  # FloatTensor (len(positions), k), teacher probabilities at the temperature
+    kind: str  # "item" | "locality"
+
+
+def student_prompt_ids(generator, item: Item) -> list[int]:
+    """What the student sees: the bare prompt (cloze: raw text; qa: the question through the chat template)."""
+    if item.kind == "qa":
+        return generator.chat_ids([{"role": "user", "content": item.prompt}])[0].tolist()
+    return generator.tokenizer(item.prompt, add_special_tokens=False)["input_ids"]
+
+
+def teacher_prompt_ids(generator, item: Item, context: str) -> list[int]:
+    """What the teacher sees: the same prompt with the memory chunk in context."""
+    from memory_llm.generate import build_messages
+
+    if item.kind == "qa":
+        return generator.chat_ids(build_messages(item.prompt, [context]))[0].tolist()
+    return generator.tokenizer(context + "\n\n" + item.prompt, add_special_tokens=False)["input_ids"]
+
+
+def answer_ids(generator, item: Item) -> list[int]:
+    tok = generator.tokenizer
+    ids = tok(" " + item.answer if item.kind == "cloze" else item.answer, add_special_tokens=False)["input_ids"]
+    if item.kind == "qa" and tok.eos_token_id is not None:
+        end = tok.convert_tokens_to_ids("<|im_end|>")
+        ids = ids + [end if isinstance(end, int) and end != tok.unk_token_id else tok.eos_token_id]
+    return ids
+
+
+def _top_k_targets(model, sequences: list[list[int]], spans: list[tuple[int, int]], k: int, temperature: float,
+                   batch_size: int = 8):
+    """Teacher top-k probabilities at the positions span=(start, end) of each sequence (one forward each)."""
+    import torch
+
+    out = []
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    results: dict[int, tuple] = {}
+    device = next(model.parameters()).device
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        width = max(len(sequences[i]) for i in idx)
+        ids = torch.zeros((len(idx), width), dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, :len(sequences[i])] = torch.as_tensor(sequences[i])
+            mask[r, :len(sequences[i])] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        for r, i in enumerate(idx):
+            start, end = spans[i]
+            probs = torch.softmax(logits[r, start:end] / temperature, dim=-1)
+            p, j = probs.topk(k, dim=-1)
+            results[i] = (j.cpu(), (p / p.sum(-1, keepdim=True)).cpu())
+    for i in range(len(sequences)):
+        out.append(results[i])
+    return out
+
+
+def prepare_items(generator, items: Sequence[Item], contexts: dict[int, str], recipe: Recipe,
+                  progress: Callable[[int], None] | None = None) -> list[Example]:
+    """Teacher targets for items: the base model with the memory chunk in context, teacher-forced on the answer."""
+    students, teachers, spans, student_pos = [], [], [], []
+    for item in items:
+        s_prompt, t_prompt, ans = student_prompt_ids(generator, item), \
+            teacher_prompt_ids(generator, item, contexts[item.memory_id]), answer_ids(generator, item)
+        students.append(s_prompt + ans)
+        student_pos.append(list(range(len(s_prompt) - 1, len(s_prompt) + len(ans) - 1)))
+        teachers.append(t_prompt + ans)
+        spans.append((len(t_prompt) - 1, len(t_prompt) + len(ans) - 1))
+    targets = _top_k_targets(generator.model, teachers, spans, recipe.top_k, recipe.temperature)
+    if progress:
+        progress(len(items))
+    return [Example(s, pos, j, p, "item") for s, pos, (j, p) in zip(students, student_pos, targets)]
+
+
+def prepare_locality(generator, prompts: Sequence[str], recipe: Recipe) -> list[Example]:
+    """Base-model targets on generic prompts: its greedy continuation, teacher-forced, top-k per position."""
+    conts = generator.generate_batch([generator.chat_ids([{"role": "user", "content": p}])[0].tolist()
+                                      for p in prompts], recipe.locality_tokens)
+    sequences, spans = [], []
+    for p, cont in zip(prompts, conts):
+        prompt = generator.chat_ids([{"role": "user", "content": p}])[0].tolist()
+        cont_ids = generator.tokenizer(cont, add_special_tokens=False)["input_ids"][:recipe.locality_tokens]
+        sequences.append(prompt + cont_ids)
+        spans.append((len(prompt) - 1, len(prompt) + len(cont_ids) - 1))
+    targets = _top_k_targets(generator.model, sequences, spans, recipe.top_k, recipe.temperature)
+    return [Example(s, list(range(a, b)), j, p, "locality") for s, (a, b), (j, p) in zip(sequences, spans, targets)]
+
+
+def attach_lora(model, recipe: Recipe, init_from: str | None = None):
+    """A peft LoRA model on the base (fresh, or continuing from an adapter directory), trainable."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if init_from:
+        return PeftModel.from_pretrained(model, init_from, is_trainable=True)
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0, bias="none",
+                        target_modules=[t for t in recipe.target_modules if t in names], task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: float | None = None,
+          progress: Callable[[int, int, dict], None] | None = None) -> dict:
+    """Distillation loop: batches of similar length; loss = KL(teacher‖student)·T² on answer tokens (+ CE on
+    the answer) and KL(base‖student)·T² on locality tokens. Stops at the deadline (time.time()) if given."""
+    import torch
+
+    rng = random.Random(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    batches_per_epoch = math.ceil(len(examples) / recipe.batch_size)
+    total = batches_per_epoch * recipe.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 10))
+                                              * max(0.0, 1 - s / max(1, total)))
+    device = next(peft_model.parameters()).device
+    peft_model.train()
+    step, tokens, started, stopped_early = 0, 0, time.perf_counter(), False
+    losses: list[float] = []
+    for _ in range(recipe.epochs):
+        order = sorted(range(len(examples)), key=lambda i: (len(examples[i].ids), rng.random()))
+        batches = [order[i:i + recipe.batch_size] for i in range(0, len(order), recipe.batch_size)]
+        rng.shuffle(batches)
+        for batch in batches:
+            if deadline is not None and time.time() > deadline:
+                stopped_early = True
+                break
+            loss = _batch_loss(peft_model, [examples[i] for i in batch], recipe, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            tokens += sum(len(examples[i].ids) for i in batch)
+            losses.append(loss.item())
+            if progress:
+                progress(step, total, {"loss": losses[-1]})
+        if stopped_early:
+            break
+    peft_model.eval()
+    seconds = time.perf_counter() - started
+    return {"steps": step, "planned_steps": total, "tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0, "stopped_early": stopped_early,
+            "loss_first": round(losses[0], 4) if losses else None,
+            "loss_last": round(sum(losses[-5:]) / len(losses[-5:]), 4) if losses else None}
+
+
+def _batch_loss(model, batch: list[Example], recipe: Recipe, device):
+    import torch
+    import torch.nn.functional as F
+
+    width = max(len(e.ids) for e in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, e in enumerate(batch):
+        ids[r, :len(e.ids)] = torch.as_tensor(e.ids)
+        mask[r, :len(e.ids)] = 1
+    hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=False).logits
+    t = recipe.temperature
+    item_loss, loc_loss, ce_loss = [], [], []
+    for r, e in enumerate(batch):
+        logits = hidden[r, e.positions].float()
+        logp = F.log_softmax(logits / t, dim=-1).gather(-1, e.top_idx.to(device))
+        p = e.top_p.to(device)
+        kl = (p * (p.clamp_min(1e-9).log() - logp)).sum(-1).mean() * t * t
+        if e.kind == "item":
+            item_loss.append(kl)
+            targets = ids[r, [i + 1 for i in e.positions]].to(device)
+            ce_loss.append(F.cross_entropy(logits, targets))
+        else:
+            loc_loss.append(kl)
+    loss = hidden.new_zeros(())
+    if item_loss:
+        loss = loss + torch.stack(item_loss).mean() + recipe.ce_weight * torch.stack(ce_loss).mean()
+    if loc_loss:
+        loss = loss + recipe.locality_weight * torch.stack(loc_loss).mean()
+    return loss
+
+
+def mix(items: list[Example], replay: list[Example], locality: list[Example], recipe: Recipe) -> list[Example]:
+    """The training set: new items, a replay sample of earlier ones, and locality examples, shuffled."""
+    rng = random.Random(recipe.seed)
+    n_replay = min(len(replay), int(len(items) * recipe.replay_fraction))
+    # locality examples are repeated so they stay about a quarter of what the model sees
+    n_loc = max(len(locality), len(items) // 3) if locality else 0
+    loc = [locality[i % len(locality)] for i in range(n_loc)]
+    mixed = items + rng.sample(replay, n_replay) + loc
+    rng.shuffle(mixed)
+    return mixed

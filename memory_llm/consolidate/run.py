@@ -1,0 +1,236 @@
+"""`mllm consolidate`, top to bottom: lock → select memories → synthesize items → prepare teacher targets →
+train LoRA → evaluate → gate → promote (atomically) → ledger. Nothing here is promoted half-way: a killed
+or out-of-time run leaves the current adapter as it was and keeps the items it synthesized."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterator
+
+from memory_llm.consolidate.adapters import AdapterRegistry
+from memory_llm.consolidate.gate import Floors, decide, item_accuracy, locality
+from memory_llm.consolidate.recipe import Recipe, attach_lora, mix, prepare_items, prepare_locality, train
+from memory_llm.consolidate.synth import synthesize
+from memory_llm.errors import MemoryLLMError, StoreError
+
+logger = logging.getLogger(__name__)
+
+# exit codes a scheduler understands (also in the README)
+EXIT_OK, EXIT_REJECTED, EXIT_OUT_OF_TIME, EXIT_LOCKED = 0, 3, 4, 75
+EVAL_SAMPLE = 64
+SYNTH_BATCH = 8  # memories synthesized (and committed) together
+
+
+class ConsolidationLocked(MemoryLLMError):
+    """Another consolidation holds the lock."""
+
+
+@dataclass
+class Summary:
+    status: str  # promoted | rejected | nothing-new | dry-run | out-of-time
+    message: str
+    version: str | None = None
+    memories: int = 0
+    items: int = 0
+    metrics: dict = field(default_factory=dict)
+    current_metrics: dict | None = None
+    reasons: list = field(default_factory=list)
+    training: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    full: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return {"rejected": EXIT_REJECTED, "out-of-time": EXIT_OUT_OF_TIME}.get(self.status, EXIT_OK)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["exit_code"] = self.exit_code
+        d["seconds"] = round(self.seconds, 1)
+        return d
+
+
+def generic_prompts() -> tuple[list[str], list[str]]:
+    """(training half, held-out half) of the shipped generic prompts."""
+    lines = [l.strip() for l in resources.files("memory_llm.resources").joinpath("generic_prompts.txt")
+             .read_text(encoding="utf-8").splitlines() if l.strip()]
+    half = len(lines) // 2
+    return lines[:half], lines[half:]
+
+
+@contextmanager
+def consolidation_lock(home: Path) -> Iterator[None]:
+    """One consolidation at a time per home (an OS lock: released when the process dies)."""
+    path = Path(home) / "consolidate.lock"
+    fh = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConsolidationLocked("another consolidation is running in this home; try later") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, full: bool = False,
+                namespace: str | None = None, recipe: Recipe | None = None, floors: Floors | None = None,
+                progress: Callable[[str, int, int], None] | None = None) -> Summary:
+    """Run one consolidation round on a MemoryLLM's home. See the module docstring."""
+    start = time.time()
+    deadline = start + max_minutes * 60 if max_minutes else None
+    recipe, floors = recipe or Recipe(), floors or Floors()
+    store, settings = m.store, m.settings
+    registry = AdapterRegistry(settings.home)
+    with consolidation_lock(settings.home):
+        registry.discard_staging()
+        current = registry.current()
+        if current is not None:
+            registry.check_base(current, settings.model)
+        existing = set(store.memory_ids(namespace))
+        all_existing = set(store.memory_ids())
+        covered = set(current.manifest.get("memories", [])) if current else set()
+        forgotten = covered - all_existing
+        if forgotten and not full:
+            full = True
+            logger.warning("%d consolidated memories were forgotten: rebuilding the adapter from all memories",
+                           len(forgotten))
+        new = sorted(existing if full else existing - covered)
+        keep_covered = sorted((covered & all_existing) - set(new)) if not full else []
+        if full and namespace is not None:  # a full rebuild must keep the other namespaces' memories
+            new = sorted(all_existing)
+        if not new:
+            return Summary("nothing-new", "nothing new to consolidate", current.name if current else None,
+                           seconds=time.time() - start)
+        have_items = store.memories_with_items(new)
+        need_items = [i for i in new if i not in have_items]
+        if dry_run:
+            return Summary("dry-run", f"would consolidate {len(new)} memories ({len(need_items)} need new training"
+                           f" items){' as a full rebuild' if full else ''}", None, memories=len(new), full=full,
+                           seconds=time.time() - start)
+
+        # ---- setup: a fresh base model (the serving model keeps its adapter meanwhile) -------------------
+        gen = m.new_generator()
+        memories = store.get(new)
+
+        # ---- synthesize (committed per batch of memories; reused by later runs) ------------------------------
+        todo = [memories[i] for i in need_items if i in memories]
+        for b in range(0, len(todo), SYNTH_BATCH):
+            if deadline and time.time() > deadline:
+                return Summary("out-of-time", f"time budget reached while synthesizing: {b} of {len(todo)} memories"
+                               " done (kept); run again to continue", memories=len(new), seconds=time.time() - start)
+            batch = todo[b:b + SYNTH_BATCH]
+            made = synthesize(gen, batch, rewrites=recipe.rewrites, questions=recipe.questions, seed=recipe.seed + b)
+            for mem in batch:
+                store.add_items(mem.id, mem.namespace, made[mem.id])
+            if progress:
+                progress("synthesize", min(b + SYNTH_BATCH, len(todo)), len(todo))
+
+        items = store.items(new)
+        train_items = [i for i in items if not i.held_out]
+        held_new = [i for i in items if i.held_out]
+        old_items = store.items(keep_covered)
+        replay_items = [i for i in old_items if not i.held_out]
+        retention_items = _sample([i for i in old_items if i.held_out], EVAL_SAMPLE, recipe.seed)
+        contexts = {i: mem.text for i, mem in store.get(sorted({it.memory_id for it in items + old_items})).items()}
+
+        # ---- teacher targets: base model WITH the chunk in context -------------------------------------------
+        loc_train, loc_eval = generic_prompts()
+        loc_train, loc_eval = loc_train[:recipe.locality_prompts], loc_eval[:recipe.locality_prompts]
+        rng = random.Random(recipe.seed)
+        replay_pick = rng.sample(replay_items, min(len(replay_items), int(len(train_items) * recipe.replay_fraction)))
+        examples = prepare_items(gen, train_items, contexts, recipe)
+        replay = prepare_items(gen, replay_pick, contexts, recipe) if replay_pick else []
+        loc = prepare_locality(gen, loc_train, recipe) if recipe.locality_weight > 0 else []
+        if progress:
+            progress("prepare", 1, 1)
+
+        # ---- train: LoRA student WITHOUT context ------------------------------------------------------------
+        init = str(current.path) if current is not None and not full else None
+        model = attach_lora(gen.model, recipe, init_from=init)
+        gen.model = model
+        reserve = 120.0  # seconds kept for evaluation within a budget
+        train_deadline = deadline - reserve if deadline else None
+        stats = train(model, mix(examples, replay, loc, recipe), recipe, deadline=train_deadline,
+                      progress=(lambda s, t, _: progress("train", s, t)) if progress else None)
+        if stats["stopped_early"] and stats["steps"] < stats["planned_steps"] // 2:
+            return Summary("out-of-time", f"time budget reached after {stats['steps']} of {stats['planned_steps']}"
+                           " training steps; nothing promoted, items kept", memories=len(new), items=len(train_items),
+                           training=stats, seconds=time.time() - start, full=full)
+
+        # ---- evaluate the candidate ------------------------------------------------------------------------
+        metrics = {
+            "reliability": item_accuracy(gen, _sample(train_items, EVAL_SAMPLE, recipe.seed)),
+            "generalization": item_accuracy(gen, _sample(held_new, EVAL_SAMPLE, recipe.seed)),
+            "retention": item_accuracy(gen, retention_items),
+        }
+        with model.disable_adapter():
+            metrics["base_reliability"] = item_accuracy(gen, _sample(train_items, EVAL_SAMPLE, recipe.seed))
+        metrics.update({f"locality_{k}" if k != "agreement" else "locality": v
+                        for k, v in locality(gen, loc_eval, model.disable_adapter).items()})
+        if progress:
+            progress("evaluate", 1, 1)
+        current_metrics = None
+        if current is not None:
+            current_metrics = _current_metrics(m.new_generator(), current, retention_items, loc_eval)
+
+        ok, reasons = decide(metrics, current_metrics, floors)
+        if deadline and time.time() > deadline + reserve:
+            ok, reasons = False, reasons + ["failed: over the time budget before promotion"]
+        summary = Summary("promoted" if ok else "rejected", "", None, memories=len(new), items=len(train_items),
+                          metrics=_rounded(metrics), current_metrics=_rounded(current_metrics), reasons=reasons,
+                          training=stats, full=full)
+        if not ok:
+            summary.message = "candidate not promoted; the current adapter stays"
+            summary.seconds = time.time() - start
+            return summary
+
+        # ---- promote: write the version, then switch `current` atomically, then the ledger -----------------
+        staged = registry.staging()
+        model.save_pretrained(staged)
+        covered_now = sorted(set(new) | set(keep_covered))
+        version = registry.commit(staged, {
+            "base_model": settings.model, "recipe": recipe.as_dict(), "metrics": summary.metrics,
+            "memories": covered_now, "new_memories": new, "parent": None if full or current is None else current.name,
+            "full": full, "floors": floors.as_dict(), "training": stats})
+        registry.promote(version.name)
+        store.record_ledger(version.name, covered_now)
+        m.reload_adapter()
+        summary.version, summary.message = version.name, f"promoted {version.name}"
+        summary.seconds = time.time() - start
+        return summary
+
+
+def _current_metrics(gen, current, retention_items, loc_eval) -> dict:
+    """The current adapter on the same retention items and locality prompts (on a separate base copy)."""
+    from peft import PeftModel
+
+    gen.model = PeftModel.from_pretrained(gen.model, str(current.path))
+    gen.model.eval()
+    out = {"retention": item_accuracy(gen, retention_items)}
+    out["locality"] = locality(gen, loc_eval, gen.model.disable_adapter)["agreement"]
+    return out
+
+
+def _sample(items: list, n: int, seed: int) -> list:
+    return items if len(items) <= n else random.Random(seed).sample(items, n)
+
+
+def _rounded(d: dict | None) -> dict | None:
+    return None if d is None else {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+__all__ = ["ConsolidationLocked", "EXIT_LOCKED", "EXIT_OK", "EXIT_OUT_OF_TIME", "EXIT_REJECTED", "Summary",
+           "consolidate", "StoreError"]

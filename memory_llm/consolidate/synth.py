@@ -1,0 +1,108 @@
+"""Training items synthesized by the model itself from each memory chunk (the teacher has the chunk in context).
+
+- cloze: statement completions cut from the chunk's sentences (prefix → the words that follow);
+- rewrite: the model rewrites the chunk; cloze items cut from the rewrite teach the facts in other words
+  (the last rewrite is held out: paraphrased probes never trained on, for generalization);
+- qa: questions sampled at high temperature, answered by the teacher (the model with the chunk in context).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from dataclasses import dataclass
+
+from memory_llm.generate import build_messages
+from memory_llm.ingest.chunker import split_sentences
+
+logger = logging.getLogger(__name__)
+
+REWRITE_PROMPT = "Rewrite the following text in different words. Keep every name, number and fact.\n\n{text}"
+QUESTION_PROMPT = "{text}\n\nWrite one short question about a fact stated in the text above. Write only the question."
+
+
+@dataclass
+class Item:
+    memory_id: int
+    kind: str  # "cloze" (raw continuation) | "qa" (through the chat template)
+    prompt: str
+    answer: str
+    held_out: bool = False
+    id: int | None = None
+
+
+def cloze_items(memory_id: int, text: str, held_out: bool = False, fractions=(0.4, 0.6, 0.8),
+                max_answer_words: int = 8) -> list[Item]:
+    """Statement completions: each sentence of ≥ 6 words cut at several points."""
+    items = []
+    for sentence in split_sentences(text):
+        words = sentence.split()
+        if len(words) < 6:
+            continue
+        cuts = sorted({max(3, round(len(words) * f)) for f in fractions})
+        for cut in cuts:
+            if cut < len(words):
+                items.append(Item(memory_id, "cloze", " ".join(words[:cut]),
+                                  " ".join(words[cut:cut + max_answer_words]), held_out))
+    return items
+
+
+def _clean_question(text: str) -> str | None:
+    for line in text.strip().splitlines():
+        line = line.strip().strip('"').strip()
+        line = re.sub(r"^(question|q)\s*[:.]\s*", "", line, flags=re.I)
+        if line.endswith("?") and 3 <= len(line.split()) <= 40:
+            return line
+    return None
+
+
+def synthesize(generator, memories: list, *, rewrites: int = 1, questions: int = 4, held_out_qa: int = 1,
+               seed: int = 0, batch_size: int = 8) -> dict[int, list[Item]]:
+    """Items for each memory (id → items). Generation is batched across memories."""
+    rng = random.Random(seed)
+    out: dict[int, list[Item]] = {m.id: cloze_items(m.id, m.text) for m in memories}
+    tok = generator.tokenizer
+
+    def chat(content: str) -> list[int]:
+        return generator.chat_ids([{"role": "user", "content": content}])[0].tolist()
+
+    def sample(prompts: list[list[int]], max_new: int, temperature: float) -> list[str]:
+        texts = []
+        for i in range(0, len(prompts), batch_size):
+            texts += generator.generate_batch(prompts[i:i + batch_size], max_new, temperature)
+        return texts
+
+    # rewrites: the last one of each memory is held out (paraphrased probes, never trained on)
+    if rewrites:
+        jobs = [(m, r) for m in memories for r in range(rewrites + 1)]
+        longest = max((len(tok(m.text)["input_ids"]) for m in memories), default=0)
+        texts = sample([chat(REWRITE_PROMPT.format(text=m.text)) for m, _ in jobs],
+                       max_new=min(320, int(longest * 1.3) + 16), temperature=0.7)
+        for (m, r), text in zip(jobs, texts):
+            out[m.id] += [Item(m.id, "cloze", i.prompt, i.answer, held_out=(r == rewrites))
+                          for i in cloze_items(m.id, text)]
+    # questions sampled hot, answered by the teacher (greedy, chunk in context)
+    if questions:
+        jobs = [m for m in memories for _ in range(questions)]
+        qs = sample([chat(QUESTION_PROMPT.format(text=m.text)) for m in jobs], max_new=40, temperature=1.0)
+        pairs = []
+        seen: set[tuple[int, str]] = set()
+        for m, q in zip(jobs, qs):
+            q = _clean_question(q)
+            if q and (m.id, q.lower()) not in seen:
+                seen.add((m.id, q.lower()))
+                pairs.append((m, q))
+        answers = sample([generator.chat_ids(build_messages(q, [m.text]))[0].tolist() for m, q in pairs],
+                         max_new=48, temperature=0.0)
+        by_memory: dict[int, list[Item]] = {}
+        for (m, q), a in zip(pairs, answers):
+            a = a.strip()
+            if a:
+                by_memory.setdefault(m.id, []).append(Item(m.id, "qa", q, a))
+        for mid, qa in by_memory.items():
+            rng.shuffle(qa)
+            for i, item in enumerate(qa):
+                item.held_out = i < held_out_qa and len(qa) > held_out_qa
+            out[mid] += qa
+    return out

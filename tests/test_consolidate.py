@@ -1,0 +1,177 @@
+"""Consolidation on the tiny model: versions, gate, ledger, forgetting, lock, faults. (Fast; the real-model
+test that closed-book beats base is in test_e2e_consolidate.py.)"""
+
+import json
+import shutil
+
+import pytest
+
+from memory_llm import InputError, MemoryLLM, ModelError, StoreError
+from memory_llm.consolidate.adapters import AdapterRegistry
+from memory_llm.consolidate.gate import Floors, decide, item_correct
+from memory_llm.consolidate.recipe import Recipe
+from memory_llm.consolidate.run import ConsolidationLocked, consolidation_lock
+from memory_llm.consolidate.synth import Item, cloze_items
+
+FACTS = ["The lighthouse of Varn was built in 1820 by the engineer Lisbet Holm.",
+         "Every spring the Varn choir sings on the harbour wall for three whole nights."]
+FAST = Recipe(epochs=1, batch_size=16, rank=4, alpha=8, locality_prompts=4, rewrites=1, questions=2)
+OPEN = Floors(reliability=0.0, locality=0.0, retention=0.0, tolerance=1.0)
+
+
+@pytest.fixture
+def cmem(mem):
+    for i, fact in enumerate(FACTS):
+        mem.learn(text=fact, source=f"fact{i}")
+    return mem
+
+
+def run(m, **kw):
+    return m.consolidate(recipe=FAST, floors=kw.pop("floors", OPEN), **kw)
+
+
+def test_cloze_items_cut_sentences():
+    items = cloze_items(7, "One two three four five six seven eight. Short one.")
+    assert {(i.prompt, i.answer) for i in items} == {("One two three", "four five six seven eight."),
+                                                     ("One two three four five", "six seven eight."),
+                                                     ("One two three four five six", "seven eight.")}
+    assert all(i.memory_id == 7 and i.kind == "cloze" and not i.held_out for i in items)
+
+
+def test_item_correct_rules():
+    cloze = Item(1, "cloze", "The tower was built in", "1820 by the engineer")
+    assert item_correct(cloze, " 1820, by the engineer Holm") and not item_correct(cloze, " the year 1820 by")
+    qa = Item(1, "qa", "Who built it?", "Lisbet Holm built the lighthouse.")
+    assert item_correct(qa, "It was Lisbet Holm.") and not item_correct(qa, "Nobody knows.")
+
+
+def test_gate_rules():
+    good = {"reliability": 0.8, "locality": 0.98, "retention": 0.7}
+    assert decide(good, None, Floors())[0]
+    assert not decide({**good, "locality": 0.9}, None, Floors())[0]
+    ok, reasons = decide(good, {"retention": 0.9, "locality": 0.98}, Floors())
+    assert not ok and any("failed: retention" in r for r in reasons)
+
+
+def test_first_round_promotes_v0001_and_records_the_ledger(cmem):
+    summary = run(cmem)
+    assert summary.status == "promoted" and summary.version == "v0001" and summary.exit_code == 0
+    assert summary.items > 0 and summary.training["steps"] > 0 and "locality" in summary.metrics
+    reg = cmem.adapters
+    assert reg.current_name() == "v0001"
+    manifest = reg.get("v0001").manifest
+    assert manifest["base_model"] == cmem.settings.model and sorted(manifest["memories"]) == cmem.store.memory_ids()
+    assert {m for m, v in cmem.store.ledger("v0001")} == set(cmem.store.memory_ids())
+    # serving picks the adapter up; ask reports its provenance
+    answer = cmem.ask("Who built the lighthouse?", max_new_tokens=4)
+    assert answer.adapter == "v0001" and answer.as_dict()["retrieved_ids"]
+    assert MemoryLLM(cmem.settings.home, generator=cmem.new_generator(), embedder=cmem.embedder,
+                     use_adapter=False).ask("x", max_new_tokens=2).adapter is None
+
+
+def test_nothing_new_then_new_memory_builds_on_current(cmem):
+    run(cmem)
+    again = run(cmem)
+    assert again.status == "nothing-new" and again.exit_code == 0
+    cmem.learn(text="The ferry to Varn island leaves from the north pier at dawn.", source="ferry")
+    dry = run(cmem, dry_run=True)
+    assert dry.status == "dry-run" and dry.memories == 1
+    assert cmem.adapters.current_name() == "v0001"
+    second = run(cmem)
+    assert second.version == "v0002" and not second.full
+    assert cmem.adapters.get("v0002").manifest["parent"] == "v0001"
+    assert len(cmem.adapters.get("v0002").manifest["memories"]) == 3
+
+
+def test_forgetting_forces_a_full_rebuild_without_the_memory(cmem):
+    run(cmem)
+    gone = cmem.store.memory_ids()[0]
+    cmem.forget([gone])
+    assert cmem.store.items([gone]) == []  # its training items went with it
+    summary = run(cmem)
+    assert summary.full and summary.status == "promoted"
+    manifest = cmem.adapters.get(summary.version).manifest
+    assert gone not in manifest["memories"] and manifest["parent"] is None
+
+
+def test_rejected_candidate_keeps_current(cmem):
+    run(cmem)
+    cmem.learn(text="Salt from the Varn flats is sold in blue paper bags.", source="salt")
+    strict = Floors(reliability=1.01)
+    summary = run(cmem, floors=strict)
+    assert summary.status == "rejected" and summary.exit_code == 3
+    assert any(r.startswith("failed: reliability") for r in summary.reasons)
+    assert cmem.adapters.current_name() == "v0001" and [v.name for v in cmem.adapters.versions()] == ["v0001"]
+
+
+def test_lock_allows_one_consolidation(cmem):
+    with consolidation_lock(cmem.settings.home):
+        with pytest.raises(ConsolidationLocked):
+            run(cmem)
+    assert run(cmem).status == "promoted"
+
+
+def test_killed_run_leaves_current_intact_and_next_run_succeeds(cmem, monkeypatch):
+    run(cmem)
+    cmem.learn(text="The Varn museum keeps a whale skeleton nine metres long.", source="museum")
+    import memory_llm.consolidate.run as runmod
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # as if killed during training
+
+    monkeypatch.setattr(runmod, "train", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run(cmem)
+    reg = cmem.adapters
+    assert reg.current_name() == "v0001" and reg.current() is not None
+    monkeypatch.undo()
+    # a staging leftover (as after kill -9) is cleaned; the stored items are reused
+    (reg.root / ".candidate-leftover").mkdir()
+    summary = run(cmem)
+    assert summary.status == "promoted" and summary.version == "v0002"
+    assert not list(reg.root.glob(".candidate-*"))
+
+
+def test_time_budget_stops_cleanly(cmem):
+    summary = run(cmem, max_minutes=1e-6)
+    assert summary.status == "out-of-time" and summary.exit_code == 4
+    assert cmem.adapters.current_name() is None
+
+
+def test_corrupted_adapter_is_a_clear_error_and_rollback_works(cmem):
+    run(cmem)
+    cmem.learn(text="The Varn bakery opens at five and sells rye bread.", source="bakery")
+    run(cmem)
+    reg = cmem.adapters
+    assert reg.current_name() == "v0002"
+    (reg.root / "v0002" / "adapter_model.safetensors").unlink()
+    fresh = MemoryLLM(cmem.settings.home, generator=cmem.new_generator(), embedder=cmem.embedder)
+    with pytest.raises(StoreError, match="v0002 is broken.*rollback"):
+        fresh.ask("bread?", max_new_tokens=2)
+    assert reg.rollback().name == "v0001"
+    fresh2 = MemoryLLM(cmem.settings.home, generator=cmem.new_generator(), embedder=cmem.embedder)
+    assert fresh2.ask("bread?", max_new_tokens=2).adapter == "v0001"
+
+
+def test_adapter_for_another_base_is_refused(cmem):
+    run(cmem)
+    path = cmem.adapters.root / "v0001" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["base_model"] = "some-other/model"
+    path.write_text(json.dumps(manifest))
+    fresh = MemoryLLM(cmem.settings.home, generator=cmem.new_generator(), embedder=cmem.embedder)
+    with pytest.raises(ModelError, match="made for base model 'some-other/model'"):
+        fresh.ask("x", max_new_tokens=2)
+
+
+def test_closed_and_hybrid_eval_need_and_use_the_adapter(cmem, tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text('{"id": "a", "kind": "cloze", "input": "The lighthouse of Varn was built in",'
+                    ' "answers": [["1820"]], "tags": ["mem"]}\n')
+    with pytest.raises(InputError, match="needs a consolidated adapter"):
+        cmem.evaluate(path, "closed")
+    run(cmem)
+    cmem.reload_adapter()
+    for mode in ("base", "rag", "closed", "hybrid"):
+        r = cmem.evaluate(path, mode)
+        assert r["n"] == 1 and r["adapter"] == ("v0001" if mode in ("closed", "hybrid") else None)
