@@ -281,15 +281,14 @@ class MemoryLLM:
         stored = self.store.existing_hashes(namespace, hashes, exclude_uri=doc.uri)
         old_ids = set(self.store.source_memory_ids(namespace, doc.uri))
         threshold = self.settings.dedup_threshold
+        nearest = self.store.nearest_scores(np.asarray(vectors), 2, namespace, old_ids)
         kept: list[NewChunk] = []
         seen: set[str] = set()
-        for chunk, h, vec in zip(chunks, hashes, vectors):
+        for chunk, h, vec, near in zip(chunks, hashes, vectors, nearest):
             if h in stored or h in seen:
                 report.duplicates_skipped += 1
                 continue
-            if any(float(vec @ k.vector) >= threshold for k in kept) or any(
-                    score >= threshold for i, score in self.store.dense(vec, 2 + len(old_ids), namespace)
-                    if i not in old_ids):
+            if near >= threshold or any(float(vec @ k.vector) >= threshold for k in kept):
                 report.near_duplicates_skipped += 1
                 continue
             seen.add(h)

@@ -317,6 +317,22 @@ class Store:
                 hits = self._exact_in_namespace(query, k, namespace)
         return hits[:k]
 
+    def nearest_scores(self, vectors: np.ndarray, k: int, namespace: str, exclude: set[int]) -> np.ndarray:
+        """For each vector, the best cosine to a stored memory of the namespace outside `exclude` (or -1)."""
+        index = self.index()
+        best = np.full(len(vectors), -1.0, dtype=np.float32)
+        if index is None or not len(index) or not len(vectors):
+            return best
+        ids, scores = index.search_many(vectors, k + len(exclude))
+        flat = [int(i) for i in ids.ravel() if i >= 0]
+        allowed = set(flat) if self.single_namespace() == namespace else self._in_namespace(sorted(set(flat)), namespace)
+        for r in range(len(vectors)):
+            for i, sc in zip(ids[r], scores[r]):
+                if i >= 0 and int(i) in allowed and int(i) not in exclude:
+                    best[r] = sc
+                    break
+        return best
+
     def single_namespace(self) -> str | None:
         with self._lock:
             rows = self.db.execute("SELECT DISTINCT namespace FROM sources LIMIT 2").fetchall()
