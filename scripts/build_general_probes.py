@@ -17,7 +17,12 @@ Output (design.md's eval format), one probe per line:
     {"id": "gk-001", "kind": "qa", "input": "What is the capital of France?", "answers": [["Paris"]],
      "tags": ["general", "capital"]}
 
-    python scripts/build_general_probes.py --out data/general_probes.jsonl --max 80
+Candidates whose output passed but was wrong around the answer on hand review (REVIEWED_WRONG) and
+candidates that repeat a line of memory_llm/resources/generic_prompts.txt are dropped too.
+
+    python scripts/build_general_probes.py --out data/general_probes.jsonl --max 80 --report /tmp/gk_report.jsonl
+    # after changing a filter, rebuild without re-running the model (~50 min on 2 busy CPU cores):
+    python scripts/build_general_probes.py --reuse-report /tmp/gk_report.jsonl
 """
 
 from __future__ import annotations
@@ -237,6 +242,18 @@ CANDIDATES: list[tuple[str, str, list[list[str]]]] = [
     ("misc", "How many continents are there?", [["seven", "7 continents"]]),
 ]
 
+# Hand review of the base model's outputs (greedy, 64 tokens): these pass both checks, but the output around
+# the answer is wrong ("one gram is equal to 1000 grams", penicillin "attributed to Carl Sagan"), so the
+# match is luck rather than knowledge; they are dropped.
+REVIEWED_WRONG = {
+    "How many centimeters are in a meter?",
+    "How many grams are in a kilogram?",
+    "Who discovered penicillin?",
+    "Which country gave the Statue of Liberty to the United States?",
+}
+
+GENERIC_PROMPTS = Path(__file__).resolve().parents[1] / "memory_llm/resources/generic_prompts.txt"
+
 # The topics of the test memories: general probes must not touch them.
 FORBIDDEN = ("mars", "moon", "planet", "observator", "province", "astronom", "telescope")
 
@@ -244,6 +261,10 @@ FORBIDDEN = ("mars", "moon", "planet", "observator", "province", "astronom", "te
 def static_problems(question: str, answers: list[list[str]]) -> list[str]:
     """Reasons a candidate is unsuitable without running the model (empty list: fine)."""
     problems, low = [], question.lower()
+    if question in REVIEWED_WRONG:
+        problems.append("hand review: the base output is right only by accident")
+    if GENERIC_PROMPTS.is_file() and low in GENERIC_PROMPTS.read_text(encoding="utf-8").lower().splitlines():
+        problems.append("also in generic_prompts.txt (the locality prompts)")
     if any(f in low for f in FORBIDDEN):
         problems.append("touches a test-memory topic")
     for group in answers:
@@ -291,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--report", default=None, help="optionally write every candidate's output and verdict here")
+    ap.add_argument("--reuse-report", default=None,
+                    help="take the outputs from a --report file of an earlier run instead of running the model "
+                         "(greedy decoding is deterministic; lets the static filters change without a re-run)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("MLLM_CACHE", args.cache)
@@ -312,18 +336,31 @@ def main(argv: list[str] | None = None) -> int:
         cands.append({"category": cat, "input": q, "answers": ans})
     print(f"{len(CANDIDATES)} candidates, {len(cands)} pass the static checks", file=sys.stderr)
 
-    g = Generator.load(args.model, args.cache)
-    ids = [g.chat_ids(build_messages(c["input"]))[0].tolist() for c in cands]
-    order = sorted(range(len(cands)), key=lambda i: len(ids[i]))  # similar lengths per batch: less padding
-    t0 = time.time()
-    for b in range(0, len(order), args.batch_size):
-        chunk = order[b:b + args.batch_size]
-        outs = g.generate_batch([ids[i] for i in chunk], max_new_tokens=args.max_new_tokens)
-        for i, out in zip(chunk, outs):
-            cands[i]["output"] = out
-            cands[i]["loose"] = is_correct(out, cands[i]["answers"])
-            cands[i]["correct"] = cands[i]["loose"] and strict_correct(out, cands[i]["answers"])
-        print(f"  {min(b + args.batch_size, len(order))}/{len(order)}  {time.time() - t0:.0f}s", file=sys.stderr)
+    if args.reuse_report:
+        previous = {}
+        for line in Path(args.reuse_report).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                previous[rec["input"]] = rec["output"]
+        missing = [c["input"] for c in cands if c["input"] not in previous]
+        if missing:
+            raise SystemExit(f"{args.reuse_report}: no output for {len(missing)} candidates, e.g. {missing[0]!r}")
+        for c in cands:
+            c["output"] = previous[c["input"]]
+    else:
+        g = Generator.load(args.model, args.cache)
+        ids = [g.chat_ids(build_messages(c["input"]))[0].tolist() for c in cands]
+        order = sorted(range(len(cands)), key=lambda i: len(ids[i]))  # similar lengths per batch: less padding
+        t0 = time.time()
+        for b in range(0, len(order), args.batch_size):
+            chunk = order[b:b + args.batch_size]
+            outs = g.generate_batch([ids[i] for i in chunk], max_new_tokens=args.max_new_tokens)
+            for i, out in zip(chunk, outs):
+                cands[i]["output"] = out
+            print(f"  {min(b + args.batch_size, len(order))}/{len(order)}  {time.time() - t0:.0f}s", file=sys.stderr)
+    for c in cands:
+        c["loose"] = is_correct(c["output"], c["answers"])
+        c["correct"] = c["loose"] and strict_correct(c["output"], c["answers"])
 
     passed = [c for c in cands if c["correct"]]
     kept = round_robin(passed, args.max)
