@@ -240,7 +240,7 @@ class MemoryLLM:
                 if progress is not None:
                     progress("learn", done, total)
             else:
-                chunks = chunk_text(doc.sections, self.embedder.count_tokens, s.chunk_tokens, s.chunk_overlap)
+                chunks = chunk_text(doc.sections, self.embedder.count_tokens, self._chunk_tokens(), s.chunk_overlap)
                 buffer.append((doc, chunks))
             if sum(len(c) for _, c in buffer) >= EMBED_BUFFER:
                 done = self._flush_learn(buffer, namespace, report, progress, done, total)
@@ -251,6 +251,15 @@ class MemoryLLM:
         self.store.flush()
         report.seconds = time.perf_counter() - start
         return report
+
+    def _chunk_tokens(self) -> int:
+        """chunk_tokens, capped at the embedder's window (beyond it a chunk's tail would not be embedded)."""
+        window = getattr(self.embedder, "max_tokens", None)
+        if window and self.settings.chunk_tokens > window - 2:
+            logger.warning("chunk_tokens=%d exceeds the embedder's window; using %d", self.settings.chunk_tokens,
+                           window - 2)
+            return window - 2
+        return self.settings.chunk_tokens
 
     def _flush_learn(self, buffer, namespace: str, report: LearnReport, progress, done: int, total: int) -> int:
         """Embed the buffered documents' chunks in one batch, then commit each document on its own."""

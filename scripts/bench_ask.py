@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -81,18 +82,18 @@ def run_cli(home: Path, args, as_json: bool) -> dict:
     return res
 
 
-def import_profile(home: Path, args) -> list[tuple[str, float]]:
-    """Top-level packages by cumulative import time (s) in one `python -X importtime mllm ask`."""
+def import_profile(home: Path, args) -> list[tuple[str, float, int]]:
+    """Packages by cumulative import time (s) in one `python -X importtime mllm ask`, at their first import at
+    any depth (so they overlap: sentence_transformers includes torch, sklearn, ...). (name, seconds, depth)."""
     cmd = [str(BIN / "python"), "-X", "importtime", str(BIN / "mllm"), "ask", args.question, "--home", str(home),
            "--max-new-tokens", "8", "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
-    tops: dict[str, float] = {}
+    tops: dict[str, tuple[float, int]] = {}
     for line in p.stderr.splitlines():
         m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
-        if m and len(m.group(3)) == 1:  # top level: imported by our code, not by another module
-            name = m.group(4).split(".")[0]
-            tops[name] = tops.get(name, 0.0) + int(m.group(2)) / 1e6
-    return sorted(tops.items(), key=lambda kv: -kv[1])
+        if m and "." not in m.group(4):
+            tops.setdefault(m.group(4), (int(m.group(2)) / 1e6, (len(m.group(3)) - 1) // 2))
+    return sorted(((k, v[0], v[1]) for k, v in tops.items()), key=lambda kv: -kv[1])
 
 
 def stage_profile(home: Path, args) -> dict:
@@ -106,14 +107,15 @@ def stage_profile(home: Path, args) -> dict:
 
 def child_stages(args) -> None:
     """Run in a fresh process: each step of `mllm ask`, in the CLI's order, with imports done up front."""
-    stages: dict[str, float] = {"interpreter start (spawn → main)": time.time() - float(args.spawned_at)}
-    t = time.perf_counter()
+    stages: dict[str, list] = {"interpreter start (spawn → main)": [time.time() - float(args.spawned_at),
+                                                                      time.process_time()]}
+    t, c = time.perf_counter(), time.process_time()
 
-    def mark(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        stages[name] = now - t
-        t = now
+    def mark(name: str) -> None:  # [wall s, CPU s of this process, all threads]
+        nonlocal t, c
+        now, cnow = time.perf_counter(), time.process_time()
+        stages[name] = [now - t, cnow - c]
+        t, c = now, cnow
 
     import memory_llm.cli as cli  # noqa: F401  (typer, the facade; what `mllm` imports first)
 
@@ -153,8 +155,49 @@ def child_stages(args) -> None:
     mark("first token (prefill + 1 decode step, streamer thread)")
     for _ in stream:  # drain: exiting while the generate thread runs aborts the process
         pass
-    stages["prompt tokens"] = float(ids.shape[1])
-    print(json.dumps(stages))
+    print(json.dumps({"stages": stages, "prompt_tokens": int(ids.shape[1])}))
+
+
+def child_plain_embedder(args) -> None:
+    """Fresh process: the default embedder through plain transformers (no sentence_transformers import):
+    AutoModel + mean pooling + L2 normalisation, which is what all-MiniLM-L6-v2's pipeline computes."""
+    stages: dict = {}
+    t, c = time.perf_counter(), time.process_time()
+
+    def mark(name: str) -> None:
+        nonlocal t, c
+        now, cnow = time.perf_counter(), time.process_time()
+        stages[name] = [now - t, cnow - c]
+        t, c = now, cnow
+
+    import torch
+
+    mark("import torch")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.models.bert import modeling_bert  # noqa: F401  (what AutoModel would import lazily)
+
+    mark("import transformers AutoModel/AutoTokenizer + BERT classes")
+    from memory_llm.models import resolve_embedder
+
+    path = resolve_embedder("all-MiniLM-L6-v2")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    mark("load MiniLM (AutoModel + tokenizer)")
+    with torch.inference_mode():
+        enc = tok([args.question], padding=True, truncation=True, max_length=256, return_tensors="pt")
+        out = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        vec = torch.nn.functional.normalize((out * mask).sum(1) / mask.sum(1), dim=-1)[0]
+    mark("embed the question")
+    print(json.dumps({"stages": stages, "vector": vec.tolist()}))
+
+
+def plain_embedder_profile(args) -> dict:
+    cmd = [str(BIN / "python"), __file__, "--child-plain-embedder", "--question", args.question]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
+    if p.returncode != 0:
+        raise SystemExit(f"plain-embedder child failed: {p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 # ---- (b): in-process overhead ---------------------------------------------------------------------------
@@ -165,10 +208,18 @@ def in_process(home: Path, args) -> dict:
 
     m = MemoryLLM(home)
     gen = m.generator
+    st_vec = m.embedder.encode([args.question])[0]
     _, ids, _, _ = m._prepare(args.question, None, "default", True)
     model, tok = gen.model, gen.tokenizer
 
-    def raw():
+    def raw():  # in a worker thread, as ask's generation runs (see the notes: the main thread can differ)
+        box = []
+        th = threading.Thread(target=lambda: box.append(raw_here()))
+        th.start()
+        th.join()
+        return box[0]
+
+    def raw_here():
         t = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
@@ -198,7 +249,7 @@ def in_process(home: Path, args) -> dict:
     m.close()
     return {"ask": ask_t, "raw": raw_t, "overhead": (ask_t - raw_t) / raw_t, "tokens": ntok, "same_text": same,
             "asks": [a for a, _ in asks], "raws": raws, "components": comp,
-            "prompt_tokens": int(ids.shape[1]), "torch_threads": torch.get_num_threads()}
+            "prompt_tokens": int(ids.shape[1]), "torch_threads": torch.get_num_threads(), "st_vec": st_vec}
 
 
 def main() -> None:
@@ -209,11 +260,15 @@ def main() -> None:
     p.add_argument("--inproc-runs", type=int, default=5)
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     p.add_argument("--child-stages", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-plain-embedder", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--home", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spawned-at", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_stages:
         child_stages(args)
+        return
+    if args.child_plain_embedder:
+        child_plain_embedder(args)
         return
     os.environ.setdefault("MLLM_CACHE", "/tmp/mcache")
     load0 = os.getloadavg()[0]
@@ -233,14 +288,19 @@ def main() -> None:
             js.append(run_cli(home, args, True))
             log(f"run {i + 1}: plain first byte {plain[-1]['first_byte']:.2f} s wall {plain[-1]['wall']:.2f} s; "
                 f"json first_token {js[-1]['timings']['first_token']:.2f} s wall {js[-1]['wall']:.2f} s")
-        stages = stage_profile(home, args)
+        stages = stage_profile(home, args)["stages"]
         log("stages: " + json.dumps(stages))
         imports = import_profile(home, args)
         log("imports: " + json.dumps(imports[:10]))
+        plain_emb = plain_embedder_profile(args)
+        log("plain embedder: " + json.dumps(plain_emb["stages"]))
         ip = in_process(home, args)
         log(f"in-process: ask {ip['ask']:.3f} s raw {ip['raw']:.3f} s overhead {100 * ip['overhead']:.1f}% "
             f"tokens {ip['tokens']} same text {ip['same_text']}")
 
+        import numpy as np
+
+        cos = float(np.dot(np.asarray(plain_emb["vector"]), ip["st_vec"]))
         med = lambda xs, k: median([x[k] for x in xs])  # noqa: E731
         tm = lambda k: median([x["timings"][k] for x in js])  # noqa: E731
         import torch
@@ -261,8 +321,9 @@ def main() -> None:
             ["--json: before retrieval (wall − total: spawn, imports, exit)", med(js, "wall") - tm("total"), ""],
         ]
         rss = [x["rss_mb"] for x in plain + js]
-        stage_rows = [[k, v] for k, v in stages.items() if k != "prompt tokens"]
-        stage_sum = sum(v for _, v in stage_rows)
+        stage_rows = [[k, v[0], v[1]] for k, v in stages.items()]
+        stage_sum = sum(r[1] for r in stage_rows)
+        stage_cpu = sum(r[2] for r in stage_rows)
         body = (
             f"Command: `{command_line()}`  \nDate: {today()}; {machine()}; load average at start/end "
             f"{load0:.1f}/{os.getloadavg()[0]:.1f}; torch {torch.__version__} "
@@ -274,10 +335,21 @@ def main() -> None:
             + f"\n\n### (c) Peak RSS of the `mllm ask` process\n\nmedian {median(rss):.0f} MB, max {max(rss):.0f} MB "
               f"(os.wait4 ru_maxrss of the child, {len(rss)} runs).\n\n"
             + f"### Where a new process's first-token time goes (one fresh child, steps in the CLI's order)\n\n"
-            + table(["step", "s"], stage_rows) + f"\n| **sum** | **{stage_sum:.3g}** |\n\n"
-            + "Heaviest top-level imports of a real `mllm ask` (`python -X importtime`, cumulative s; these "
-              "overlap the step rows above):\n\n"
-            + table(["module", "s"], [[k, v] for k, v in imports[:8]])
+            + "Wall s is inflated by other jobs on a busy machine; CPU s (this process, all threads) is not, and "
+              "for the single-threaded steps (imports, loads) it is what the wall time would be on an idle "
+              "machine.\n\n"
+            + table(["step", "wall s", "CPU s"], stage_rows)
+            + f"\n| **sum** | **{stage_sum:.3g}** | **{stage_cpu:.3g}** |\n\n"
+            + "Heaviest packages imported by a real `mllm ask` (`python -X importtime`, cumulative s at first "
+              "import, any nesting depth; rows overlap: a package includes what it imports, e.g. "
+              "sentence_transformers includes torch and sklearn):\n\n"
+            + table(["package", "cumulative s", "nesting depth"], [[k, v, d] for k, v, d in imports[:12]])
+            + "\n\nThe default embedder without sentence_transformers (fresh process; plain transformers AutoModel "
+              "+ mean pooling + L2 norm, what all-MiniLM-L6-v2 computes): cosine to the library's query vector "
+              f"{cos:.6f}.\n\n"
+            + table(["step", "wall s", "CPU s"], [[k, v[0], v[1]] for k, v in plain_emb["stages"].items()])
+            + f"\n| **sum** | **{sum(v[0] for v in plain_emb['stages'].values()):.3g}** | "
+              f"**{sum(v[1] for v in plain_emb['stages'].values()):.3g}** |"
             + f"\n\n### (b) In-process overhead: MemoryLLM.ask vs raw model.generate (median of {args.inproc_runs}, "
               "interleaved, models loaded and warm)\n\n"
             + table(["path", "median s", "runs s", "ms / new token"],
@@ -286,7 +358,7 @@ def main() -> None:
                      ["  of which retrieve", ip["components"]["retrieve"], "", ""],
                      ["  of which prompt", ip["components"]["prompt"], "", ""],
                      ["  of which generate (streamed)", ip["components"]["generate"], "", ""],
-                     ["raw model.generate (same ids, greedy, no streamer)", ip["raw"],
+                     ["raw model.generate (same ids, greedy, no streamer, in a worker thread)", ip["raw"],
                       " / ".join(f"{x:.3f}" for x in ip["raws"]), 1000 * ip["raw"] / ip["tokens"]]])
             + f"\n\nBoth generated {ip['tokens']} new tokens (greedy on identical ids; texts identical: "
               f"{ip['same_text']}). **Overhead (ask − raw) / raw = {100 * ip['overhead']:.1f}%** (target ≤ 5%).\n")
@@ -298,6 +370,10 @@ def main() -> None:
 
 
 NOTES = """
+Method notes: (b) runs raw generate in a worker thread because ask's generation runs in one (the streamer's);
+on this shared, overloaded machine generation in the main thread measured 6-10x slower than in a worker thread
+(scripts/probe_threads.py), which would make the comparison meaningless. Greedy decoding of identical ids yields
+identical tokens, so the token counts match without forcing min_new_tokens (the script checks the texts).
 """
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import argparse
 import datetime as dt
 import json
 import platform
-import re
 import shlex
 import sys
 import tempfile
@@ -178,14 +177,12 @@ def section(r: dict, command: str) -> str:
 
 
 def write_benchmarks(text: str, path: Path = REPO / "BENCHMARKS.md") -> None:
-    """Replace the section in BENCHMARKS.md (up to the next '## ' heading), or append it."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1).rstrip("\n") + "\n"
-    else:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    path.write_text(new, encoding="utf-8")
+    """Replace the section in BENCHMARKS.md (up to the next '## ' heading), or append it; under the shared
+    lock of scripts/_benchmd.py, so concurrent benchmark scripts do not clobber each other."""
+    from _benchmd import write_section
+
+    body = text.split("\n", 1)[1] if text.startswith(SECTION) else text
+    write_section(SECTION[3:], body, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,7 +87,7 @@ def _norm(x: np.ndarray) -> np.ndarray:
 def interleaved(methods: dict, queries: np.ndarray, warmup: int = 20) -> dict:
     """methods: name -> (setup, search). Step i runs every method in turn, method j on query (i + j*shift) % nq,
     so the methods are interleaved in time (machine noise hits them alike) but never run the same query back to
-    back (which would find the same graph nodes hot in cache). setup() is untimed (e.g. set efSearch).
+    back (which would find the same graph nodes hot in cache); the order rotates every step. setup() is untimed (e.g. set efSearch).
     Returns name -> (per-query ms list, ids per query in query order)."""
     nq, names = len(queries), list(methods)
     shift = max(1, nq // max(1, len(names)))
@@ -98,7 +98,9 @@ def interleaved(methods: dict, queries: np.ndarray, warmup: int = 20) -> dict:
             setup()
             search(q)
     for i in range(nq):
-        for j, name in enumerate(names):
+        r = i % len(names)  # rotate the order too: no method always runs right after the heaviest one
+        for name in names[r:] + names[:r]:
+            j = names.index(name)
             setup, search = methods[name]
             qi = (i + j * shift) % nq
             setup()
@@ -172,6 +174,14 @@ def raw_loader(path):
     return faiss.read_index(str(path))
 
 
+BUILD_CPU: dict[int, float | None] = {}
+
+
+def cpu_note(index) -> str:
+    cpu = BUILD_CPU.get(id(index))
+    return f" (build CPU {cpu:.0f} s)" if cpu else ""
+
+
 def cached(args, key: str, build, saver, loader):
     """Build an index (timed), or load it from --cache with the build time measured when it was built."""
     if args.cache:
@@ -181,14 +191,19 @@ def cached(args, key: str, build, saver, loader):
             t = time.perf_counter()
             index = loader(path)
             log(f"  loaded {key} from the cache in {time.perf_counter() - t:.1f} s")
-            return index, json.loads(info.read_text())["build_s"]
-    t = time.perf_counter()
+            saved = json.loads(info.read_text())
+            BUILD_CPU[id(index)] = saved.get("build_cpu_s")
+            return index, saved["build_s"]
+    t, c = time.perf_counter(), time.process_time()
     index = build()
-    b = time.perf_counter() - t
+    b, cpu = time.perf_counter() - t, time.process_time() - c
+    BUILD_CPU[id(index)] = cpu
+    log(f"  built {key}: {b:.1f} s wall, {cpu:.1f} s CPU (all threads), load {os.getloadavg()[0]:.1f}")
     if args.cache:
         d.mkdir(parents=True, exist_ok=True)
         saver(index)(path)
-        info.write_text(json.dumps({"build_s": b, "date": today(), "load": os.getloadavg()[0]}))
+        info.write_text(json.dumps({"build_s": b, "build_cpu_s": cpu, "date": today(),
+                                    "load": os.getloadavg()[0]}))
     return index, b
 
 
@@ -241,7 +256,7 @@ def bench_size(n: int, args, mix: Mixture, out: list[dict]) -> None:
     nf = min(args.queries, args.flat_queries)
     methods = {"flat": (nothing, raw_search(flat))}
     meta = {"flat": ("faiss-flat (exact)", "IndexFlatIP", flat_build),
-            "lib": (f"lib FaissIndex ({lib.kind})", lib_params, lib_build)}
+            "lib": (f"lib FaissIndex ({lib.kind})", lib_params + cpu_note(lib), lib_build)}
     if lib.kind == "flat":
         methods["lib"] = lib_search
     report(out, interleaved(methods, queries[:nf]), truth, n, meta)
@@ -278,7 +293,8 @@ def bench_size(n: int, args, mix: Mixture, out: list[dict]) -> None:
             log(f"  alt hnsw M={m_} efC={efc} built in {b:.1f} s")
             search_threads()
             methods = {f"ef{ef}": (set_ef(alt, ef), raw_search(alt)) for ef in args.alt_ef}
-            meta = {f"ef{ef}": ("faiss-hnsw alt", f"M={m_} efC={efc} efS={ef}", b) for ef in args.alt_ef}
+            meta = {f"ef{ef}": ("faiss-hnsw alt", f"M={m_} efC={efc} efS={ef}" + cpu_note(alt), b)
+                    for ef in args.alt_ef}
             report(out, interleaved(methods, queries), truth, n, meta)
             del alt
             gc.collect()
@@ -300,7 +316,7 @@ def bench_size(n: int, args, mix: Mixture, out: list[dict]) -> None:
         log(f"  ivf nlist={nlist} built in {b:.1f} s")
         search_threads()
         methods = {f"np{p_}": (set_nprobe(ivf, p_), raw_search(ivf)) for p_ in args.nprobe}
-        meta = {f"np{p_}": ("faiss-ivfflat", f"nlist={nlist} nprobe={p_}", b) for p_ in args.nprobe}
+        meta = {f"np{p_}": ("faiss-ivfflat", f"nlist={nlist} nprobe={p_}" + cpu_note(ivf), b) for p_ in args.nprobe}
         report(out, interleaved(methods, queries), truth, n, meta)
         del ivf
         gc.collect()
@@ -375,13 +391,13 @@ def main() -> None:
                    help="above this the store loads the lib index from disk instead of rebuilding it")
     p.add_argument("--relearn-max", type=int, default=200_000,
                    help="up to this size also time re-learning one source in the store (an HNSW rebuild)")
-    p.add_argument("--ef-sweep", default="16,32,64,128,256")
+    p.add_argument("--ef-sweep", default="16,32,64,128,256,512,1024")
     p.add_argument("--alternatives", action="store_true", help="also build cheaper HNSW and IVF at large n")
     p.add_argument("--alternatives-min", type=int, default=1_000_000)
-    p.add_argument("--hnsw-alt", default="16:40,32:40", help="M:efConstruction pairs")
+    p.add_argument("--hnsw-alt", default="", help="M:efConstruction pairs of extra HNSW builds, e.g. 16:40,32:200")
     p.add_argument("--alt-ef", default="32,64,128,256")
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (default 4*sqrt(n))")
-    p.add_argument("--nprobe", default="8,16,32,64,128")
+    p.add_argument("--nprobe", default="8,16,32,64,128,256")
     p.add_argument("--build-threads", type=int, default=None)
     p.add_argument("--cache", default="/tmp/bench_search_cache",
                    help="keep built ANN indexes here (with their build times) so reruns skip the builds; '' = off")
