@@ -111,7 +111,7 @@ class MemoryLLM:
             if self._store is None:
                 s = self.settings
                 self._store = Store(s.home, lock_timeout=s.lock_timeout, exact_index_max=s.exact_index_max,
-                                    hnsw_m=s.hnsw_m, ef_search=s.hnsw_ef_search)
+                                    ivf_nprobe=s.ivf_nprobe)
             return self._store
 
     @property

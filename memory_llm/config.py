@@ -57,9 +57,8 @@ class Settings:
     rrf_k: int = _opt(60, "Reciprocal-rank-fusion constant")
     context_tokens: int = _opt(1024, "Token budget for retrieved context in the prompt")
     max_new_tokens: int = _opt(200, "Tokens generated at most for an answer")
-    exact_index_max: int = _opt(50_000, "Up to this many memories the vector index is exact; above it HNSW")
-    hnsw_m: int = _opt(32, "HNSW graph degree (large indexes)")
-    hnsw_ef_search: int = _opt(128, "HNSW search breadth (large indexes)")
+    exact_index_max: int = _opt(50_000, "Up to this many memories the vector index is exact; above it IVF")
+    ivf_nprobe: int = _opt(16, "Inverted lists searched per query (large indexes; more = better recall, slower)")
     lock_timeout: float = _opt(30.0, "Seconds to wait for the store's write lock before a clear error")
     home: Path = _opt(None, "Memory home (MLLM_HOME)")
     cache_dir: Path = _opt(None, "Converted-model cache (MLLM_CACHE)")
@@ -72,7 +71,7 @@ class Settings:
     def validate(self) -> None:
         """Raise InputError naming the field and the value when a setting is out of range."""
         positive = ("chunk_tokens", "max_file_mb", "embed_batch_size", "top_k", "rrf_k", "context_tokens",
-                    "max_new_tokens", "exact_index_max", "hnsw_m", "hnsw_ef_search", "lock_timeout")
+                    "max_new_tokens", "exact_index_max", "ivf_nprobe", "lock_timeout")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InputError(f"setting {name}={getattr(self, name)!r} must be > 0")

@@ -78,14 +78,22 @@ def test_writes_by_another_process_are_seen(tmp_path, store):
     other.close()
 
 
-def test_switches_to_hnsw_when_large_and_back(tmp_path):
-    s = Store(tmp_path / "h2", exact_index_max=5)
+def test_switches_to_ivf_when_large_removes_in_place_and_back(tmp_path):
+    s = Store(tmp_path / "h2", exact_index_max=50)
     s.check_embedder("fake", 8)
-    s.replace_source("default", "a", "h", chunks([f"t{i}" for i in range(8)]))
-    assert s.index().kind == "hnsw" and len(s.index()) == 8
+    ids = s.replace_source("default", "a", "h", chunks([f"t{i}" for i in range(120)]))
+    index = s.index()
+    assert index.kind == "ivf" and len(index) == 120 and index.nlist == 3
+    assert [i for i, _ in s.dense(vec(7), 1)] == [ids[7]]
+    s.forget(ids=ids[:10])
+    assert s.index() is index and len(index) == 110  # removed in place, no rebuild
+    s.flush()
+    again = Store(tmp_path / "h2", exact_index_max=50)
+    assert again.index().kind == "ivf" and again.index().fingerprint() == index.fingerprint()
     s.forget(source="a")
     assert s.index().kind == "flat" and len(s.index()) == 0
     s.close()
+    again.close()
 
 
 def test_forget_variants(store):

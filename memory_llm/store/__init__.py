@@ -1,6 +1,6 @@
 """Storage: SQLite (source of truth) and the vector index derived from it."""
 
 from memory_llm.store.sqlite import Hit, Memory, Store
-from memory_llm.store.vectors import VectorIndex, open_index
+from memory_llm.store.vectors import FaissIndex, VectorIndex
 
-__all__ = ["Hit", "Memory", "Store", "VectorIndex", "open_index"]
+__all__ = ["Hit", "Memory", "Store", "FaissIndex", "VectorIndex"]

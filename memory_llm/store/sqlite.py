@@ -17,7 +17,7 @@ import numpy as np
 
 from memory_llm.errors import InputError, StoreError
 from memory_llm.store.migrations import MIGRATIONS, SCHEMA_VERSION
-from memory_llm.store.vectors import FaissIndex, choose_kind, fingerprint_of, open_index
+from memory_llm.store.vectors import FaissIndex, choose_kind, ivf_nlist, needs_rebuild
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +63,9 @@ class Store:
     """One memory home on disk. Thread-safe: one connection, guarded by a lock; readers share the index."""
 
     def __init__(self, home: Path, *, lock_timeout: float = 30.0, exact_index_max: int = 50_000,
-                 hnsw_m: int = 32, ef_search: int = 128):
+                 ivf_nprobe: int = 16):
         self.home = Path(home)
-        self.exact_index_max, self.hnsw_m, self.ef_search = exact_index_max, hnsw_m, ef_search
+        self.exact_index_max, self.ivf_nprobe = exact_index_max, ivf_nprobe
         _make_private_dir(self.home)
         self.path = self.home / DB_NAME
         self._lock = threading.RLock()
@@ -230,11 +230,11 @@ class Store:
             index = None
             if self.index_path.exists():
                 try:
-                    index = FaissIndex.load(self.index_path, ef_search=self.ef_search)
+                    index = FaissIndex.load(self.index_path, nprobe=self.ivf_nprobe)
                 except (RuntimeError, OSError):
                     logger.warning("vector index %s is unreadable; rebuilding it from SQLite", self.index_path)
                 if index is not None and (index.fingerprint() != expected or index.dim != dim
-                                          or index.kind != choose_kind(len(index), self.exact_index_max)):
+                                          or needs_rebuild(index, len(index), self.exact_index_max)):
                     logger.warning("vector index disagrees with SQLite; rebuilding it")
                     index = None
             if index is None:
@@ -247,7 +247,12 @@ class Store:
         with self._lock:
             dim = dim or int(self.meta("dim") or 0)
             n = self.db.execute("SELECT count(*) FROM memories").fetchone()[0]
-            index = open_index(dim, n, self.exact_index_max, self.hnsw_m, self.ef_search)
+            kind = choose_kind(n, self.exact_index_max)
+            train = None
+            if kind == "ivf":  # k-means on a sample of up to 100k stored vectors
+                rows = self.db.execute("SELECT embedding FROM memories ORDER BY random() LIMIT 100000").fetchall()
+                train = np.frombuffer(b"".join(r[0] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+            index = FaissIndex(dim, kind, nprobe=self.ivf_nprobe, train=train, nlist=ivf_nlist(n) if train is not None else None)
             cur = self.db.execute("SELECT id, embedding FROM memories ORDER BY id")
             while rows := cur.fetchmany(20_000):
                 ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
@@ -269,7 +274,7 @@ class Store:
                 self._index = None
                 return
             ok = not removed or index.remove(np.asarray(removed, dtype=np.int64))
-            if not ok or index.kind != choose_kind(len(index) + len(added[0]), self.exact_index_max):
+            if not ok or needs_rebuild(index, len(index) + len(added[0]), self.exact_index_max):
                 self._index = None  # rebuilt from SQLite at the next use
                 return
             if added[0]:
@@ -468,7 +473,7 @@ class Store:
             results.append(_check("index", True, "empty home, no index yet"))
             return results
         try:
-            on_disk = FaissIndex.load(self.index_path, ef_search=self.ef_search)
+            on_disk = FaissIndex.load(self.index_path, nprobe=self.ivf_nprobe)
             agrees = on_disk.fingerprint() == expected
             results.append(_check("index", agrees, f"{len(on_disk)} vectors agree with SQLite" if agrees
                                   else f"index holds {len(on_disk)} vectors, SQLite {expected[0]} memories", True))
