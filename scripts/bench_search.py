@@ -2,13 +2,15 @@
 """Vector search: p50/p95 latency and recall@10 vs exact, at several sizes, 384-dim synthetic clustered data.
 
 Compared in one run, on the same vectors and queries:
-  lib        memory_llm.store.vectors.open_index (the kind the library chooses: flat <= exact_max, else HNSW
-             M=32, efConstruction=80, efSearch=128), searched through FaissIndex.search
+  lib        memory_llm.store.vectors.FaissIndex of the kind the library chooses (choose_kind: flat <= exact_max,
+             else IVF-Flat with nlist=ivf_nlist(n), trained on <= 100k vectors, nprobe=Settings.ivf_nprobe; the
+             HNSW-era API open_index is used if present), built as Store.rebuild_index does, via FaissIndex.search
   faiss-flat raw faiss.IndexFlatIP (exact: the ground truth and the latency floor of exact search)
-  faiss-hnsw raw faiss.IndexHNSWFlat, same parameters (for sizes where lib is HNSW: the very graph inside the
-             lib's IndexIDMap2, searched directly, so the difference is wrapper overhead only)
+  faiss-ivf  the lib's own IVF searched directly (the difference is wrapper overhead only) + an nprobe sweep
+  faiss-hnsw raw faiss.IndexHNSWFlat M=32 efConstruction=80 (the library's previous large-index choice)
   store      Store.dense through a real memory home (SQLite + index), sizes in --store-sizes
-plus an efSearch sweep on HNSW and, with --alternatives, cheaper-to-build HNSW and IVF variants.
+plus an efSearch sweep on HNSW and, with --hnsw-alt, more HNSW variants. Built ANN indexes are cached in --cache
+with their build times (reruns skip the builds and report the recorded times).
 
 Latency: one query per search call, k=10, faiss.omp_set_num_threads(1) (single-threaded search, as one
 request of a CLI/server would run). Builds use all cores (2 here). Ground truth: batch exact search.
@@ -37,12 +39,16 @@ from _benchmd import command_line, machine, pct, table, today, write_section  # 
 
 import faiss  # noqa: E402
 
-from memory_llm.store.vectors import FaissIndex, open_index  # noqa: E402
+from memory_llm.store import vectors as V  # noqa: E402
+from memory_llm.store.vectors import FaissIndex  # noqa: E402
+from memory_llm.config import Settings  # noqa: E402
 
 DIM = 384
 K = 10
 EXACT_MAX = 50_000  # the library default (Settings.exact_index_max)
-LIB_M, LIB_EFC, LIB_EFS = 32, 80, 128  # FaissIndex / Settings defaults
+LIB_M, LIB_EFC, LIB_EFS = 32, 80, 128  # the HNSW the library used before it switched to IVF
+LIB_NPROBE = Settings.__dataclass_fields__['ivf_nprobe'].default if 'ivf_nprobe' in Settings.__dataclass_fields__ else 16
+HOLD: list = []
 
 
 # ---- data -----------------------------------------------------------------------------------------------
@@ -221,35 +227,57 @@ def bench_size(n: int, args, mix: Mixture, out: list[dict]) -> None:
     flat_build = time.perf_counter() - t
     _, truth = flat.search(queries, K)
 
-    # the library's choice
+    # the library's choice, built as Store.rebuild_index builds it
     def build_lib():
-        lib = open_index(DIM, n, EXACT_MAX)
+        kind = V.choose_kind(n, EXACT_MAX)
+        if hasattr(V, "open_index"):  # the HNSW-era API
+            lib = V.open_index(DIM, n, EXACT_MAX)
+        elif kind == "ivf":  # k-means on a sample of up to 100k stored vectors, nlist = ivf_nlist(n)
+            train = data[np.random.default_rng(11).choice(n, min(n, 100_000), replace=False)]
+            lib = FaissIndex(DIM, kind, nprobe=LIB_NPROBE, train=train, nlist=V.ivf_nlist(n))
+        else:
+            lib = FaissIndex(DIM, kind)
         for s in range(0, n, 20_000):  # as Store.rebuild_index feeds it
             lib.add(ids[s:s + 20_000], data[s:s + 20_000])
         return lib
 
+    build_threads()
     if n > EXACT_MAX:
-        lib, lib_build = cached(args, f"lib-n{n}-c{args.centres}", build_lib, lambda ix: ix.save,
-                                lambda path: FaissIndex.load(path, ef_search=LIB_EFS))
+        lib, lib_build = cached(args, f"lib-{V.choose_kind(n, EXACT_MAX)}-n{n}-c{args.centres}", build_lib,
+                                lambda ix: ix.save, lambda path: FaissIndex.load(path, nprobe=LIB_NPROBE))
     else:
         t = time.perf_counter()
         lib = build_lib()
         lib_build = time.perf_counter() - t
     log(f"  lib {lib.kind} built in {lib_build:.1f} s")
-    lib_params = "IDMap2(FlatIP)" if lib.kind == "flat" else f"IDMap2(HNSW M={LIB_M} efC={LIB_EFC} efS={LIB_EFS})"
+    if lib.kind == "flat":
+        lib_params = "IDMap2(FlatIP)"
+    elif lib.kind == "ivf":
+        lib_params = f"IVFFlat nlist={lib.nlist} nprobe={LIB_NPROBE}, trained on {min(n, 100_000):,}"
+    else:
+        lib_params = lib.kind
     lib_search = (nothing, lambda q: lib.search(q, K)[0] - 1)
 
-    # raw HNSW, same parameters
-    if lib.kind == "hnsw":
-        hnsw = faiss.downcast_index(lib.index.index)  # the same graph, without IDMap2 and the Python wrapper
-        hnsw_build, hnsw_label = None, "faiss-hnsw (lib's graph, raw)"
+    # HNSW M=32 efC=80 (the previous library choice) for comparison
+    def build_hnsw():
+        h = faiss.IndexHNSWFlat(DIM, LIB_M, faiss.METRIC_INNER_PRODUCT)
+        h.hnsw.efConstruction = LIB_EFC
+        h.add(data)
+        return h
+
+    def load_hnsw(path):
+        ix = faiss.read_index(str(path))
+        HOLD.append(ix)  # a downcast view does not own the C++ index: keep the owner alive
+        return faiss.downcast_index(ix.index) if hasattr(ix, "id_map") else faiss.downcast_index(ix)
+
+    if n > EXACT_MAX:
+        hnsw, hnsw_build = cached(args, f"hnsw32-80-n{n}-c{args.centres}", build_hnsw, raw_saver, load_hnsw)
+        HOLD.append(hnsw)
     else:
         t = time.perf_counter()
-        hnsw = faiss.IndexHNSWFlat(DIM, LIB_M, faiss.METRIC_INNER_PRODUCT)
-        hnsw.hnsw.efConstruction = LIB_EFC
-        hnsw.add(data)
-        hnsw_build, hnsw_label = time.perf_counter() - t, "faiss-hnsw"
-        log(f"  raw hnsw built in {hnsw_build:.1f} s")
+        hnsw = build_hnsw()
+        hnsw_build = time.perf_counter() - t
+    log(f"  hnsw built in {hnsw_build:.1f} s")
     search_threads()
 
     # exact flat (slow at large n: fewer queries), interleaved with the lib when the lib is flat too
@@ -263,20 +291,30 @@ def bench_size(n: int, args, mix: Mixture, out: list[dict]) -> None:
     del flat
     gc.collect()
 
-    # lib (HNSW) vs the raw graph, and the efSearch sweep, interleaved per query
-    methods = {} if lib.kind == "flat" else {"lib": lib_search}
-    methods["hnsw"] = (set_ef(hnsw, LIB_EFS), raw_search(hnsw))
-    meta["hnsw"] = (hnsw_label, f"M={LIB_M} efC={LIB_EFC} efS={LIB_EFS}", hnsw_build)
+    # lib (IVF) vs the same IVF searched raw, and the nprobe sweep, interleaved per query
+    if lib.kind == "ivf":
+        ivf = faiss.extract_index_ivf(lib.index)
+        methods = {"lib": (set_nprobe(ivf, LIB_NPROBE), lib_search[1]),
+                   "ivf": (set_nprobe(ivf, LIB_NPROBE), lambda q: lib.index.search(q.reshape(1, -1), K)[1][0] - 1)}
+        meta["ivf"] = ("faiss-ivfflat (lib's index, raw)", f"nlist={lib.nlist} nprobe={LIB_NPROBE}", None)
+        for p_ in args.nprobe:
+            if p_ != LIB_NPROBE:
+                methods[f"np{p_}"] = (set_nprobe(ivf, p_), lambda q: lib.index.search(q.reshape(1, -1), K)[1][0] - 1)
+                meta[f"np{p_}"] = ("faiss-ivfflat nprobe sweep (lib's index)", f"nlist={lib.nlist} nprobe={p_}", None)
+        report(out, interleaved(methods, queries), truth, n, meta)
+        ivf.nprobe = LIB_NPROBE
+
+    # HNSW and its efSearch sweep
+    methods = {"hnsw": (set_ef(hnsw, LIB_EFS), raw_search(hnsw))}
+    meta["hnsw"] = ("faiss-hnsw", f"M={LIB_M} efC={LIB_EFC} efS={LIB_EFS}" + cpu_note(hnsw), hnsw_build)
     for ef in args.ef_sweep:
         if ef != LIB_EFS:
             methods[f"ef{ef}"] = (set_ef(hnsw, ef), raw_search(hnsw))
             meta[f"ef{ef}"] = ("faiss-hnsw efSearch sweep", f"M={LIB_M} efC={LIB_EFC} efS={ef}", None)
-    if lib.kind == "hnsw":  # lib's search must see its own efSearch: reset it after every sweep point
-        methods["lib"] = (set_ef(hnsw, LIB_EFS), lib_search[1])
     report(out, interleaved(methods, queries), truth, n, meta)
-    hnsw.hnsw.efSearch = LIB_EFS
-    if lib.kind != "hnsw":
-        del hnsw
+    del hnsw
+    HOLD.clear()
+    gc.collect()
 
     # alternatives that build faster (large sizes only)
     if args.alternatives and n >= args.alternatives_min:
@@ -298,28 +336,6 @@ def bench_size(n: int, args, mix: Mixture, out: list[dict]) -> None:
             report(out, interleaved(methods, queries), truth, n, meta)
             del alt
             gc.collect()
-        nlist = args.nlist or int(4 * np.sqrt(n))
-        build_threads()
-
-        def build_ivf():
-            quant = faiss.IndexFlatIP(DIM)
-            ivf = faiss.IndexIVFFlat(quant, DIM, nlist, faiss.METRIC_INNER_PRODUCT)
-            ivf.own_fields = True
-            quant.this.disown()
-            train = data[np.random.default_rng(3).choice(n, min(n, 32 * nlist), replace=False)]
-            ivf.train(train)
-            ivf.add(data)
-            return ivf
-
-        ivf, b = cached(args, f"ivf-n{n}-c{args.centres}-nlist{nlist}", build_ivf, raw_saver,
-                        lambda p_: faiss.extract_index_ivf(faiss.read_index(p_)))
-        log(f"  ivf nlist={nlist} built in {b:.1f} s")
-        search_threads()
-        methods = {f"np{p_}": (set_nprobe(ivf, p_), raw_search(ivf)) for p_ in args.nprobe}
-        meta = {f"np{p_}": ("faiss-ivfflat", f"nlist={nlist} nprobe={p_}" + cpu_note(ivf), b) for p_ in args.nprobe}
-        report(out, interleaved(methods, queries), truth, n, meta)
-        del ivf
-        gc.collect()
 
     # the full Store.dense path
     if n in args.store_sizes:
@@ -373,7 +389,8 @@ def bench_store(n: int, data, queries, truth, lib: FaissIndex, args, out: list[d
             search_threads()
             log(f"  re-learn one source: replace_source {w:.3f} s, + next Store.dense {total:.3f} s")
             out.append({"n": n, "method": f"Store: re-learn 1 source ({index.kind})", "params":
-                        "replace_source of a 10-chunk source + the next Store.dense (which rebuilds HNSW)",
+                        "replace_source of a 10-chunk source + the next Store.dense (flat/IVF remove in place; "
+                        "the former HNSW could not, so it rebuilt the index from SQLite)",
                         "p50_ms": 1000 * total, "p95_ms": float("nan"), "recall@10": float("nan"),
                         "build_s": total})
         store.close()
@@ -389,8 +406,8 @@ def main() -> None:
     p.add_argument("--store-sizes", default="10000,100000", help="sizes that also run the Store.dense path")
     p.add_argument("--store-rebuild-max", type=int, default=200_000,
                    help="above this the store loads the lib index from disk instead of rebuilding it")
-    p.add_argument("--relearn-max", type=int, default=200_000,
-                   help="up to this size also time re-learning one source in the store (an HNSW rebuild)")
+    p.add_argument("--relearn-max", type=int, default=2_000_000,
+                   help="up to this size also time re-learning one source in the store")
     p.add_argument("--ef-sweep", default="16,32,64,128,256,512,1024")
     p.add_argument("--alternatives", action="store_true", help="also build cheaper HNSW and IVF at large n")
     p.add_argument("--alternatives-min", type=int, default=1_000_000)
@@ -447,8 +464,11 @@ def main() -> None:
 
 
 def render(meta: dict, out: list[dict]) -> str:
-    rows = [[f"{r['n']:,}", r["method"], r["params"], r["p50_ms"], r["p95_ms"],
-             "" if r["recall@10"] != r["recall@10"] else f"{r['recall@10']:.4f}",
+    def nan(v) -> bool:
+        return isinstance(v, float) and v != v
+
+    rows = [[f"{r['n']:,}", r["method"], r["params"], "" if nan(r["recall@10"]) else r["p50_ms"],
+             "" if nan(r["p95_ms"]) else r["p95_ms"], "" if nan(r["recall@10"]) else f"{r['recall@10']:.4f}",
              "" if r["build_s"] is None else f"{r['build_s']:.1f}"] for r in out]
     lines = []
     for n in sorted({r["n"] for r in out}):
@@ -456,14 +476,17 @@ def render(meta: dict, out: list[dict]) -> str:
         lib = next((r for r in at if r["method"].startswith("lib FaissIndex") and "again" not in r["method"]), None)
         if lib is None:
             continue
-        ref = next((r for r in at if r["method"] == ("faiss-flat (exact)" if "(flat)" in lib["method"]
-                                                     else "faiss-hnsw (lib's graph, raw)")), None)
+        ref_name = {"(flat)": "faiss-flat (exact)", "(ivf)": "faiss-ivfflat (lib's index, raw)",
+                    "(hnsw)": "faiss-hnsw (lib's graph, raw)"}
+        want = next((v for k_, v in ref_name.items() if k_ in lib["method"]), None)
+        ref = next((r for r in at if r["method"] == want), None)
         line = f"- n={n:,}: the library ({lib['params']}) p50 {lib['p50_ms']:.3f} ms, recall {lib['recall@10']:.4f}"
         if ref is not None:
             d = lib["p50_ms"] - ref["p50_ms"]
-            line += (f"; wrapper overhead vs raw faiss on the same index {d * 1000:+.0f} µs "
+            line += (f"; wrapper overhead vs raw faiss ({ref['method']}) {d * 1000:+.0f} µs "
                      f"({100 * d / ref['p50_ms']:+.0f}%)")
-        ok = [r for r in at if r["recall@10"] >= 0.95 and "flat" not in r["method"] and "Store" not in r["method"]]
+        ok = [r for r in at if r["recall@10"] >= 0.95 and not r["method"].startswith(("faiss-flat", "Store"))
+              and "(flat)" not in r["method"]]
         if ok:
             best = min(ok, key=lambda r: r["p50_ms"])
             line += (f"; fastest ANN config with recall ≥ 0.95: {best['method']} {best['params']} "
