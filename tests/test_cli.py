@@ -146,3 +146,24 @@ def test_doctor_finds_and_repairs_a_broken_index(tmp_path):
     fixed = mllm("doctor", "--repair")
     assert fixed.exit_code == 0 and "repaired: rebuilt the vector index" in fixed.stdout
     assert json.loads(mllm("doctor", "--json").stdout)["healthy"] and stored() == 1
+
+
+def test_consolidate_and_adapters_commands(tmp_path, monkeypatch):
+    from memory_llm.consolidate import run as runmod
+    from memory_llm.consolidate.recipe import Recipe
+
+    monkeypatch.setattr(runmod, "Recipe", lambda: Recipe(epochs=1, rank=4, alpha=8, locality_prompts=4, questions=1))
+    nothing = mllm("consolidate", "--json")
+    assert nothing.exit_code == 0 and json.loads(nothing.stdout)["status"] == "nothing-new"
+    assert mllm("learn", "--text", "The lighthouse of Varn was built in 1820 by Lisbet Holm.").exit_code == 0
+    dry = json.loads(mllm("consolidate", "--dry-run", "--json").stdout)
+    assert dry["status"] == "dry-run" and dry["memories"] == 1
+    rejected = mllm("consolidate", "--json")  # a random tiny model cannot reach the default reliability floor
+    out = json.loads(rejected.stdout)
+    assert rejected.exit_code == 3 and out["status"] == "rejected" and out["exit_code"] == 3
+    assert any(r.startswith("failed: reliability") for r in out["reasons"])
+    listed = json.loads(mllm("adapters", "list", "--json").stdout)
+    assert listed == {"current": None, "versions": [], "broken": []}
+    assert "base model answers" in mllm("adapters", "rollback").stdout
+    assert_clean_error(mllm("adapters", "show"), "no current adapter")
+    assert_clean_error(mllm("adapters", "show", "v0042"), "no adapter version 'v0042'")

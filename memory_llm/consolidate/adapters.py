@@ -38,29 +38,25 @@ class AdapterRegistry:
         self.root = Path(home) / "adapters"
 
     # ---- reading ------------------------------------------------------------------------------------
-    def versions(self) -> list[AdapterVersion]:
-        """Every intact version, oldest first (broken directories are skipped; see `problems`)."""
-        out = []
+    def _scan(self) -> tuple[list[AdapterVersion], list[str]]:
+        """(intact versions oldest first, one line per broken version directory)."""
+        intact, broken = [], []
         if self.root.is_dir():
             for p in sorted(self.root.iterdir()):
                 if _VERSION.match(p.name) and p.is_dir():
                     try:
-                        out.append(self._read(p))
-                    except StoreError:
-                        continue
-        return sorted(out, key=lambda v: v.number)
+                        intact.append(self._read(p))
+                    except StoreError as exc:
+                        broken.append(str(exc))
+        return sorted(intact, key=lambda v: v.number), broken
+
+    def versions(self) -> list[AdapterVersion]:
+        """Every intact version, oldest first (broken directories are skipped; see `problems`)."""
+        return self._scan()[0]
 
     def problems(self) -> list[str]:
         """One line per broken version directory (missing manifest or weights, unreadable manifest)."""
-        bad = []
-        if self.root.is_dir():
-            for p in sorted(self.root.iterdir()):
-                if _VERSION.match(p.name) and p.is_dir():
-                    try:
-                        self._read(p)
-                    except StoreError as exc:
-                        bad.append(str(exc))
-        return bad
+        return self._scan()[1]
 
     def _read(self, path: Path) -> AdapterVersion:
         try:
