@@ -101,6 +101,7 @@ class MemoryLLM:
         self.use_adapter = use_adapter
         self.adapter_version: str | None = None
         self._adapter_attached = False
+        self._embedder_bound = False
         self._store: Store | None = None
         self._lock = threading.RLock()
 
@@ -181,7 +182,10 @@ class MemoryLLM:
         return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
 
     def _bind_embedder(self) -> None:
-        self.store.check_embedder(self.embedder.name, self.embedder.dim)
+        """Check (once per instance: it is a write transaction) that the home belongs to this embedder."""
+        if not self._embedder_bound:
+            self.store.check_embedder(self.embedder.name, self.embedder.dim)
+            self._embedder_bound = True
 
     # ---- learn --------------------------------------------------------------------------------------
     def learn(self, paths: Iterable[str | Path] = (), *, text: str | None = None, namespace: str = DEFAULT_NAMESPACE,

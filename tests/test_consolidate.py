@@ -2,12 +2,10 @@
 test that closed-book beats base is in test_e2e_consolidate.py.)"""
 
 import json
-import shutil
 
 import pytest
 
 from memory_llm import InputError, MemoryLLM, ModelError, StoreError
-from memory_llm.consolidate.adapters import AdapterRegistry
 from memory_llm.consolidate.gate import Floors, decide, item_correct
 from memory_llm.consolidate.recipe import Recipe
 from memory_llm.consolidate.run import ConsolidationLocked, consolidation_lock

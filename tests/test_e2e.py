@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import FK_JSON, REPO, SAMPLE, run_cli
+from conftest import FK_JSON, SAMPLE, run_cli
 from memory_llm import MemoryLLM
 
 pytestmark = pytest.mark.e2e

@@ -8,7 +8,6 @@ retention: accuracy on earlier rounds' held-out items, relative to the current a
 from __future__ import annotations
 
 import re
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -116,7 +115,3 @@ def decide(candidate: dict, current: dict | None, floors: Floors) -> tuple[bool,
 
 def _f(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
-
-
-def no_context():
-    return nullcontext()
