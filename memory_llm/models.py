@@ -162,6 +162,8 @@ def _offline_by_default() -> None:
     which read it once."""
     if not os.environ.get("MLLM_ALLOW_DOWNLOAD"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # the library shows its own progress; transformers' per-load "Loading weights" bars are noise on stderr
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -173,3 +173,65 @@ def test_closed_and_hybrid_eval_need_and_use_the_adapter(cmem, tmp_path):
     for mode in ("base", "rag", "closed", "hybrid"):
         r = cmem.evaluate(path, mode)
         assert r["n"] == 1 and r["adapter"] == ("v0001" if mode in ("closed", "hybrid") else None)
+
+
+def test_position_logits_match_the_full_forward(tiny_generator):
+    import torch
+
+    from memory_llm.consolidate.recipe import position_logits
+
+    model = tiny_generator.model
+    seqs = [[5, 9, 12, 7, 3, 22], [4, 8, 15]]
+    positions = [[2, 3, 4], [0, 1]]
+    got = position_logits(model, seqs, positions)
+    with torch.inference_mode():
+        for s, pos, g in zip(seqs, positions, got):
+            full = model(input_ids=torch.tensor([s])).logits[0, pos]
+            assert g.shape == full.shape and torch.allclose(g, full, atol=1e-4)
+
+
+def test_killed_training_resumes_from_its_checkpoint_to_the_same_weights(tiny_generator, tmp_path):
+    import copy
+
+    import torch
+
+    from memory_llm.consolidate.recipe import Checkpoint, Example, attach_lora, train
+
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in range(12):
+        ids = torch.randint(3, 60, (8 + n % 4,), generator=g).tolist()
+        top = torch.randint(3, 60, (4, 5), generator=g)
+        examples.append(Example(ids, [2, 3, 4, 5], top, torch.full((4, 5), 0.2), "item"))
+    recipe = Recipe(epochs=2, batch_size=4, rank=4, alpha=8, lr=1e-2)
+
+    def fresh():
+        torch.manual_seed(1)
+        return attach_lora(copy.deepcopy(tiny_generator.model), recipe)
+
+    whole = fresh()
+    train(whole, examples, recipe)
+
+    ckpt = Checkpoint(tmp_path / ".checkpoint", key="plan-a", every=0)
+    killed = fresh()
+
+    def kill_at_4(step, total, _):
+        if step == 4:
+            raise KeyboardInterrupt  # as a kill after step 4 (checkpoints were written after each step)
+    with pytest.raises(KeyboardInterrupt):
+        train(killed, examples, recipe, checkpoint=ckpt, progress=kill_at_4)
+    assert Checkpoint(tmp_path / ".checkpoint", key="plan-b").restore(fresh(), *_opt_sched(fresh())) == 0
+
+    resumed = fresh()
+    stats = train(resumed, examples, recipe, checkpoint=ckpt)
+    assert stats["resumed_at"] == 3 and stats["steps"] == stats["planned_steps"] == 6
+    for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
+        if a.requires_grad:
+            assert torch.allclose(a, b, atol=1e-6), name
+
+
+def _opt_sched(model):
+    import torch
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

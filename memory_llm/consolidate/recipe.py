@@ -38,6 +38,7 @@ class Recipe:
     locality_prompts: int = 60  # generic prompts for the locality term (as many more are held out for the gate)
     rewrites: int = 1  # model rewrites per memory (plus one held out)
     questions: int = 4  # questions sampled per memory
+    max_items_per_memory: int = 0  # cap on trained cloze items per memory (0: all); qa items are always kept
     seed: int = 0
     target_modules: tuple = field(default=LORA_TARGETS)
 
@@ -83,33 +84,53 @@ def answer_ids(generator, item: Item) -> list[int]:
     return ids
 
 
-def _top_k_targets(model, sequences: list[list[int]], spans: list[tuple[int, int]], k: int, temperature: float,
-                   batch_size: int = 8):
-    """Teacher top-k probabilities at the positions span=(start, end) of each sequence (one forward each)."""
+def _pad(sequences: list[list[int]]):
+    """Right-padded ids and attention mask for token sequences."""
     import torch
 
-    out = []
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for r, s in enumerate(sequences):
+        ids[r, :len(s)] = torch.as_tensor(s)
+        mask[r, :len(s)] = 1
+    return ids, mask
+
+
+def position_logits(model, sequences: list[list[int]], positions: list[list[int]]) -> list:
+    """Logits at the given positions of each sequence, one forward for the batch. The vocabulary projection
+    runs only at those positions (transformers' boolean `logits_to_keep`), not at every token: most of a
+    training sequence is prompt, and the projection onto a 49k vocabulary is a large share of the work."""
+    import torch
+
+    # the mask yields positions in ascending order per row; callers pass ascending ranges, so a split suffices
+    assert all(p == sorted(set(p)) for p in positions), "positions must be ascending and distinct"
+    ids, mask = _pad(sequences)
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    for r, pos in enumerate(positions):
+        keep[r, pos] = True
+    device = next(model.parameters()).device
+    flat = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device)).logits
+    flat = flat.reshape(-1, flat.shape[-1])  # rows in order, positions ascending within a row
+    return list(torch.split(flat, [len(p) for p in positions]))
+
+
+def _top_k_targets(model, sequences: list[list[int]], spans: list[tuple[int, int]], k: int, temperature: float,
+                   batch_size: int = 8):
+    """Teacher top-k probabilities at the positions span=(start, end) of each sequence."""
+    import torch
+
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     results: dict[int, tuple] = {}
-    device = next(model.parameters()).device
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        width = max(len(sequences[i]) for i in idx)
-        ids = torch.zeros((len(idx), width), dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, :len(sequences[i])] = torch.as_tensor(sequences[i])
-            mask[r, :len(sequences[i])] = 1
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        for r, i in enumerate(idx):
-            start, end = spans[i]
-            probs = torch.softmax(logits[r, start:end] / temperature, dim=-1)
+            logits = position_logits(model, [sequences[i] for i in idx], [list(range(*spans[i])) for i in idx])
+        for i, lg in zip(idx, logits):
+            probs = torch.softmax(lg.float() / temperature, dim=-1)
             p, j = probs.topk(k, dim=-1)
             results[i] = (j.cpu(), (p / p.sum(-1, keepdim=True)).cpu())
-    for i in range(len(sequences)):
-        out.append(results[i])
-    return out
+    return [results[i] for i in range(len(sequences))]
 
 
 def prepare_items(generator, items: Sequence[Item], contexts: dict[int, str], recipe: Recipe,
@@ -155,78 +176,151 @@ def attach_lora(model, recipe: Recipe, init_from: str | None = None):
     return get_peft_model(model, config)
 
 
-def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: float | None = None,
-          progress: Callable[[int, int, dict], None] | None = None) -> dict:
-    """Distillation loop: batches of similar length; loss = KL(teacher‖student)·T² on answer tokens (+ CE on
-    the answer) and KL(base‖student)·T² on locality tokens. Stops at the deadline (time.time()) if given."""
-    import torch
-
+def plan_batches(examples: list[Example], recipe: Recipe) -> list[list[int]]:
+    """Every step's batch for all epochs, fixed by the seed (so a resumed run continues the same plan):
+    per epoch, examples sorted by length with random ties, cut into batches, batches shuffled."""
     rng = random.Random(recipe.seed)
-    torch.manual_seed(recipe.seed)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    batches_per_epoch = math.ceil(len(examples) / recipe.batch_size)
-    total = batches_per_epoch * recipe.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 10))
-                                              * max(0.0, 1 - s / max(1, total)))
-    device = next(peft_model.parameters()).device
-    peft_model.train()
-    step, tokens, started, stopped_early = 0, 0, time.perf_counter(), False
-    losses: list[float] = []
+    plan = []
     for _ in range(recipe.epochs):
         order = sorted(range(len(examples)), key=lambda i: (len(examples[i].ids), rng.random()))
         batches = [order[i:i + recipe.batch_size] for i in range(0, len(order), recipe.batch_size)]
         rng.shuffle(batches)
-        for batch in batches:
-            if deadline is not None and time.time() > deadline:
-                stopped_early = True
-                break
-            loss = _batch_loss(peft_model, [examples[i] for i in batch], recipe, device)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            tokens += sum(len(examples[i].ids) for i in batch)
-            losses.append(loss.item())
-            if progress:
-                progress(step, total, {"loss": losses[-1]})
-        if stopped_early:
+        plan += batches
+    return plan
+
+
+def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: float | None = None,
+          progress: Callable[[int, int, dict], None] | None = None, checkpoint: Checkpoint | None = None) -> dict:
+    """Distillation loop: batches of similar length; loss = KL(teacher‖student)·T² on answer tokens (+ CE on
+    the answer) and KL(base‖student)·T² on locality tokens. Stops at the deadline (time.time()) if given.
+    With a checkpoint, training state is saved every `checkpoint.every` seconds and at a deadline stop, and a
+    run with the same plan resumes from it."""
+    import torch
+
+    torch.manual_seed(recipe.seed)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    plan = plan_batches(examples, recipe)
+    total = len(plan)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 10))
+                                              * max(0.0, 1 - s / max(1, total)))
+    device = next(peft_model.parameters()).device
+    step = checkpoint.restore(peft_model, opt, sched) if checkpoint else 0
+    resumed_at = step
+    peft_model.train()
+    tokens, started, stopped_early, saved_at = 0, time.perf_counter(), False, time.time()
+    losses: list[float] = []
+    for batch in plan[step:]:
+        if deadline is not None and time.time() > deadline:
+            stopped_early = True
             break
+        loss = _batch_loss(peft_model, [examples[i] for i in batch], recipe, device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        tokens += sum(len(examples[i].ids) for i in batch)
+        losses.append(loss.item())
+        if progress:
+            progress(step, total, {"loss": losses[-1]})
+        if checkpoint and step < total and time.time() - saved_at >= checkpoint.every:
+            checkpoint.save(peft_model, opt, sched, step)
+            saved_at = time.time()
+    if checkpoint and stopped_early and step > resumed_at:
+        checkpoint.save(peft_model, opt, sched, step)
     peft_model.eval()
     seconds = time.perf_counter() - started
-    return {"steps": step, "planned_steps": total, "tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0, "stopped_early": stopped_early,
+    return {"steps": step, "planned_steps": total, "resumed_at": resumed_at, "tokens": tokens,
+            "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+            "stopped_early": stopped_early,
             "loss_first": round(losses[0], 4) if losses else None,
             "loss_last": round(sum(losses[-5:]) / len(losses[-5:]), 4) if losses else None}
+
+
+class Checkpoint:
+    """Training state of one planned run in a directory (LoRA weights, optimizer, scheduler, step), written
+    atomically. `key` names the plan (memories, items, recipe, parent adapter); a checkpoint with another key
+    is ignored, so a resumed run always continues the same plan."""
+
+    def __init__(self, path, key: str, every: float = 120.0):
+        from pathlib import Path
+
+        self.path, self.key, self.every = Path(path), key, every
+
+    def restore(self, model, opt, sched) -> int:
+        """Load the saved state into model/opt/sched; the step to continue from (0 if none or another plan)."""
+        import json
+
+        import torch
+        from peft import set_peft_model_state_dict
+
+        try:
+            meta = json.loads((self.path / "meta.json").read_text(encoding="utf-8"))
+            if meta.get("key") != self.key:
+                return 0
+            state = torch.load(self.path / "state.pt", map_location="cpu", weights_only=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            logger.warning("ignoring an unreadable training checkpoint (%s); training from the start", exc)
+            return 0
+        set_peft_model_state_dict(model, state["lora"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        logger.info("resuming training at step %d from a checkpoint", state["step"])
+        return int(state["step"])
+
+    def save(self, model, opt, sched, step: int) -> None:
+        import json
+        import os
+        import shutil
+        import tempfile
+
+        import torch
+        from peft import get_peft_model_state_dict
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".candidate-checkpoint-", dir=self.path.parent)  # swept like candidates
+        lora = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+        torch.save({"lora": lora, "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step},
+                   os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as fh:
+            json.dump({"key": self.key, "step": step, "saved_at": time.time()}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        old = self.path.with_name(self.path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.path.exists():
+            os.replace(self.path, old)  # a kill between the two renames leaves .old; restore() then sees none
+        os.replace(tmp, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def clear(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+        shutil.rmtree(self.path.with_name(self.path.name + ".old"), ignore_errors=True)
 
 
 def _batch_loss(model, batch: list[Example], recipe: Recipe, device):
     import torch
     import torch.nn.functional as F
 
-    width = max(len(e.ids) for e in batch)
-    ids = torch.zeros((len(batch), width), dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for r, e in enumerate(batch):
-        ids[r, :len(e.ids)] = torch.as_tensor(e.ids)
-        mask[r, :len(e.ids)] = 1
-    hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=False).logits
+    logits = position_logits(model, [e.ids for e in batch], [e.positions for e in batch])
     t = recipe.temperature
     item_loss, loc_loss, ce_loss = [], [], []
-    for r, e in enumerate(batch):
-        logits = hidden[r, e.positions].float()
-        logp = F.log_softmax(logits / t, dim=-1).gather(-1, e.top_idx.to(device))
+    for e, lg in zip(batch, logits):
+        lg = lg.float()
+        logp = F.log_softmax(lg / t, dim=-1).gather(-1, e.top_idx.to(device))
         p = e.top_p.to(device)
         kl = (p * (p.clamp_min(1e-9).log() - logp)).sum(-1).mean() * t * t
         if e.kind == "item":
             item_loss.append(kl)
-            targets = ids[r, [i + 1 for i in e.positions]].to(device)
-            ce_loss.append(F.cross_entropy(logits, targets))
+            targets = torch.as_tensor([e.ids[i + 1] for i in e.positions], device=device)
+            ce_loss.append(F.cross_entropy(lg, targets))
         else:
             loc_loss.append(kl)
-    loss = hidden.new_zeros(())
+    loss = logits[0].new_zeros(())
     if item_loss:
         loss = loss + torch.stack(item_loss).mean() + recipe.ce_weight * torch.stack(ce_loss).mean()
     if loc_loss:

@@ -5,6 +5,7 @@ or out-of-time run leaves the current adapter as it was and keeps the items it s
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import random
@@ -17,7 +18,8 @@ from typing import Callable, Iterator
 
 from memory_llm.consolidate.adapters import AdapterRegistry
 from memory_llm.consolidate.gate import Floors, decide, item_accuracy, locality
-from memory_llm.consolidate.recipe import Recipe, attach_lora, mix, prepare_items, prepare_locality, train
+from memory_llm.consolidate.recipe import (Checkpoint, Recipe, attach_lora, mix, prepare_items, prepare_locality,
+                                           train)
 from memory_llm.consolidate.synth import synthesize
 from memory_llm.errors import MemoryLLMError, StoreError
 
@@ -139,7 +141,7 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
                 progress("synthesize", min(b + SYNTH_BATCH, len(todo)), len(todo))
 
         items = store.items(new)
-        train_items = [i for i in items if not i.held_out]
+        train_items = _cap_per_memory([i for i in items if not i.held_out], recipe.max_items_per_memory, recipe.seed)
         held_new = [i for i in items if i.held_out]
         old_items = store.items(keep_covered)
         replay_items = [i for i in old_items if not i.held_out]
@@ -157,18 +159,22 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         if progress:
             progress("prepare", 1, 1)
 
-        # ---- train: LoRA student WITHOUT context ------------------------------------------------------------
+        # ---- train: LoRA student WITHOUT context (checkpointed: a killed or out-of-time run resumes) -------
         init = str(current.path) if current is not None and not full else None
         model = attach_lora(gen.model, recipe, init_from=init)
         gen.model = model
+        training_set = mix(examples, replay, loc, recipe)
+        checkpoint = Checkpoint(registry.root / ".checkpoint", _plan_key(recipe, new, keep_covered, init, training_set))
         reserve = 120.0  # seconds kept for evaluation within a budget
         train_deadline = deadline - reserve if deadline else None
-        stats = train(model, mix(examples, replay, loc, recipe), recipe, deadline=train_deadline,
+        stats = train(model, training_set, recipe, deadline=train_deadline, checkpoint=checkpoint,
                       progress=(lambda s, t, _: progress("train", s, t)) if progress else None)
-        if stats["stopped_early"] and stats["steps"] < stats["planned_steps"] // 2:
+        if stats["stopped_early"]:
             return Summary("out-of-time", f"time budget reached after {stats['steps']} of {stats['planned_steps']}"
-                           " training steps; nothing promoted, items kept", memories=len(new), items=len(train_items),
-                           training=stats, seconds=time.time() - start, full=full)
+                           " training steps; nothing promoted, progress kept: run again to continue",
+                           memories=len(new), items=len(train_items), training=stats, seconds=time.time() - start,
+                           full=full)
+        checkpoint.clear()
 
         # ---- evaluate the candidate ------------------------------------------------------------------------
         metrics = {
@@ -213,6 +219,16 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         return summary
 
 
+def _plan_key(recipe: Recipe, new: list[int], keep: list[int], init: str | None, examples: list) -> str:
+    """What a training checkpoint belongs to: the same memories, parent, recipe and training sequences."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([recipe.as_dict(), new, keep, init and Path(init).name], sort_keys=True).encode())
+    for e in examples:
+        h.update(json.dumps([e.kind, e.ids, e.positions]).encode())
+    return h.hexdigest()
+
+
 def _current_metrics(gen, current, retention_items, loc_eval) -> dict:
     """The current adapter on the same retention items and locality prompts (on a separate base copy)."""
     from peft import PeftModel
@@ -222,6 +238,18 @@ def _current_metrics(gen, current, retention_items, loc_eval) -> dict:
     out = {"retention": item_accuracy(gen, retention_items)}
     out["locality"] = locality(gen, loc_eval, gen.model.disable_adapter)["agreement"]
     return out
+
+
+def _cap_per_memory(items: list, cap: int, seed: int) -> list:
+    """At most `cap` cloze items per memory (a seeded sample; all qa items kept). cap 0 keeps everything."""
+    if cap <= 0:
+        return items
+    by_memory: dict[int, list] = {}
+    for it in items:
+        if it.kind == "cloze":
+            by_memory.setdefault(it.memory_id, []).append(it)
+    keep = {id(it) for group in by_memory.values() for it in _sample(group, cap, seed)}
+    return [it for it in items if it.kind != "cloze" or id(it) in keep]
 
 
 def _sample(items: list, n: int, seed: int) -> list:
