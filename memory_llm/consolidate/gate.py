@@ -49,12 +49,12 @@ def item_accuracy(generator, items: Sequence[Item], batch_size: int = 8) -> floa
     if not items:
         return None
     correct = 0
-    for i in range(0, len(items), batch_size):
-        batch = items[i:i + batch_size]
-        prompts = [student_prompt_ids(generator, it) for it in batch]
-        new = 10 if all(it.kind == "cloze" for it in batch) else 48
-        outs = generator.generate_batch(prompts, new)
-        correct += sum(item_correct(it, o) for it, o in zip(batch, outs))
+    for kind, new in (("cloze", 10), ("qa", 48)):  # batched by kind: a cloze answer needs few tokens
+        same = [it for it in items if it.kind == kind]
+        for i in range(0, len(same), batch_size):
+            batch = same[i:i + batch_size]
+            outs = generator.generate_batch([student_prompt_ids(generator, it) for it in batch], new)
+            correct += sum(item_correct(it, o) for it, o in zip(batch, outs))
     return correct / len(items)
 
 

@@ -35,7 +35,8 @@ class Recipe:
     top_k: int = 32
     replay_fraction: float = 0.25
     locality_tokens: int = 32
-    locality_prompts: int = 60  # generic prompts for the locality term (as many more are held out for the gate)
+    locality_per_batch: int = 2  # locality examples in every batch
+    locality_prompts: int = 60  # generic prompts for the locality term (60 others are held out for the gate)
     rewrites: int = 1  # model rewrites per memory (plus one held out)
     questions: int = 4  # questions sampled per memory
     max_items_per_memory: int = 0  # cap on trained cloze items per memory (0: all); qa items are always kept
@@ -177,15 +178,24 @@ def attach_lora(model, recipe: Recipe, init_from: str | None = None):
 
 
 def plan_batches(examples: list[Example], recipe: Recipe) -> list[list[int]]:
-    """Every step's batch for all epochs, fixed by the seed (so a resumed run continues the same plan):
-    per epoch, examples sorted by length with random ties, cut into batches, batches shuffled."""
+    """Every step's batch for all epochs, fixed by the seed (so a resumed run continues the same plan).
+    Per epoch, training examples sorted by length (random ties) are cut into batches and the batches shuffled;
+    every batch also gets `locality_per_batch` locality examples (cycled), so each step is held to the base
+    model on generic prompts, not only the steps that happen to draw one."""
     rng = random.Random(recipe.seed)
-    plan = []
+    train_idx = [i for i, e in enumerate(examples) if e.kind != "locality"]
+    loc_idx = [i for i, e in enumerate(examples) if e.kind == "locality"]
+    per = min(recipe.locality_per_batch, recipe.batch_size - 1) if loc_idx else 0
+    size = recipe.batch_size - per
+    plan, cursor = [], 0
+    rng.shuffle(loc_idx)
     for _ in range(recipe.epochs):
-        order = sorted(range(len(examples)), key=lambda i: (len(examples[i].ids), rng.random()))
-        batches = [order[i:i + recipe.batch_size] for i in range(0, len(order), recipe.batch_size)]
+        order = sorted(train_idx, key=lambda i: (len(examples[i].ids), rng.random()))
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
         rng.shuffle(batches)
-        plan += batches
+        for batch in batches:
+            plan.append(batch + [loc_idx[(cursor + j) % len(loc_idx)] for j in range(per)])
+            cursor += per
     return plan
 
 
@@ -329,12 +339,8 @@ def _batch_loss(model, batch: list[Example], recipe: Recipe, device):
 
 
 def mix(items: list[Example], replay: list[Example], locality: list[Example], recipe: Recipe) -> list[Example]:
-    """The training set: new items, a replay sample of earlier ones, and locality examples, shuffled."""
+    """The training set: new items, a replay sample of earlier ones, and the locality examples (which
+    `plan_batches` spreads over every batch)."""
     rng = random.Random(recipe.seed)
     n_replay = min(len(replay), int(len(items) * recipe.replay_fraction))
-    # locality examples are repeated so they stay about a quarter of what the model sees
-    n_loc = max(len(locality), len(items) // 3) if locality else 0
-    loc = [locality[i % len(locality)] for i in range(n_loc)]
-    mixed = items + rng.sample(replay, n_replay) + loc
-    rng.shuffle(mixed)
-    return mixed
+    return items + rng.sample(replay, n_replay) + list(locality)

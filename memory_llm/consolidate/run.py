@@ -150,7 +150,7 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
 
         # ---- teacher targets: base model WITH the chunk in context -------------------------------------------
         loc_train, loc_eval = generic_prompts()
-        loc_train, loc_eval = loc_train[:recipe.locality_prompts], loc_eval[:recipe.locality_prompts]
+        loc_train = loc_train[:recipe.locality_prompts]  # the gate always uses every held-out prompt (60)
         rng = random.Random(recipe.seed)
         replay_pick = rng.sample(replay_items, min(len(replay_items), int(len(train_items) * recipe.replay_fraction)))
         examples = prepare_items(gen, train_items, contexts, recipe)
