@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 # A sentence ends at . ! ? (optionally followed by quotes/brackets) before whitespace, or at a blank line.
+# a chunk holds at most this many characters per token of its budget: a tokenizer may count a 3 MB "word"
+# as one unknown token, and such a chunk would flood the prompt
+MAX_CHARS_PER_TOKEN = 16
 _SENTENCE = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n\s*\n+")
 
 
@@ -36,7 +39,7 @@ def chunk_text(sections: list[str], count_tokens: Callable[[str], int], max_toke
         units: list[tuple[str, int]] = []
         for sentence in split_sentences(section):
             n = count_tokens(sentence)
-            if n <= max_tokens:
+            if n <= max_tokens and len(sentence) <= max_tokens * MAX_CHARS_PER_TOKEN:
                 units.append((sentence, n))
             else:
                 units.extend(_split_long(sentence, count_tokens, max_tokens))
@@ -61,18 +64,32 @@ def chunk_text(sections: list[str], count_tokens: Callable[[str], int], max_toke
 
 
 def _split_long(sentence: str, count_tokens: Callable[[str], int], max_tokens: int) -> list[tuple[str, int]]:
-    words = sentence.split()
+    """Split on words; a word that alone is too long (a URL, base64, a script without spaces) on characters."""
+    max_chars = max_tokens * MAX_CHARS_PER_TOKEN
     out: list[tuple[str, int]] = []
-    start = 0
-    while start < len(words):
-        lo, hi = start + 1, len(words)
-        while lo < hi:  # largest end with count <= max_tokens (binary search keeps this O(n log n))
+    for piece in _fit(sentence.split(), " ", count_tokens, max_tokens, max_chars, bound=max_tokens):
+        if count_tokens(piece) > max_tokens or len(piece) > max_chars:
+            out += [(p, count_tokens(p)) for p in _fit(list(piece), "", count_tokens, max_tokens, max_chars,
+                                                        bound=max_chars)]
+        else:
+            out.append((piece, count_tokens(piece)))
+    return out
+
+
+def _fit(parts: list[str], sep: str, count_tokens: Callable[[str], int], max_tokens: int, max_chars: int,
+         bound: int) -> list[str]:
+    """Consecutive parts joined into pieces, each the longest within max_tokens and max_chars (at least one
+    part); a piece never spans more than `bound` parts, so a huge input costs O(n log bound), not O(n²)."""
+    out, start = [], 0
+    while start < len(parts):
+        lo, hi = start + 1, min(len(parts), start + bound)
+        while lo < hi:  # largest end that fits (binary search: both limits grow with the end)
             mid = (lo + hi + 1) // 2
-            if count_tokens(" ".join(words[start:mid])) <= max_tokens:
+            text = sep.join(parts[start:mid])
+            if len(text) <= max_chars and count_tokens(text) <= max_tokens:
                 lo = mid
             else:
                 hi = mid - 1
-        piece = " ".join(words[start:lo])
-        out.append((piece, count_tokens(piece)))
+        out.append(sep.join(parts[start:lo]))
         start = lo
     return out

@@ -130,7 +130,7 @@ class FaissIndex:
 
     def save(self, path: Path) -> None:
         faiss = _faiss()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(prefix=".index-", dir=path.parent)
         os.close(fd)
         try:
