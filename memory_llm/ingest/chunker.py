@@ -32,30 +32,35 @@ def split_sentences(text: str) -> list[str]:
 def chunk_text(sections: list[str], count_tokens: Callable[[str], int], max_tokens: int = 200,
                overlap: int = 40) -> list[Chunk]:
     """Pack sentences into chunks of at most max_tokens; the next chunk starts with trailing sentences of the
-    previous one worth up to `overlap` tokens. A sentence longer than max_tokens is split on words.
+    previous one worth up to `overlap` tokens. A sentence longer than max_tokens is split on words (a word
+    longer than that on characters); a chunk never exceeds max_tokens * MAX_CHARS_PER_TOKEN characters.
     Chunks never span two sections (pages, records)."""
     chunks: list[Chunk] = []
+    max_chars = max_tokens * MAX_CHARS_PER_TOKEN
     for section in sections:
         units: list[tuple[str, int]] = []
         for sentence in split_sentences(section):
             n = count_tokens(sentence)
-            if n <= max_tokens and len(sentence) <= max_tokens * MAX_CHARS_PER_TOKEN:
+            if n <= max_tokens and len(sentence) <= max_chars:
                 units.append((sentence, n))
             else:
                 units.extend(_split_long(sentence, count_tokens, max_tokens))
         current: list[tuple[str, int]] = []
-        size = 0
+        size = chars = 0  # tokens and characters (with the joining spaces) in `current`
         for unit in units:
-            if current and size + unit[1] > max_tokens:
+            if current and (size + unit[1] > max_tokens or chars + 1 + len(unit[0]) > max_chars):
                 chunks.append(Chunk(" ".join(u[0] for u in current), len(chunks)))
                 carry: list[tuple[str, int]] = []
-                carried = 0
+                carried = carried_chars = 0
                 for prev in reversed(current):
-                    if carried + prev[1] > overlap or carried + prev[1] + unit[1] > max_tokens:
+                    if (carried + prev[1] > overlap or carried + prev[1] + unit[1] > max_tokens
+                            or carried_chars + len(prev[0]) + 1 + len(unit[0]) > max_chars):
                         break
                     carry.insert(0, prev)
                     carried += prev[1]
-                current, size = carry, carried
+                    carried_chars += len(prev[0]) + 1
+                current, size, chars = carry, carried, max(carried_chars - 1, 0)
+            chars += len(unit[0]) + (1 if current else 0)
             current.append(unit)
             size += unit[1]
         if current:

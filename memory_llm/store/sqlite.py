@@ -120,7 +120,7 @@ class Store:
             try:
                 self.db.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
-                raise StoreError(self._busy_message(exc)) from None
+                raise StoreError(self._busy_message(exc) if _is_busy(exc) else f"{self.path}: cannot write ({exc})") from None
             try:
                 yield self.db
                 self.db.execute("COMMIT")
