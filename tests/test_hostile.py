@@ -4,6 +4,7 @@ gives one `Error:` line and exit 1, or is handled correctly; either way nothing 
 import json
 import os
 import sqlite3
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -377,3 +378,12 @@ def test_settings_accept_or_refuse_any_config_file(tmp_path, text):
         Settings.load(home)
     except InputError as exc:
         assert "\n" not in str(exc).strip()
+
+
+def test_malformed_pdf_in_a_real_process_prints_one_line(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import trial_crash
+
+    result = trial_crash.fake_cli(tmp_path / "pdf-home", "learn", str(broken_pdf(tmp_path)))
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"Error: {tmp_path / 'cut.pdf'}: not a readable PDF (Stream has ended unexpectedly)"]
