@@ -73,9 +73,7 @@ def reader(home: Path, index: int, seconds: float, ask: bool) -> None:
 
     from memory_llm import MemoryLLMError
 
-    if ask:
-        sys.argv = ["x", "ask"]  # the factory builds the tiny generator for generating commands
-    m = factory(home)
+    m = factory(home, generate=ask)
     end, n, bad = time.time() + seconds, 0, 0
     while time.time() < end:
         try:
@@ -96,8 +94,7 @@ def consolidator(home: Path, rounds: int) -> None:
     from memory_llm.consolidate.gate import Floors
     from memory_llm.consolidate.recipe import Recipe
 
-    sys.argv = ["x", "consolidate"]
-    m = factory(home)
+    m = factory(home, generate=True)
     recipe = Recipe(epochs=1, batch_size=16, rank=4, alpha=8, locality_prompts=4, rewrites=1, questions=1)
     for _ in range(rounds):
         try:

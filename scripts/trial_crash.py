@@ -202,6 +202,53 @@ def adapter_trial(home: Path, template: Path, delay: float, rounds: int = 200) -
     return {"killed": killed, "promoted": len(reported)}
 
 
+CONSOLIDATE_CHILD = """
+import sys
+sys.path[:0] = sys.argv[2:4]
+import trial_crash
+trial_crash.consolidate_once(sys.argv[1])
+"""
+
+FACTS = ["The lighthouse of Varn was built in 1820 by the engineer Lisbet Holm.",
+         "Every spring the Varn choir sings on the harbour wall for three whole nights.",
+         "The Varn museum keeps a whale skeleton nine metres long."]
+
+
+def consolidate_once(home: str) -> str:
+    """One consolidation round on the tiny model with open floors (so a finished run always promotes)."""
+    from fake_cli import factory
+
+    from memory_llm.consolidate.gate import Floors
+    from memory_llm.consolidate.recipe import Recipe
+
+    m = factory(Path(home), generate=True)
+    recipe = Recipe(epochs=1, batch_size=16, rank=4, alpha=8, locality_prompts=4, rewrites=1, questions=1)
+    summary = m.consolidate(recipe=recipe, floors=Floors(reliability=0.0, locality=0.0, retention=0.0, tolerance=1.0))
+    m.close()
+    print(summary.status, summary.version, flush=True)
+    return summary.status
+
+
+def consolidate_trial(home: Path, template: Path, delay: float, fact: str) -> dict:
+    """Kill a consolidation that would promote the next version over an existing current one."""
+    from memory_llm.consolidate.adapters import AdapterRegistry
+
+    shutil.rmtree(home, ignore_errors=True)
+    shutil.copytree(template, home)
+    assert fake_cli(home, "learn", "--text", fact).returncode == 0
+    killed, out = kill_after([sys.executable, "-c", CONSOLIDATE_CHILD, str(home), str(ROOT / "tests"),
+                              str(ROOT / "scripts")], delay)
+    reg = AdapterRegistry(home)
+    assert not reg.problems(), f"broken version directories: {reg.problems()}"
+    current = reg.current()
+    assert current is not None and current.name in ("v0001", "v0002"), "the current adapter was lost"
+    load_adapter(current.path)
+    status = consolidate_once(str(home))  # the next run works (and promotes, unless the killed one finished)
+    assert status in ("promoted", "nothing-new"), status
+    load_adapter(reg.current().path)
+    return {"killed": killed, "promoted": int(current.name == "v0002")}
+
+
 _TINY = None
 
 
@@ -222,14 +269,14 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def run_trials(work: Path, trials: int, seed: int = 0, log=print) -> dict:
+def run_trials(work: Path, trials: int, consolidate_trials: int, seed: int = 0, log=print) -> dict:
     """trials of each kind; returns counts for the report. Raises AssertionError at the first failure."""
     rng = random.Random(seed)
     corpus = make_corpus(work / "corpus")
     template = work / "clean"
     learn_seconds = timed(lambda: fake_cli(template, "learn", str(corpus)))
     reference = snapshot(template)
-    results: dict[str, list[dict]] = {"learn": [], "forget": [], "adapter": []}
+    results: dict[str, list[dict]] = {"learn": [], "forget": [], "adapter": [], "consolidate": []}
     for t in range(trials):
         home = work / f"learn{t}"
         results["learn"].append(learn_trial(corpus, home, reference, rng.uniform(0, learn_seconds)))
@@ -248,25 +295,36 @@ def run_trials(work: Path, trials: int, seed: int = 0, log=print) -> dict:
         home = work / f"adapter{t}"
         results["adapter"].append(adapter_trial(home, adapter_files, rng.uniform(0, adapter_seconds), rounds=40))
         shutil.rmtree(home)
+    template = work / "consolidated"
+    assert fake_cli(template, "learn", "--text", FACTS[0]).returncode == 0
+    consolidate_once(str(template))
+    consolidate_seconds = timed(lambda: consolidate_trial(work / "c", template, 900, FACTS[1]))
+    for t in range(consolidate_trials):
+        home = work / f"consolidate{t}"
+        results["consolidate"].append(consolidate_trial(home, template, rng.uniform(0, consolidate_seconds),
+                                                        FACTS[1 + t % 2]))
+        shutil.rmtree(home)
     log(f"clean run: learn {learn_seconds:.2f} s, forget {forget_seconds:.2f} s, 40 adapter commits {adapter_seconds:.2f} s")
     return {"results": results, "memories": sum(len(v) for v in reference.values()), "sources": len(reference),
-            "seconds": {"learn": learn_seconds, "forget": forget_seconds, "adapter": adapter_seconds}}
+            "seconds": {"learn": learn_seconds, "forget": forget_seconds, "adapter": adapter_seconds,
+                        "consolidate": consolidate_seconds}}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=40, help="kills of each kind")
+    p.add_argument("--consolidate-trials", type=int, default=8, help="kills of a real consolidation (tiny model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write", action="store_true", help="write the figures into BENCHMARKS.md")
     args = p.parse_args()
     from _benchmd import command_line, machine, table, today, write_section
 
     with tempfile.TemporaryDirectory(prefix="trial-crash-") as tmp:
-        out = run_trials(Path(tmp), args.trials, args.seed)
+        out = run_trials(Path(tmp), args.trials, args.consolidate_trials, args.seed)
     rows = []
     for kind, res in out["results"].items():
         killed = sum(r["killed"] for r in res)
-        done = {"learn": "sources", "forget": "forgotten", "adapter": "promoted"}[kind]
+        done = {"learn": "sources", "forget": "forgotten", "adapter": "promoted", "consolidate": "promoted"}[kind]
         mid = sum(r["killed"] and r[done] > 0 for r in res)
         repaired = [r["repaired"] for r in res if r.get("repaired")]
         what = ", ".join(sorted(set(repaired)))
@@ -275,7 +333,8 @@ def main() -> None:
             f"Each trial SIGKILLs a child at a uniform random moment of a clean run's duration (learn of "
             f"{out['sources']} documents / {out['memories']} chunks: {out['seconds']['learn']:.2f} s; forgetting them "
             f"one source at a time: {out['seconds']['forget']:.2f} s; 40 adapter commit+promote rounds: "
-            f"{out['seconds']['adapter']:.2f} s, child start-up included), then checks the home (see the script's "
+            f"{out['seconds']['adapter']:.2f} s; a consolidation on the tiny model promoting v0002 over v0001 plus the"
+            f" checks: {out['seconds']['consolidate']:.1f} s, child start-up included), then checks the home (see the script's "
             "docstring). A failed check stops the script, so every row below passed all its checks.\n\n"
             + table(["trial", "runs", "killed before finishing", "killed mid-way (some sources/versions done)",
                      "doctor found (repaired)", "memories lost or torn"], rows))

@@ -15,15 +15,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 GENERATING = {"ask", "eval", "consolidate"}
 
 
-def factory(home, **overrides):
-    """What cli._mllm does, with the fake embedder and a lazily built tiny generator."""
+def factory(home, generate: bool | None = None, **overrides):
+    """What cli._mllm does, with the fake embedder and (when `generate`, by default for the commands that
+    generate) the tiny model: importing torch costs seconds, so the other commands go without."""
     from conftest import FakeEmbedder
 
     from memory_llm import MemoryLLM
 
     overrides = {k: v for k, v in overrides.items() if k not in ("embedder", "model")}
     generator = None
-    if sys.argv[1:2] and sys.argv[1] in GENERATING:  # torch costs ~2 s: only for commands that generate
+    if generate or generate is None and sys.argv[1:2] and sys.argv[1] in GENERATING:
         import conftest
 
         generator = conftest.tiny_generator.__wrapped__()
