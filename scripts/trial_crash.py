@@ -95,6 +95,9 @@ def check_home(home: Path, reference: dict[str, list[str]]) -> dict:
         store = m.store
         if store.meta("dim"):
             assert store.index().fingerprint() == store._sqlite_fingerprint(), "index disagrees with SQLite"
+            store.index().save(store.index_path)
+            left = [p.name for p in store.index_path.parent.iterdir() if p.name.startswith(".")]
+            assert not left, f"temporary files of the killed process were left: {left}"
     finally:
         m.close()
     return {"sources": len(seen), "repaired": repaired}

@@ -1,6 +1,7 @@
 """Crash safety, locking and concurrency: a few iterations of the trials in scripts/trial_crash.py and
 scripts/trial_concurrency.py (their long runs and figures are in BENCHMARKS.md), plus the lock contract."""
 
+import os
 import sqlite3
 import sys
 import threading
@@ -154,3 +155,15 @@ def test_threads_learning_forgetting_and_searching_in_one_process(tmp_path, fake
     assert m.store.index().fingerprint() == m.store._sqlite_fingerprint() and m.doctor()["healthy"]
     m.close()
 
+
+
+def test_temporary_index_files_of_killed_processes_are_removed(tmp_path, fake_embedder):
+    m = MemoryLLM(tmp_path / "home", embedder=fake_embedder)
+    m.learn(text="Owls hunt at night in the forest.")
+    folder = m.store.index_path.parent
+    dead, live = folder / ".index-99999999-x1", folder / f".index-{os.getpid()}-x2"
+    dead.write_bytes(b"half an index")  # left by a kill -9 during a save
+    live.write_bytes(b"being written")  # another live process is saving right now
+    m.learn(text="Herons fish at dawn.")
+    assert not dead.exists() and live.exists()
+    m.close()

@@ -78,7 +78,10 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            os.chmod(self.path, 0o600)
+            try:
+                os.chmod(self.path, 0o600)
+            except OSError:  # not our file (e.g. a shared read-only home): it still opens
+                logger.debug("cannot make %s private", self.path)
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: cannot open the memory database ({exc})") from None
