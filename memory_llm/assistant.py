@@ -337,6 +337,10 @@ class MemoryLLM:
         gen = self.generator
         hits = pack(hits, gen.count_tokens, self.settings.context_tokens)
         ids = gen.chat_ids(build_messages(question, [h.memory.text for h in hits]))
+        window = getattr(getattr(gen.model, "config", None), "max_position_embeddings", None)
+        if isinstance(window, int) and ids.shape[1] >= window:  # beyond it a model answers garbage, slowly
+            raise InputError(f"the question is too long: the prompt is {ids.shape[1]} tokens and the model reads"
+                             f" at most {window}")
         t2 = time.perf_counter()
         return hits, ids, {"retrieve": t1 - t0, "prompt": t2 - t1, "prompt_tokens": float(ids.shape[1])}, t0
 

@@ -192,6 +192,12 @@ def test_full_text_query_syntax_is_plain_text(query):
     assert stored() == 1
 
 
+def test_question_longer_than_the_model_window_is_one_clean_error():
+    question = "why " * 1100  # the tiny model reads 4096 positions; its tokenizer is one token per character
+    assert_clean_error(mllm("ask", question, "--max-new-tokens", "2"), "the model reads at most 4096")
+    assert mllm("ask", "why " * 100, "--max-new-tokens", "2").exit_code == 0
+
+
 def test_huge_query_uses_a_bounded_full_text_match(tmp_path, fake_embedder):
     m = MemoryLLM(Path(os.environ["MLLM_HOME"]), embedder=fake_embedder)
     statements = []
