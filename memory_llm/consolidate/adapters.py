@@ -190,9 +190,8 @@ def _files_problem(path: Path) -> str | None:
         return "adapter_config.json missing or unreadable"
     if not isinstance(config, dict):
         return "adapter_config.json is not a JSON object"
-    weights = path / "adapter_model.safetensors"
+    weights, legacy = path / WEIGHTS[0], path / WEIGHTS[1]
     if not weights.exists():
-        legacy = path / "adapter_model.bin"
         if not legacy.exists():
             return "adapter weights missing"
         return None if zipfile.is_zipfile(legacy) else "adapter weights unreadable"

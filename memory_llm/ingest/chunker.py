@@ -7,10 +7,10 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-# A sentence ends at . ! ? (optionally followed by quotes/brackets) before whitespace, or at a blank line.
-# a chunk holds at most this many characters per token of its budget: a tokenizer may count a 3 MB "word"
-# as one unknown token, and such a chunk would flood the prompt
+# A chunk holds at most this many characters per token of its budget: a tokenizer may count a 3 MB "word"
+# as one unknown token, and such a chunk would flood the prompt.
 MAX_CHARS_PER_TOKEN = 16
+# A sentence ends at . ! ? (optionally followed by quotes/brackets) before whitespace, or at a blank line.
 _SENTENCE = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n\s*\n+")
 
 
