@@ -3,8 +3,8 @@
 
 Per round: --writers processes each learn --ops texts (`learn(text=...)`; every 4th one a file) and forget
 every 5th of their own texts again; --readers processes search (and one of them asks, on the tiny model)
-in a loop, checking every hit is a whole memory of a known shape; one process consolidates on the tiny
-model (when --consolidate). All on the fake embedder, through the library API, each in its own process.
+in a loop (--askers of them ask on the tiny model), checking every hit is a whole memory of a known shape;
+one process consolidates on the tiny model (a second namespace's facts, so that it ends within the round). All on the fake embedder, through the library API, each in its own process.
 Afterwards: every learn a writer reported is stored whole (none lost), every forget it reported is gone,
 nothing else is present, no error reached any process (in particular no "database is locked"), `doctor`
 is clean and the vector index agrees with SQLite.
@@ -27,6 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))
+
+
+CONSOLIDATED = "consolidated"  # the consolidator trains on this namespace's few facts (the tiny model would take
+# many minutes over everything the writers add) while reading and writing the same database as they do
+SEED_FACTS = ["The lighthouse of Varn was built in 1820 by the engineer Lisbet Holm.",
+              "Every spring the Varn choir sings on the harbour wall for three whole nights."]
 
 
 def fact(writer: int, op: int) -> str:
@@ -98,7 +104,8 @@ def consolidator(home: Path, rounds: int) -> None:
     recipe = Recipe(epochs=1, batch_size=16, rank=4, alpha=8, locality_prompts=4, rewrites=1, questions=1)
     for _ in range(rounds):
         try:
-            s = m.consolidate(recipe=recipe, floors=Floors(reliability=0.0, locality=0.0, retention=0.0, tolerance=1.0))
+            s = m.consolidate(recipe=recipe, namespace=CONSOLIDATED,
+                              floors=Floors(reliability=0.0, locality=0.0, retention=0.0, tolerance=1.0))
             print(json.dumps({"consolidated": s.status, "version": s.version}), flush=True)
         except MemoryLLMError as exc:
             print(json.dumps({"error": str(exc)}), flush=True)
@@ -111,15 +118,21 @@ def spawn(role: str, *args) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
-def run_round(home: Path, writers: int, readers: int, ops: int, consolidate: bool) -> dict:
+def run_round(home: Path, writers: int, readers: int, ops: int, consolidate: bool, askers: int = 0) -> dict:
     """One round of concurrent processes on `home`; returns counts; raises AssertionError on a violation."""
     files = home.parent / f"{home.name}-files"
     files.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    procs = [spawn("writer", home, i, ops, files) for i in range(writers)]
-    procs += [spawn("reader", home, i, 8.0, i == 0) for i in range(readers)]
     if consolidate:
-        procs.append(spawn("consolidator", home, 1))
+        from fake_cli import factory
+
+        seed = factory(home)
+        for i, text in enumerate(SEED_FACTS):
+            seed.learn(text=text, source=f"seed{i}", namespace=CONSOLIDATED)
+        seed.close()
+    start = time.time()
+    procs = [spawn("consolidator", home, 1)] if consolidate else []
+    procs += [spawn("writer", home, i, ops, files) for i in range(writers)]
+    procs += [spawn("reader", home, i, 8.0, i < askers) for i in range(readers)]
     outputs = []
     for p in procs:
         out, err = p.communicate(timeout=900)
@@ -134,7 +147,7 @@ def run_round(home: Path, writers: int, readers: int, ops: int, consolidate: boo
     assert torn == 0, f"{torn} torn hits seen by readers"
     from trial_crash import snapshot
 
-    stored = snapshot(home)
+    stored = {uri: texts for uri, texts in snapshot(home).items() if not uri.startswith("seed")}
     dropped = {o["learned"] for o in outputs if o.get("added") == 0}  # a near-duplicate of a stored fact
     lost = [u for u in learned if u not in forgot | dropped and stored.get(u) != [learned[u]]]
     resurrected = [u for u in forgot if u in stored]
@@ -170,6 +183,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--writers", type=int, default=8)
     p.add_argument("--readers", type=int, default=4)
+    p.add_argument("--askers", type=int, default=4, help="how many of the readers ask (tiny model) instead of search")
     p.add_argument("--ops", type=int, default=30, help="learn steps per writer")
     p.add_argument("--no-consolidate", action="store_true")
     p.add_argument("--write", action="store_true", help="write the figures into BENCHMARKS.md")
@@ -190,14 +204,16 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="trial-conc-") as tmp:
         for r in range(args.rounds):
-            res = run_round(Path(tmp) / f"home{r}", args.writers, args.readers, args.ops, not args.no_consolidate)
+            res = run_round(Path(tmp) / f"home{r}", args.writers, args.readers, args.ops, not args.no_consolidate,
+                            args.askers)
             print(res, flush=True)
             rows.append([r + 1, f"{res['seconds']:.1f}", res["learned"], res["forgot"], res["queries"],
                          ", ".join(res["consolidations"]) or "-", 0, 0, 0])
     body = (f"Command: `{command_line()}` ({today()}; {machine()}).\n\n"
             f"Per round {args.writers} writer processes ({args.ops} learns each, every 4th a file, every 5th forgotten"
-            f" again), {args.readers} reader processes (searching for 8 s; one asks on the tiny model)"
-            + ("" if args.no_consolidate else " and one consolidation on the tiny model")
+            f" again), {args.readers} reader processes for 8 s ({args.askers} asking on the tiny model, the others searching)"
+            + ("" if args.no_consolidate else " and one consolidation on the tiny model (of a second namespace's two"
+                                             " facts, so that it finishes within the round)")
             + ", all on one home at once. A failed check stops the script, so every row passed all of them"
             " (see the script's docstring).\n\n"
             + table(["round", "wall s", "learns reported", "forgets reported", "queries", "consolidation",
