@@ -3,7 +3,7 @@
 
 Per round: --writers processes each learn --ops texts (`learn(text=...)`; every 4th one a file) and forget
 every 5th of their own texts again; --readers processes search (and one of them asks, on the tiny model)
-in a loop (--askers of them ask on the tiny model), checking every hit is a whole memory of a known shape;
+in a loop until the writers are done (--askers of them ask on the tiny model), checking every hit is a whole memory of a known shape;
 one process consolidates on the tiny model (a second namespace's facts, so that it ends within the round). All on the fake embedder, through the library API, each in its own process.
 Afterwards: every learn a writer reported is stored whole (none lost), every forget it reported is gone,
 nothing else is present, no error reached any process (in particular no "database is locked"), `doctor`
@@ -74,14 +74,14 @@ def writer(home: Path, index: int, ops: int, files: Path) -> None:
 
 
 def reader(home: Path, index: int, seconds: float, ask: bool) -> None:
-    """Search (or ask) in a loop; report torn or foreign hits and errors."""
+    """Search (or ask) in a loop until the writers are done (at least `seconds`); report torn hits and errors."""
     from fake_cli import factory
 
     from memory_llm import MemoryLLMError
 
     m = factory(home, generate=ask)
     end, n, bad = time.time() + seconds, 0, 0
-    while time.time() < end:
+    while time.time() < end or not writers_done(home).exists():
         try:
             q = f"Writer{n % 8} fact{n % 30} herons"
             hits = m.ask(q, max_new_tokens=2).sources if ask else m.search(q, 5)
@@ -91,6 +91,10 @@ def reader(home: Path, index: int, seconds: float, ask: bool) -> None:
             print(json.dumps({"error": str(exc)}), flush=True)
     print(json.dumps({"queries": n, "torn_hits": bad}), flush=True)
     m.close()
+
+
+def writers_done(home: Path) -> Path:
+    return home.parent / f"{home.name}-writers-done"
 
 
 def consolidator(home: Path, rounds: int) -> None:
@@ -132,12 +136,18 @@ def run_round(home: Path, writers: int, readers: int, ops: int, consolidate: boo
     start = time.time()
     procs = [spawn("consolidator", home, 1)] if consolidate else []
     procs += [spawn("writer", home, i, ops, files) for i in range(writers)]
-    procs += [spawn("reader", home, i, 8.0, i < askers) for i in range(readers)]
+    readers_ = [spawn("reader", home, i, 4.0, i < askers) for i in range(readers)]
     outputs = []
-    for p in procs:
-        out, err = p.communicate(timeout=900)
-        assert p.returncode == 0, f"a child failed (exit {p.returncode}): {err.strip()[-800:]}"
-        outputs += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    def collect(group: list[subprocess.Popen]) -> None:
+        for p in group:
+            out, err = p.communicate(timeout=900)
+            assert p.returncode == 0, f"a child failed (exit {p.returncode}): {err.strip()[-800:]}"
+            outputs.extend(json.loads(line) for line in out.splitlines() if line.startswith("{"))
+
+    collect(procs)
+    writers_done(home).touch()  # the readers stop once every writer (and the consolidator) is done
+    collect(readers_)
     seconds = time.time() - start
     errors = [o["error"] for o in outputs if "error" in o]
     assert not errors, f"errors reached the user: {errors[:3]}"
@@ -182,7 +192,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--writers", type=int, default=8)
-    p.add_argument("--readers", type=int, default=4)
+    p.add_argument("--readers", type=int, default=6)
     p.add_argument("--askers", type=int, default=4, help="how many of the readers ask (tiny model) instead of search")
     p.add_argument("--ops", type=int, default=30, help="learn steps per writer")
     p.add_argument("--no-consolidate", action="store_true")
@@ -211,7 +221,8 @@ def main() -> None:
                          ", ".join(res["consolidations"]) or "-", 0, 0, 0])
     body = (f"Command: `{command_line()}` ({today()}; {machine()}).\n\n"
             f"Per round {args.writers} writer processes ({args.ops} learns each, every 4th a file, every 5th forgotten"
-            f" again), {args.readers} reader processes for 8 s ({args.askers} asking on the tiny model, the others searching)"
+            f" again), {args.readers} reader processes querying until the writers are done ({args.askers} asking on the"
+            " tiny model, the others searching)"
             + ("" if args.no_consolidate else " and one consolidation on the tiny model (of a second namespace's two"
                                              " facts, so that it finishes within the round)")
             + ", all on one home at once. A failed check stops the script, so every row passed all of them"
