@@ -393,3 +393,25 @@ def test_malformed_pdf_in_a_real_process_prints_one_line(tmp_path):
     result = trial_crash.fake_cli(tmp_path / "pdf-home", "learn", str(broken_pdf(tmp_path)))
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         f"Error: {tmp_path / 'cut.pdf'}: not a readable PDF (Stream has ended unexpectedly)"]
+
+
+def test_mutated_pdfs_load_or_give_one_input_error(tmp_path):
+    """300 copies of a real PDF with random bytes changed or cut (seed 0): a parser of untrusted files may
+    raise anything (pypdf raised LimitReachedError on copy 213), which must still be one InputError."""
+    import random
+
+    raw = (Path(__file__).parent / "fixtures" / "herons.pdf").read_bytes()
+    rng = random.Random(0)
+    path = tmp_path / "mutant.pdf"
+    for _ in range(300):
+        data = bytearray(raw)
+        for _ in range(rng.randint(1, 20)):
+            at = rng.randrange(len(data))
+            data[at] = rng.randrange(256)
+        if rng.random() < 0.3:
+            data = data[:rng.randrange(len(data))]
+        path.write_bytes(bytes(data))
+        try:
+            load_file(path)
+        except InputError as exc:
+            assert "\n" not in str(exc)
