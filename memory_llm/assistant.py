@@ -337,6 +337,10 @@ class MemoryLLM:
         gen = self.generator
         hits = pack(hits, gen.count_tokens, self.settings.context_tokens)
         ids = gen.chat_ids(build_messages(question, [h.memory.text for h in hits]))
+        window = getattr(getattr(gen.model, "config", None), "max_position_embeddings", None)
+        if isinstance(window, int) and ids.shape[1] >= window:  # beyond it a model answers garbage, slowly
+            raise InputError(f"the question is too long: the prompt is {ids.shape[1]} tokens and the model reads"
+                             f" at most {window}")
         t2 = time.perf_counter()
         return hits, ids, {"retrieve": t1 - t0, "prompt": t2 - t1, "prompt_tokens": float(ids.shape[1])}, t0
 
@@ -378,12 +382,19 @@ class MemoryLLM:
                 "cache_dir": str(s.cache_dir)}
 
     def doctor(self, repair: bool = False) -> dict:
-        """Check the home's health; with repair=True, rebuild what can be rebuilt from SQLite and re-check."""
-        checks = self.store.check()
+        """Check the home's health; with repair=True, rebuild what can be rebuilt from SQLite, roll a broken
+        current adapter back to the newest intact one, and re-check."""
+        def run() -> list[dict]:
+            return self.store.check() + [self.adapters.check(self.settings.model)]
+
+        checks = run()
         repaired: list[str] = []
-        if repair and any(c["repairable"] for c in checks):
-            repaired = self.store.repair()
-            checks = self.store.check()
+        if repair and any(c["repairable"] for c in checks[:-1]):
+            repaired += self.store.repair()
+        if repair and checks[-1]["repairable"]:
+            repaired.append(self.adapters.repair(self.settings.model))
+        if repaired:
+            checks = run()
         return {"healthy": all(c["ok"] for c in checks), "checks": checks, "repaired": repaired}
 
     def sources(self, namespace: str | None = None) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,7 +44,7 @@ def _quiet_libraries() -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if os.environ.get("MLLM_DEBUG") else logging.WARNING)
-    for name in ("transformers", "sentence_transformers", "huggingface_hub", "faiss"):
+    for name in ("transformers", "sentence_transformers", "huggingface_hub", "faiss", "pypdf"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -68,6 +69,9 @@ def handled() -> Iterator[None]:
         raise typer.Exit(130)
     except (typer.Exit, typer.Abort, SystemExit):
         raise
+    except sqlite3.DatabaseError as exc:  # a damaged or unwritable database file: not a bug, no traceback
+        _stderr(f"Error: the memory database failed ({exc}); run `mllm doctor`")
+        raise typer.Exit(1)
     except Exception as exc:  # a bug: still one line, the traceback only on request
         if os.environ.get("MLLM_DEBUG"):
             raise
@@ -286,7 +290,7 @@ def sources(namespace: Optional[str] = typer.Option(None, "--namespace", "-n", h
 @app.command()
 def doctor(repair: bool = typer.Option(False, "--repair", help="Rebuild what can be rebuilt from SQLite."),
            home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
-    """Check the memory home (SQLite, full-text index, embeddings, vector index); --repair fixes what it can."""
+    """Check the memory home (SQLite, full-text index, embeddings, vector index, adapters); --repair fixes what it can."""
     with handled():
         report = _mllm(home).doctor(repair)
         if as_json:

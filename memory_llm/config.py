@@ -99,6 +99,10 @@ class Settings:
                 values.update(tomllib.loads(config.read_text(encoding="utf-8")))
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise InputError(f"{config}: not valid TOML ({exc})") from None
+            except RecursionError:
+                raise InputError(f"{config}: not valid TOML (nested too deeply)") from None
+            except OSError as exc:
+                raise InputError(f"{config}: cannot read ({exc.strerror})") from None
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:

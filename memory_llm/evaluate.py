@@ -28,12 +28,14 @@ class Probe:
 def load_probes(path: Path) -> list[Probe]:
     """Parse a JSON Lines eval file; raises EvalFormatError naming the line and the problem."""
     path = Path(path)
-    if not path.is_file():
-        raise EvalFormatError(f"{path}: no such eval file")
     try:
+        if not path.is_file():
+            raise EvalFormatError(f"{path}: no such eval file")
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise EvalFormatError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:  # unreadable, a name too long, ...
+        raise EvalFormatError(f"{path}: cannot read ({exc.strerror})") from None
     probes, seen = [], set()
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -43,6 +45,8 @@ def load_probes(path: Path) -> list[Probe]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise EvalFormatError(f"{where}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise EvalFormatError(f"{where}: JSON nested too deeply to read") from None
         if not isinstance(obj, dict):
             raise EvalFormatError(f"{where}: a probe must be a JSON object")
         probes.append(_probe(obj, where, len(probes)))

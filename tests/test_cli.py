@@ -139,7 +139,7 @@ def test_help_lists_commands():
 def test_doctor_finds_and_repairs_a_broken_index(tmp_path):
     assert mllm("learn", "--text", "Owls hunt at night in the forest.").exit_code == 0
     healthy = json.loads(mllm("doctor", "--json").stdout)
-    assert healthy["healthy"] and {c["check"] for c in healthy["checks"]} == {"sqlite", "fts", "embeddings", "index"}
+    assert healthy["healthy"] and {c["check"] for c in healthy["checks"]} == {"sqlite", "fts", "embeddings", "index", "adapters"}
     (tmp_path / "home" / "index" / "vectors.faiss").write_bytes(b"junk")
     broken = mllm("doctor")
     assert broken.exit_code == 1 and "FAIL  index" in broken.stdout and "--repair" in broken.stdout

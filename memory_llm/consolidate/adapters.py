@@ -13,6 +13,7 @@ import re
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,8 +66,9 @@ class AdapterRegistry:
             raise StoreError(f"adapter {path.name} is broken: manifest unreadable ({type(exc).__name__})") from None
         if not isinstance(manifest, dict) or "base_model" not in manifest:
             raise StoreError(f"adapter {path.name} is broken: manifest lacks base_model")
-        if not (path / "adapter_config.json").exists() or not any((path / w).exists() for w in WEIGHTS):
-            raise StoreError(f"adapter {path.name} is broken: adapter weights missing")
+        problem = _files_problem(path)
+        if problem:
+            raise StoreError(f"adapter {path.name} is broken: {problem}")
         return AdapterVersion(path.name, path, manifest)
 
     def get(self, name: str) -> AdapterVersion:
@@ -88,8 +90,8 @@ class AdapterRegistry:
         if name is None:
             return None
         path = self.root / name
-        if not path.is_dir():
-            raise StoreError(f"current adapter {name} is missing; run `mllm adapters rollback`")
+        if not _VERSION.match(name) or not path.is_dir():  # a pointer outside adapters/ is never followed
+            raise StoreError(f"current adapter {name[:40]!r} is missing; run `mllm adapters rollback`")
         try:
             return self._read(path)
         except StoreError as exc:
@@ -125,25 +127,84 @@ class AdapterRegistry:
         self.get(name)  # must be intact
         _write_atomic(self.root / "current", name + "\n")
 
-    def rollback(self, to: str | None = None) -> AdapterVersion | None:
-        """Make an earlier intact version current (the newest intact one older than current), or none."""
+    def rollback(self, to: str | None = None, base_model: str | None = None) -> AdapterVersion | None:
+        """Make an earlier intact version current (the newest intact one older than current, made for
+        base_model if given), or none."""
         if to is not None:
             self.promote(to)
             return self.get(to)
         current = self.current_name()
         number = int(current[1:]) if current and _VERSION.match(current) else 10 ** 9
-        older = [v for v in self.versions() if v.number < number]
+        older = [v for v in self.versions() if v.number < number
+                 and base_model in (None, v.manifest.get("base_model"))]
         if not older:
             _write_atomic(self.root / "current", "")
             return None
         self.promote(older[-1].name)
         return older[-1]
 
+    # ---- health ------------------------------------------------------------------------------------
+    def check(self, base_model: str) -> dict:
+        """Doctor's check: `current` names an intact version (manifest, config, whole weights) made for
+        base_model. Broken versions that are not current are named but harmless (never loaded)."""
+        versions, broken = self._scan()
+        result = {"check": "adapters", "ok": True, "repairable": False}
+        try:
+            current = self.current()
+        except StoreError as exc:
+            return {**result, "ok": False, "repairable": True, "detail": str(exc).split("; run")[0]}
+        if current is None:
+            result["detail"] = f"no current adapter ({len(versions)} intact version(s)); the base model answers"
+        elif current.manifest.get("base_model") != base_model:
+            return {**result, "ok": False, "detail": f"current adapter {current.name} was made for base model"
+                    f" {current.manifest.get('base_model')!r}, not {base_model!r} (use --no-adapter, or"
+                    " mllm consolidate --full)"}
+        else:
+            result["detail"] = f"current adapter {current.name} is intact ({len(versions)} intact version(s))"
+        if broken:
+            result["detail"] += f"; {len(broken)} broken older version(s) ignored: " + "; ".join(broken)
+        return result
+
+    def repair(self, base_model: str) -> str:
+        """Point a broken or dangling `current` at the newest intact earlier version for base_model, or none."""
+        name = self.current_name()
+        good = self.rollback(base_model=base_model)
+        if good is None:
+            return f"the current adapter {name!r} was broken and no intact earlier version exists: none is current"
+        return f"rolled the current adapter back from broken {name!r} to {good.name}"
+
     def discard_staging(self) -> None:
         """Remove candidates left by a killed run."""
         if self.root.is_dir():
             for p in self.root.glob(".candidate-*"):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _files_problem(path: Path) -> str | None:
+    """Why a version's peft files are unusable (missing, unreadable, truncated), or None. Reads only the
+    headers (no torch): a safetensors file is 8 bytes of header length, a JSON header with each tensor's
+    byte range, then the data; a torch .bin is a zip archive."""
+    try:
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "adapter_config.json missing or unreadable"
+    if not isinstance(config, dict):
+        return "adapter_config.json is not a JSON object"
+    weights, legacy = path / WEIGHTS[0], path / WEIGHTS[1]
+    if not weights.exists():
+        if not legacy.exists():
+            return "adapter weights missing"
+        return None if zipfile.is_zipfile(legacy) else "adapter weights unreadable"
+    try:
+        with open(weights, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size)) if 0 < size < 100_000_000 else None
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "adapter weights unreadable"
+    if weights.stat().st_size < 8 + size + end:
+        return f"adapter weights truncated ({weights.stat().st_size} of {8 + size + end} bytes)"
+    return None
 
 
 def _write_atomic(path: Path, text: str) -> None:

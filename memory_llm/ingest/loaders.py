@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import hashlib
 import json
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -41,11 +44,10 @@ def load_file(path: Path, *, text_field: str | None = None, max_mb: float = 20.0
               encoding: str = "utf-8") -> Document:
     """Read one file into a Document. Raises InputError with a one-line reason when it is not learnable."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or directory")
-    if not path.is_file():
+    st = _stat(path)
+    if not stat.S_ISREG(st.st_mode):
         raise InputError(f"{path}: not a regular file")
-    size = path.stat().st_size
+    size = st.st_size
     if size > max_mb * 1024 * 1024:
         raise InputError(f"{path}: file is {size / 1024 / 1024:.1f} MB, over the {max_mb:g} MB limit"
                          " (raise it with --max-file-mb)")
@@ -59,9 +61,11 @@ def load_file(path: Path, *, text_field: str | None = None, max_mb: float = 20.0
     if suffix == ".pdf":
         sections = _pdf_sections(path, raw)
     else:
-        if b"\x00" in raw[:8192]:
-            raise InputError(f"{path}: looks like a binary file, nothing to learn")
-        text = _decode(path, raw, encoding)
+        text = _decode_bom(raw)
+        if text is None:
+            if b"\x00" in raw[:8192]:
+                raise InputError(f"{path}: looks like a binary file, nothing to learn")
+            text = _decode(path, raw, encoding)
         if suffix in (".html", ".htm"):
             sections = [_html_text(text)]
         elif suffix == ".json":
@@ -74,6 +78,32 @@ def load_file(path: Path, *, text_field: str | None = None, max_mb: float = 20.0
     if not sections:
         raise InputError(f"{path}: no text found, nothing to learn")
     return Document(str(path.resolve()), sections, hashlib.sha256(raw).hexdigest())
+
+
+# a byte-order mark names the encoding (UTF-32 before UTF-16: its little-endian mark starts with UTF-16's)
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _decode_bom(raw: bytes) -> str | None:
+    """The text of a file that starts with a byte-order mark (UTF-8/16/32), or None."""
+    for mark, encoding in _BOMS:
+        if raw.startswith(mark):
+            try:
+                return raw.decode(encoding)
+            except UnicodeDecodeError:
+                return None  # a binary file that happens to start like a mark
+    return None
+
+
+def _stat(path: Path) -> os.stat_result:
+    """stat() a path with a one-line InputError for every way it can fail (missing, loop, too long, denied)."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file or directory") from None
+    except (OSError, ValueError) as exc:  # ValueError: an embedded NUL byte
+        raise InputError(f"{path}: cannot open ({getattr(exc, 'strerror', None) or exc})") from None
 
 
 def _decode(path: Path, raw: bytes, encoding: str) -> str:
@@ -126,14 +156,13 @@ def _pdf_sections(path: Path, raw: bytes) -> list[str]:
         import io
 
         from pypdf import PdfReader
-        from pypdf.errors import PdfReadError
     except ImportError:  # pragma: no cover
         raise InputError("reading PDF needs pypdf: pip install pypdf") from None
     try:
         reader = PdfReader(io.BytesIO(raw))
         return [page.extract_text() or "" for page in reader.pages]
-    except (PdfReadError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{path}: not a readable PDF ({exc})") from None
+    except Exception as exc:  # a parser of untrusted bytes raises anything (fuzzing found LimitReachedError)
+        raise InputError(f"{path}: not a readable PDF ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
 def _field(path: Path, record, text_field: str | None, where: str) -> str | None:
@@ -158,6 +187,8 @@ def _json_sections(path: Path, text: str, text_field: str | None) -> list[str]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to read") from None
     records = data if isinstance(data, list) else [data]
     return [s for i, r in enumerate(records) if (s := _field(path, r, text_field, f" item {i}"))]
 
@@ -171,6 +202,8 @@ def _jsonl_sections(path: Path, text: str, text_field: str | None) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise InputError(f"{path}:{n}: JSON nested too deeply to read") from None
         if (s := _field(path, record, text_field, f":{n}")):
             out.append(s)
     return out
@@ -196,9 +229,7 @@ def iter_paths(paths: Iterable[Path], include: Iterable[str] = (), exclude: Iter
 
     for path in paths:
         path = Path(path).expanduser()
-        if not path.exists():
-            raise InputError(f"{path}: no such file or directory")
-        if path.is_dir():
+        if stat.S_ISDIR(_stat(path).st_mode):
             for p in sorted(path.rglob("*")):
                 if p.is_file() and wanted(p, path):
                     yield p, False

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 DB_NAME = "memory.sqlite"
 INDEX_NAME = "index/vectors.faiss"
+LEXICAL_TERMS = 64
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Store:
         self.exact_index_max, self.ivf_nprobe = exact_index_max, ivf_nprobe
         _make_private_dir(self.home)
         self.path = self.home / DB_NAME
+        self.lock_timeout = lock_timeout
         self._lock = threading.RLock()
         try:
             self.db = sqlite3.connect(self.path, timeout=lock_timeout, check_same_thread=False,
@@ -76,7 +78,10 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            os.chmod(self.path, 0o600)
+            try:
+                os.chmod(self.path, 0o600)
+            except OSError:  # not our file (e.g. a shared read-only home): it still opens
+                logger.debug("cannot make %s private", self.path)
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: cannot open the memory database ({exc})") from None
@@ -85,6 +90,8 @@ class Store:
 
     # ---- schema -------------------------------------------------------------------------------------
     def _migrate(self) -> None:
+        if self._schema_is_current():
+            return
         with self.write():
             self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
             done = {r[0] for r in self.db.execute("SELECT name FROM _migrations")}
@@ -100,6 +107,15 @@ class Store:
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
+    def _schema_is_current(self) -> bool:
+        """Nothing to migrate? Read without the write lock, so opening a home never waits for a writer."""
+        try:
+            done = {r[0] for r in self.db.execute("SELECT name FROM _migrations")}
+            ready = self.db.execute("SELECT count(*) FROM meta WHERE key IN ('generation', 'schema_version')").fetchone()[0]
+        except sqlite3.OperationalError:  # a new home: no tables yet
+            return False
+        return done == {name for name, _ in MIGRATIONS} and ready == 2
+
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE): all or nothing, bumps nothing by itself."""
@@ -107,14 +123,20 @@ class Store:
             try:
                 self.db.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
-                raise StoreError(f"{self.path} is busy ({exc}); another mllm process is writing, try again") from None
+                raise StoreError(self._busy_message(exc) if _is_busy(exc) else f"{self.path}: cannot write ({exc})") from None
             try:
                 yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            else:
                 self.db.execute("COMMIT")
+            except BaseException as exc:
+                if self.db.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+                    self.db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.DatabaseError):
+                    raise StoreError(f"{self.path}: cannot write ({exc}); nothing was changed") from None
+                raise
+
+    def _busy_message(self, exc: Exception) -> str:
+        return (f"{self.path} is busy ({exc}) after waiting {self.lock_timeout:g} s; another mllm process is"
+                " writing, try again (or raise lock_timeout)")
 
     def _bump_generation(self) -> int:
         """Advance the generation inside the current write transaction; return the one it replaced."""
@@ -132,15 +154,18 @@ class Store:
 
     def check_embedder(self, name: str, dim: int) -> None:
         """Bind the home to one embedder: vectors of another model are not comparable."""
-        with self.write() as db:
-            row = db.execute("SELECT value FROM meta WHERE key = 'embedder'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES ('embedder', ?), ('dim', ?)", (name, str(dim)))
-                return
+        stored = self.meta("embedder")
+        if stored is None:  # the first embedder binds the home (a write only then: readers never wait for writers)
+            with self.write() as db:
+                stored = db.execute("SELECT value FROM meta WHERE key = 'embedder'").fetchone()
+                if stored is None:
+                    db.execute("INSERT INTO meta VALUES ('embedder', ?), ('dim', ?)", (name, str(dim)))
+                    return
+                stored = stored[0]
         stored_dim = int(self.meta("dim") or 0)
-        if row[0] != name or stored_dim != dim:
-            raise InputError(f"this home's memories were embedded with {row[0]!r} (dim {stored_dim}), not {name!r};"
-                             f" use --embedder {row[0]!r} or a new MLLM_HOME")
+        if stored != name or stored_dim != dim:
+            raise InputError(f"this home's memories were embedded with {stored!r} (dim {stored_dim}), not {name!r};"
+                             f" use --embedder {stored!r} or a new MLLM_HOME")
 
     # ---- writes -------------------------------------------------------------------------------------
     def source_hash(self, namespace: str, uri: str) -> str | None:
@@ -313,7 +338,8 @@ class Store:
         if index is None or not len(index):
             return []
         fetch = k if namespace is None or self.single_namespace() == namespace else k * 8
-        ids, scores = index.search(query, fetch)
+        with self._lock:  # FAISS releases the GIL: a search must not overlap another thread's add/remove
+            ids, scores = index.search(query, fetch)
         hits = list(zip(ids.tolist(), scores.tolist()))
         if namespace is not None and fetch != k:
             allowed = self._in_namespace([i for i, _ in hits], namespace)
@@ -328,7 +354,8 @@ class Store:
         best = np.full(len(vectors), -1.0, dtype=np.float32)
         if index is None or not len(index) or not len(vectors):
             return best
-        ids, scores = index.search_many(vectors, k + len(exclude))
+        with self._lock:
+            ids, scores = index.search_many(vectors, k + len(exclude))
         flat = [int(i) for i in ids.ravel() if i >= 0]
         allowed = set(flat) if self.single_namespace() == namespace else self._in_namespace(sorted(set(flat)), namespace)
         for r in range(len(vectors)):
@@ -366,7 +393,8 @@ class Store:
         words = [w for w in re.findall(r"\w+", query.lower()) if len(w) > 1]
         if not words:
             return []
-        match = " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
+        # the first LEXICAL_TERMS distinct words: a pasted book as a query would otherwise cost minutes
+        match = " OR ".join(f'"{w}"' for w in list(dict.fromkeys(words))[:LEXICAL_TERMS])
         sql = ("SELECT f.rowid, bm25(memories_fts) AS s FROM memories_fts f"
                + (" JOIN memories m ON m.id = f.rowid" if namespace is not None else "")
                + " WHERE memories_fts MATCH ?" + (" AND m.namespace = ?" if namespace is not None else "")
@@ -457,11 +485,21 @@ class Store:
         """Health checks: SQLite integrity, FTS5 agreement, embedding sizes, index/SQLite agreement."""
         results = []
         with self._lock:
-            rows = [r[0] for r in self.db.execute("PRAGMA integrity_check").fetchall()]
-            results.append(_check("sqlite", rows == ["ok"], "integrity ok" if rows == ["ok"] else "; ".join(rows[:3])))
+            try:
+                rows = [r[0] for r in self.db.execute("PRAGMA integrity_check").fetchall()]
+            except sqlite3.DatabaseError as exc:
+                rows = [str(exc)]
+            if rows != ["ok"]:  # nothing else can be trusted (or even read) in a damaged file
+                return [_check("sqlite", False, "the database file is damaged (" + "; ".join(rows[:3]) + "); restore"
+                               " memory.sqlite from a backup")]
+            results.append(_check("sqlite", True, "integrity ok"))
             try:
                 self.db.execute("INSERT INTO memories_fts(memories_fts, rank) VALUES ('integrity-check', 1)")
                 results.append(_check("fts", True, "full-text index agrees with memories"))
+            except sqlite3.OperationalError as exc:
+                if _is_busy(exc):  # the check is a write: waiting past lock_timeout is not a broken index
+                    raise StoreError(self._busy_message(exc)) from None
+                results.append(_check("fts", False, f"full-text index disagrees with memories ({exc})", True))
             except sqlite3.DatabaseError as exc:
                 results.append(_check("fts", False, f"full-text index disagrees with memories ({exc})", True))
             dim = int(self.meta("dim") or 0)
@@ -498,6 +536,10 @@ class Store:
             self.db.close()
 
 
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 def _check(name: str, ok: bool, detail: str, repairable: bool = False) -> dict:
     return {"check": name, "ok": ok, "detail": detail, "repairable": repairable and not ok}
 
@@ -506,6 +548,8 @@ def _forget_filter(ids: Sequence[int], source: str | None, namespace: str | None
                    everything: bool) -> tuple[str, list]:
     clauses, args = [], []
     if ids:
+        if any(not 0 < int(i) < 2 ** 63 for i in ids):
+            raise InputError(f"nothing forgotten: no memory matches id(s) {', '.join(map(str, ids))}")
         clauses.append(f"m.id IN ({','.join('?' * len(ids))})")
         args += [int(i) for i in ids]
     if source is not None:

@@ -130,8 +130,9 @@ class FaissIndex:
 
     def save(self, path: Path) -> None:
         faiss = _faiss()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".index-", dir=path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        remove_dead_temp_files(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".index-{os.getpid()}-", dir=path.parent)
         os.close(fd)
         try:
             faiss.write_index(self.index, tmp)
@@ -155,6 +156,28 @@ class FaissIndex:
             loaded._owner = index  # the downcast view does not own the C++ object: keep its owner alive
             return loaded
         raise RuntimeError(f"{path} is not an index this version writes")
+
+
+def remove_dead_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary index files of processes that died while saving (kill -9 mid-write); a live
+    process's file is left alone (its pid is in the name). Returns what was removed."""
+    removed = []
+    for tmp in folder.glob(".index-*-*"):
+        pid = tmp.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def ivf_nlist(n: int) -> int:
