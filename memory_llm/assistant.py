@@ -78,8 +78,9 @@ class Answer:
 class AnswerStream:
     """Iterate to receive text pieces as they are generated; `.answer` is complete afterwards."""
 
-    def __init__(self, pieces: Iterator[str], finish: Callable[[str, float | None], Answer]):
-        self._pieces, self._finish = pieces, finish
+    def __init__(self, pieces: Iterator[str], finish: Callable[[str, float | None], Answer],
+                 stop: threading.Event | None = None):
+        self._pieces, self._finish, self._stop = pieces, finish, stop or threading.Event()
         self.answer: Answer | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -89,7 +90,12 @@ class AnswerStream:
                 first = time.perf_counter()
             parts.append(piece)
             yield piece
-        self.answer = self._finish("".join(parts), first)
+        if not self._stop.is_set():
+            self.answer = self._finish("".join(parts), first)
+
+    def cancel(self) -> None:
+        """Stop generating at the next token (the iteration then ends; a cancelled answer is not logged)."""
+        self._stop.set()
 
     def result(self) -> Answer:
         """Wait for the whole answer (without reading the pieces)."""
@@ -436,7 +442,8 @@ class MemoryLLM:
                     model=self.settings.model, adapter=self.adapter_version, session_id=session_id)
             return answer
 
-        return AnswerStream(self.generator.stream(ids, max_new), finish)
+        stop = threading.Event()
+        return AnswerStream(self.generator.stream(ids, max_new, stop=stop), finish, stop)
 
     # ---- chat ---------------------------------------------------------------------------------------
     def chat(self, messages: Sequence[dict], *, session_id: str | None = None, namespace: str = DEFAULT_NAMESPACE,
@@ -544,6 +551,8 @@ class MemoryLLM:
         if mode not in ev.MODES:
             raise InputError(f"mode must be one of {', '.join(ev.MODES)}, not {mode!r}")
         probes = ev.load_probes(Path(path))[:limit]
+        if prompt is not None:
+            self.prompts.get(prompt)  # an unknown template fails before any model loads
         gen = self.generator
         retrieval = mode in ("rag", "hybrid")
         adapted = mode in ("closed", "hybrid")

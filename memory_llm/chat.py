@@ -9,6 +9,7 @@ from memory_llm.errors import InputError
 
 ROLES = ("system", "user", "assistant")
 RECENT_USER_TURNS = 3  # the conversation query joins this many latest user turns
+HISTORY_MESSAGES = 12  # earlier messages kept in the prompt (a small model's window is the limit)
 _NOT_A_STATEMENT = re.compile(
     r"^(who|what|when|where|why|how|which|whose|whom|is|are|was|were|do|does|did|can|could|would|will|should|"
     r"shall|may|might|tell me|please|show|list|explain|give|help|hi|hello|hey|thanks|thank you|ok|okay|yes|no)\b",
@@ -32,9 +33,9 @@ def check_messages(messages: Sequence[dict]) -> list[dict]:
 
 
 def split_messages(messages: list[dict]) -> tuple[str | None, list[dict], str]:
-    """(the clients' system prompt or None, the earlier user/assistant turns, the last user message)."""
+    """(the client's system prompt or None, the latest earlier user/assistant turns, the last user message)."""
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
-    turns = [m for m in messages[:-1] if m["role"] != "system"]
+    turns = [m for m in messages[:-1] if m["role"] != "system"][-HISTORY_MESSAGES:]
     return system, turns, messages[-1]["content"]
 
 

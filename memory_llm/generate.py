@@ -132,19 +132,28 @@ class Generator:
                                       **self._gen_kwargs(max_new_tokens, temperature))
         return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
-    def stream(self, input_ids, max_new_tokens: int = 200, temperature: float = 0.0) -> Iterator[str]:
-        """Yield text pieces as they are generated (generation runs in a worker thread)."""
+    def stream(self, input_ids, max_new_tokens: int = 200, temperature: float = 0.0,
+               stop: threading.Event | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated (generation runs in a worker thread); setting `stop` ends
+        the generation at the next token."""
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
+        extra = {}
+        if stop is not None:
+            class Stop(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kwargs) -> bool:
+                    return stop.is_set()
+
+            extra["stopping_criteria"] = StoppingCriteriaList([Stop()])
 
         def work() -> None:
             try:
                 with torch.inference_mode():
                     self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        streamer=streamer, **self._gen_kwargs(max_new_tokens, temperature))
+                                        streamer=streamer, **self._gen_kwargs(max_new_tokens, temperature), **extra)
             except BaseException as exc:  # surfaced in the caller's thread below
                 errors.append(exc)
                 streamer.end()
