@@ -598,6 +598,7 @@ class MemoryLLM:
         return AdapterRegistry(self.settings.home)
 
     def close(self) -> None:
+        self._prompts = None
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -153,7 +153,7 @@ def create_app(m, api_key: str | None = None, model_id: str = MODEL_ID):
         user: Optional[str] = None
 
     def check_key(request: Request) -> None:
-        if api_key is None:
+        if api_key is None or request.url.path == "/health":
             return
         header = request.headers.get("authorization", "")
         given = header[7:].strip() if header.lower().startswith("bearer ") else ""
@@ -195,7 +195,7 @@ def create_app(m, api_key: str | None = None, model_id: str = MODEL_ID):
         _check_namespace(ns)
         return ns
 
-    @app.get("/health", dependencies=[])
+    @app.get("/health")
     async def health():
         return {"status": "ok"}
 
