@@ -139,3 +139,24 @@ def test_help_lists_the_new_commands():
     for cmd in ("prompt", "feedback", "chat", "serve"):
         assert cmd in out
     assert "import" in mllm("prompt", "--help").stdout
+
+
+def test_example_chatbot_remembers_per_user_and_takes_feedback(tmp_path, fake_embedder, tiny_generator):
+    import importlib.util
+    import io
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("chatbot", REPO / "examples" / "chatbot.py")
+    chatbot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chatbot)
+    m = MemoryLLM(tmp_path / "home", embedder=fake_embedder, generator=tiny_generator, max_new_tokens=4)
+    out = io.StringIO()
+    conversation = chatbot.run(m, "erin", ["+", "My bike is a green Batavus.", "What bike do I have?", "+",
+                                           "! A green Batavus."], out)
+    assert out.getvalue().count("bot> ") == 2 and "Error: no answer to rate yet" in out.getvalue()
+    assert [c["role"] for c in conversation] == ["system", "user", "assistant", "user", "assistant"]
+    assert any("Batavus" in h.memory.text for h in m.search("green Batavus bike", namespace="erin"))
+    assert m.search("green Batavus bike", namespace="frank") == []
+    assert {e.source for e in m.store.exemplars("erin")} == {"feedback", "correction"}
+    m.close()
