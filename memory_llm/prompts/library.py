@@ -114,12 +114,8 @@ class PromptLibrary:
         templates, vectors = self.store.template_vectors()
         if not templates:
             return PromptChoice(None, "builtin")
-        missing = [i for i, v in enumerate(vectors) if v is None]
-        if missing:
-            new = self._embed([templates[i].description for i in missing])
-            self.store.set_template_vectors([(templates[i].name, v) for i, v in zip(missing, new)])
-            for i, v in zip(missing, new):
-                vectors[i] = v
+        vectors = self._complete(vectors, [t.description for t in templates], [t.name for t in templates],
+                                 self.store.set_template_vectors)
         scores = np.vstack(vectors) @ question_vector()
         best = int(np.argmax(scores))
         if scores[best] >= self.settings.template_min_similarity:
@@ -127,17 +123,23 @@ class PromptLibrary:
         fallback = next((i for i, t in enumerate(templates) if t.name == DEFAULT_TEMPLATE), best)
         return PromptChoice(templates[fallback], "fallback", float(scores[fallback]))
 
+    def _complete(self, vectors: list, texts: list[str], keys: list, save) -> list[np.ndarray]:
+        """Embed the texts whose vector is not stored yet (once: save(pairs of key, vector) stores them)."""
+        missing = [i for i, v in enumerate(vectors) if v is None]
+        if missing:
+            new = self._embed([texts[i] for i in missing])
+            save([(keys[i], v) for i, v in zip(missing, new)])
+            for i, v in zip(missing, new):
+                vectors[i] = v
+        return vectors
+
     def _add_exemplars(self, choice: PromptChoice, question_vector, namespace: str, count_tokens) -> None:
         s = self.settings
         exemplars, vectors = self.store.exemplar_vectors(namespace, s.exemplar_min_rating)
         if not exemplars:
             return
-        missing = [i for i, v in enumerate(vectors) if v is None]
-        if missing:
-            new = self._embed([exemplars[i].question for i in missing])
-            self.store.set_exemplar_vectors([(exemplars[i].id, v) for i, v in zip(missing, new)])
-            for i, v in zip(missing, new):
-                vectors[i] = v
+        vectors = self._complete(vectors, [e.question for e in exemplars], [e.id for e in exemplars],
+                                 self.store.set_exemplar_vectors)
         scores = np.vstack(vectors) @ question_vector()
         used = 0
         for i in np.argsort(-scores, kind="stable"):
