@@ -541,10 +541,10 @@ class MemoryLLM:
     # ---- eval ---------------------------------------------------------------------------------------
     def evaluate(self, path: str | Path, mode: str = "rag", *, k: int | None = None,
                  namespace: str = DEFAULT_NAMESPACE, limit: int | None = None, progress=None,
-                 prompt: str | None = None, exemplars: bool = True) -> dict:
+                 prompt: str | None = None, exemplars: bool = True, qa_new_tokens: int = 64) -> dict:
         """Run an eval file (design.md's format) in a mode; returns accuracy overall and by tag. `qa` probes
-        are prompted as `ask` does (template by name or similarity, exemplars of the namespace); `cloze`
-        probes are raw continuations."""
+        are prompted as `ask` does (template by name or similarity, exemplars of the namespace) and get
+        qa_new_tokens; `cloze` probes are raw continuations (12 tokens)."""
         from memory_llm import evaluate as ev
         from memory_llm.retrieve import pack
 
@@ -574,7 +574,8 @@ class MemoryLLM:
         from contextlib import nullcontext
 
         with (nullcontext() if adapted else self._base_context()):
-            outputs = ev.run(probes, prompt_ids, gen.generate_batch, progress=progress)
+            outputs = ev.run(probes, prompt_ids, gen.generate_batch, progress=progress,
+                             max_new_tokens={"cloze": 12, "qa": qa_new_tokens})
         result = ev.score(probes, outputs, mode)
         result["adapter"] = self.adapter_version if adapted else None
         result["seconds"] = round(time.perf_counter() - start, 2)

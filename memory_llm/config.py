@@ -63,7 +63,7 @@ class Settings:
     exemplar_tokens: int = _opt(256, "Token budget for the few-shot exemplars")
     exemplar_min_rating: int = _opt(1, "Exemplars rated below this are not used")
     exemplar_min_similarity: float = _opt(0.5, "Cosine similarity of an exemplar's question to the question, at least")
-    template_min_similarity: float = _opt(0.3, "Below this similarity to every description, the 'default' template is used")
+    template_min_similarity: float = _opt(0.3, "Below this similarity to every template description, 'default' is used")
     lock_timeout: float = _opt(30.0, "Seconds to wait for the store's write lock before a clear error")
     home: Path = _opt(None, "Memory home (MLLM_HOME)")
     cache_dir: Path = _opt(None, "Converted-model cache (MLLM_CACHE)")

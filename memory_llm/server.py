@@ -79,7 +79,11 @@ class GenerationWorker:
                 put("error", exc)
 
         loop.run_in_executor(self._executor, work)
-        kind, value = await queue.get()
+        try:
+            kind, value = await queue.get()
+        except asyncio.CancelledError:  # the client left while queued: skip (or stop) its job
+            cancelled.set()
+            raise
         if kind == "error":
             raise value
         return queue, cancelled
@@ -312,8 +316,8 @@ def _validation_error(errors: list[dict]) -> ApiError:
             return ApiError(400, "The request body is missing (expected a JSON object).", code="missing_body")
         return ApiError(400, f"Missing required parameter: {param!r}.", code="missing_required_parameter",
                         param=param)
-    return ApiError(400, f"Invalid parameter {param!r}: {e.get('msg')}." if param else f"Invalid request: {e.get('msg')}.",
-                    code="invalid_value", param=param)
+    message = f"Invalid parameter {param!r}: {e.get('msg')}." if param else f"Invalid request: {e.get('msg')}."
+    return ApiError(400, message, code="invalid_value", param=param)
 
 
 def _sse(obj: dict) -> str:

@@ -12,7 +12,7 @@ learned --n records:
      (a) before any feedback: default template, no exemplars;
      (b) after feedback, without exemplars (what the corrections added to memory alone);
      (c) after feedback, with exemplars (the prompt library: the most similar good exemplars as few-shot turns).
-Greedy, 64 new tokens (eval's qa setting); correct = the target occurs in the answer.
+Greedy, --new-tokens (24) per answer; correct = the target occurs in the answer.
 
     MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/bench_prompts.py --n 5 --write
 """
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=5, help="FK records learned and evaluated (default 5)")
     ap.add_argument("--rated", type=int, default=20, help="answers rated before the comparison (default 20)")
+    ap.add_argument("--new-tokens", type=int, default=24, help="tokens generated per answer (default 24)")
     ap.add_argument("--write", action="store_true", help="write the section of BENCHMARKS.md")
     args = ap.parse_args(argv)
     os.environ.setdefault("MLLM_CACHE", "/tmp/mcache")
@@ -68,14 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         report = m.learn([paths["docs"]])
         log(f"learned {report.files} docs ({report.chunks_added} chunks); {len(rated)} to rate, {len(held)} held out")
         results = {}
-        results["a"] = m.evaluate(eval_file, "rag", prompt="default", exemplars=False)
+
+        def evaluate(exemplars: bool) -> dict:
+            return m.evaluate(eval_file, "rag", prompt="default", exemplars=exemplars, qa_new_tokens=args.new_tokens)
+
+        results["a"] = evaluate(False)
         log(f"(a) before feedback: {results['a']['accuracy']:.3f}")
 
         good = corrected = 0
         t0 = time.perf_counter()
         for p in rated:
             target = p["answers"][0][0]
-            answer = m.ask(as_question(p["input"]), prompt="default", exemplars=False, max_new_tokens=64)
+            answer = m.ask(as_question(p["input"]), prompt="default", exemplars=False,
+                           max_new_tokens=args.new_tokens)
             if target.lower() in answer.text.lower():
                 m.feedback(answer.id, good=True)
                 good += 1
@@ -85,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         rate_s = time.perf_counter() - t0
         log(f"rated {len(rated)}: {good} good, {corrected} corrected ({rate_s:.0f} s)")
 
-        results["b"] = m.evaluate(eval_file, "rag", prompt="default", exemplars=False)
+        results["b"] = evaluate(False)
         log(f"(b) after feedback, no exemplars: {results['b']['accuracy']:.3f}")
-        results["c"] = m.evaluate(eval_file, "rag", prompt="default", exemplars=True)
+        results["c"] = evaluate(True)
         log(f"(c) after feedback, with exemplars: {results['c']['accuracy']:.3f}")
         used = []
         for p in held:
@@ -98,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         m.close()
 
     def row(label: str, r: dict) -> list:
-        return [label, f"{r['accuracy']:.3f}", f"{r['by_tag'].get('gen', 0):.3f}", f"{r['by_tag'].get('hard_gen', 0):.3f}",
+        tags = r["by_tag"]
+        return [label, f"{r['accuracy']:.3f}", f"{tags.get('gen', 0):.3f}", f"{tags.get('hard_gen', 0):.3f}",
                 f"{r['seconds']:.0f}"]
 
     rows = [row("(a) default template, before feedback", results["a"]),
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         f"template — {good} rated good (became exemplars), {corrected} corrected (correction = prefix + target; "
         "learned as a memory and kept as an exemplar rated 2). Held out: the "
         f"{len(held)} `gen` and `hard_gen` probes of the same records (other wordings of the same facts), asked the "
-        "same way, never rated. Greedy, 64 new tokens, correct = the target occurs in the answer.  ",
+        f"same way, never rated. Greedy, {args.new_tokens} new tokens, correct = the target occurs in the answer.  ",
         f"Settings: model {s.model}, embedder {s.embedder}, top_k {s.top_k}, exemplar_k {s.exemplar_k}, "
         f"exemplar_tokens {s.exemplar_tokens}, exemplar_min_similarity {s.exemplar_min_similarity}; exemplars "
         f"used per held-out question in (c): median {sorted(used)[len(used) // 2]}, max {max(used)}.",

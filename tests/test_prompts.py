@@ -25,7 +25,8 @@ def test_sources_stay_delimited_whatever_the_template_says():
                           history=[{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "ok"}])
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
     user = msgs[-1]["content"]
-    assert user.startswith("<sources>\n[1] a source\n</sources>") and "Q: why {context}? (no context slot) {other}" in user
+    assert user.startswith("<sources>\n[1] a source\n</sources>")
+    assert "Q: why {context}? (no context slot) {other}" in user
 
 
 def test_new_home_has_the_shipped_templates_and_a_removed_one_stays_removed(mem):
@@ -325,3 +326,22 @@ def test_query_embeds_never_leave_torch_on_one_thread():
         assert torch.get_num_threads() == max(2, before)
     finally:
         torch.set_num_threads(before)
+
+
+def test_question_is_embedded_once_and_library_vectors_are_stored(mem, fake_embedder):
+    mem.learn(text="Herons nest in tall trees.")
+    mem.store.add_exemplars([Exemplar(None, "default", "Where do herons nest?", "In trees.", 1)])
+    mem.ask("Where do herons nest?")  # embeds the template descriptions and the exemplar once, and stores them
+    calls = fake_embedder.calls
+    mem.ask("Where do herons sleep?")
+    assert fake_embedder.calls == calls + 1  # only the question
+    assert all(v is not None for v in mem.store.template_vectors()[1])
+
+
+@pytest.mark.parametrize("field,value", [("exemplar_k", -1), ("exemplar_tokens", -5),
+                                         ("exemplar_min_similarity", 1.5), ("template_min_similarity", -2)])
+def test_prompt_settings_are_validated(field, value):
+    from memory_llm import Settings
+
+    with pytest.raises(InputError, match=f"setting {field}="):
+        Settings(**{field: value})
