@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"(b) after feedback, no exemplars: {results['b']['accuracy']:.3f}")
         results["c"] = evaluate(True)
         log(f"(c) after feedback, with exemplars: {results['c']['accuracy']:.3f}")
+        pairs = list(zip(results["a"]["probes"], results["c"]["probes"]))
+        changed = sum(x["output"] != y["output"] for x, y in pairs)
+        gained = sum(y["correct"] and not x["correct"] for x, y in pairs)
+        lost = sum(x["correct"] and not y["correct"] for x, y in pairs)
         used = []
         for p in held:
             choice = m.prompts.choose(lambda q=p["input"]: m._embed([q])[0], "default", "default", True,
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Does the prompt library help? With exemplars vs the default template before feedback: "
         f"{c - a:+.3f} ({c:.3f} vs {a:.3f}); the exemplars' own share (c − b): {c - b:+.3f}; the corrections "
-        f"learned as memories (b − a): {b - a:+.3f}. {len(held)} probes: one probe is {1 / len(held):.3f}.",
+        f"learned as memories (b − a): {b - a:+.3f}. {len(held)} probes: one probe is {1 / len(held):.3f}. "
+        f"Outputs that differ between (a) and (c): {changed} of {len(held)}; probes gained {gained}, lost {lost}.",
     ])
     print(body)
     if args.write:
