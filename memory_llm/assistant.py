@@ -369,8 +369,8 @@ class MemoryLLM:
         self._bind_embedder()
         return retrieve(self.store, self.embedder, queries, k, namespace, self.settings.rrf_k, vectors)
 
-    def _prepare(self, question: str, *, k: int | None, namespace: str, use_memory: bool, prompt: str | None,
-                 exemplars: bool, queries: list[str] | None = None, history: Sequence[dict] = (),
+    def _prepare(self, question: str, *, k: int | None, namespace: str, use_memory: bool, prompt: str | None = None,
+                 exemplars: bool = True, queries: list[str] | None = None, history: Sequence[dict] = (),
                  system: str | None = None):
         """Retrieve, choose the template and exemplars, build the prompt's token ids. The question (and the
         conversation's queries) are embedded once, only if something needs them."""
