@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -16,6 +16,9 @@ from memory_llm.errors import InputError, MemoryLLMError
 from memory_llm.ingest import Document, chunk_text, content_hash, iter_paths, load_file, load_text
 from memory_llm.store import Hit, Store
 from memory_llm.store.sqlite import NewChunk
+
+if TYPE_CHECKING:
+    from memory_llm.prompts import PromptChoice, PromptLibrary
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +57,20 @@ class Answer:
     namespace: str
     used_memory: bool
     adapter: str | None = None
+    id: int | None = None  # in the answer log: `mllm feedback ID`
+    prompt: "PromptChoice | None" = None
+    session_id: str | None = None
+    remembered: list[int] = field(default_factory=list)  # memories stored from the user's statements (chat)
+
+    @property
+    def template(self) -> str | None:
+        return self.prompt.name if self.prompt is not None else None
 
     def as_dict(self) -> dict:
-        return {"answer": self.text, "question": self.question, "namespace": self.namespace,
-                "model": self.model, "adapter": self.adapter, "used_memory": self.used_memory,
-                "retrieved_ids": [h.memory.id for h in self.sources],
+        return {"id": self.id, "answer": self.text, "question": self.question, "namespace": self.namespace,
+                "session_id": self.session_id, "model": self.model, "adapter": self.adapter,
+                "used_memory": self.used_memory, **(self.prompt.as_dict() if self.prompt else {}),
+                "retrieved_ids": [h.memory.id for h in self.sources], "remembered_ids": self.remembered,
                 "sources": [{"n": i, **h.as_dict()} for i, h in enumerate(self.sources, 1)],
                 "timings": {k: round(v, 4) for k, v in self.timings.items()}}
 
@@ -66,8 +78,9 @@ class Answer:
 class AnswerStream:
     """Iterate to receive text pieces as they are generated; `.answer` is complete afterwards."""
 
-    def __init__(self, pieces: Iterator[str], finish: Callable[[str, float | None], Answer]):
-        self._pieces, self._finish = pieces, finish
+    def __init__(self, pieces: Iterator[str], finish: Callable[[str, float | None], Answer],
+                 stop: threading.Event | None = None):
+        self._pieces, self._finish, self._stop = pieces, finish, stop or threading.Event()
         self.answer: Answer | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -77,7 +90,19 @@ class AnswerStream:
                 first = time.perf_counter()
             parts.append(piece)
             yield piece
-        self.answer = self._finish("".join(parts), first)
+        if not self._stop.is_set():
+            self.answer = self._finish("".join(parts), first)
+
+    def cancel(self) -> None:
+        """Stop generating at the next token (the iteration then ends; a cancelled answer is not logged)."""
+        self._stop.set()
+
+    def result(self) -> Answer:
+        """Wait for the whole answer (without reading the pieces)."""
+        if self.answer is None:
+            for _ in self:
+                pass
+        return self.answer
 
 
 class MemoryLLM:
@@ -103,6 +128,7 @@ class MemoryLLM:
         self._adapter_attached = False
         self._embedder_bound = False
         self._store: Store | None = None
+        self._prompts: PromptLibrary | None = None
         self._lock = threading.RLock()
 
     # ---- components (lazy) ---------------------------------------------------------------------------
@@ -135,6 +161,21 @@ class MemoryLLM:
             if self.use_adapter and not self._adapter_attached:
                 self._attach_current_adapter()
             return self._generator
+
+    @property
+    def prompts(self) -> "PromptLibrary":
+        """The prompt library: templates and exemplars (seeded with the shipped templates on first use)."""
+        with self._lock:
+            if self._prompts is None:
+                from memory_llm.prompts import PromptLibrary
+
+                self._prompts = PromptLibrary(self.store, self._embed, self.settings)
+            return self._prompts
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        """Texts embedded by the home's embedder (questions, template descriptions, exemplar questions)."""
+        self._bind_embedder()
+        return self.embedder.encode(texts)
 
     def new_generator(self):
         """A separate base model (no adapter) for consolidation, leaving the serving one untouched."""
@@ -313,60 +354,168 @@ class MemoryLLM:
     # ---- search / ask -------------------------------------------------------------------------------
     def search(self, query: str, k: int | None = None, namespace: str = DEFAULT_NAMESPACE) -> list[Hit]:
         """The k best memories for a query (dense + lexical, fused)."""
-        from memory_llm.retrieve import retrieve
-
         if not query or not query.strip():
             raise InputError("the query is empty")
+        return self._retrieve([query], k, namespace)
+
+    def _retrieve(self, queries: list[str], k: int | None, namespace: str, vectors=None) -> list[Hit]:
+        from memory_llm.retrieve import retrieve
+
         k = self.settings.top_k if k is None else k
         if k <= 0:
             raise InputError(f"k must be > 0, not {k}")
         if not self.store.meta("dim"):
             return []
         self._bind_embedder()
-        return retrieve(self.store, self.embedder, query, k, namespace, self.settings.rrf_k)
+        return retrieve(self.store, self.embedder, queries, k, namespace, self.settings.rrf_k, vectors)
 
-    def _prepare(self, question: str, k: int | None, namespace: str, use_memory: bool):
+    def _prepare(self, question: str, *, k: int | None, namespace: str, use_memory: bool, prompt: str | None = None,
+                 exemplars: bool = True, queries: list[str] | None = None, history: Sequence[dict] = (),
+                 system: str | None = None):
+        """Retrieve, choose the template and exemplars, build the prompt's token ids. The question (and the
+        conversation's queries) are embedded once, only if something needs them."""
         from memory_llm.generate import build_messages
         from memory_llm.retrieve import pack
 
         if not question or not question.strip():
             raise InputError("the question is empty")
+        _check_namespace(namespace)
+        queries = queries or [question]
+        vectors: list = []
+
+        def question_vectors() -> np.ndarray:
+            if not vectors:
+                vectors.append(self._embed(queries))
+            return vectors[0]
+
         t0 = time.perf_counter()
-        hits = self.search(question, k, namespace) if use_memory else []
+        hits = self._retrieve(queries, k, namespace, question_vectors()) if use_memory else []
         t1 = time.perf_counter()
+        choice = self.prompts.choose(lambda: question_vectors()[0], namespace, prompt, exemplars,
+                                     self.generator.count_tokens)
+        t2 = time.perf_counter()
         gen = self.generator
         hits = pack(hits, gen.count_tokens, self.settings.context_tokens)
-        ids = gen.chat_ids(build_messages(question, [h.memory.text for h in hits]))
+        ids = gen.chat_ids(build_messages(question, [h.memory.text for h in hits], system, template=choice.template,
+                                          shots=choice.shots(), history=history))
         window = getattr(getattr(gen.model, "config", None), "max_position_embeddings", None)
         if isinstance(window, int) and ids.shape[1] >= window:  # beyond it a model answers garbage, slowly
             raise InputError(f"the question is too long: the prompt is {ids.shape[1]} tokens and the model reads"
                              f" at most {window}")
-        t2 = time.perf_counter()
-        return hits, ids, {"retrieve": t1 - t0, "prompt": t2 - t1, "prompt_tokens": float(ids.shape[1])}, t0
+        t3 = time.perf_counter()
+        return hits, ids, choice, {"retrieve": t1 - t0, "prompt_library": t2 - t1, "prompt": t3 - t2,
+                                   "prompt_tokens": float(ids.shape[1])}, t0
 
     def ask(self, question: str, *, k: int | None = None, namespace: str = DEFAULT_NAMESPACE,
-            use_memory: bool = True, max_new_tokens: int | None = None) -> Answer:
-        """Answer a question from memory (retrieval + generation), with numbered sources and timings."""
-        stream = self.ask_stream(question, k=k, namespace=namespace, use_memory=use_memory,
-                                 max_new_tokens=max_new_tokens)
-        for _ in stream:
-            pass
-        return stream.answer
+            use_memory: bool = True, max_new_tokens: int | None = None, prompt: str | None = None,
+            exemplars: bool = True, log: bool = True) -> Answer:
+        """Answer a question from memory (retrieval + prompt library + generation), with numbered sources,
+        the template and exemplars used, timings and (when logged) an answer id for feedback."""
+        return self.ask_stream(question, k=k, namespace=namespace, use_memory=use_memory,
+                               max_new_tokens=max_new_tokens, prompt=prompt, exemplars=exemplars, log=log).result()
 
     def ask_stream(self, question: str, *, k: int | None = None, namespace: str = DEFAULT_NAMESPACE,
-                   use_memory: bool = True, max_new_tokens: int | None = None) -> AnswerStream:
-        """Like ask, but iterate the result to receive text pieces as they are generated."""
-        hits, ids, timings, t0 = self._prepare(question, k, namespace, use_memory)
+                   use_memory: bool = True, max_new_tokens: int | None = None, prompt: str | None = None,
+                   exemplars: bool = True, log: bool = True) -> AnswerStream:
+        """Like ask, but iterate the result to receive text pieces as they are generated.
+
+        Args:
+            prompt: a template name; None chooses by similarity of the question to the descriptions.
+            exemplars: add the most similar good exemplars of the namespace as few-shot turns.
+            log: keep the answer in the answer log (its id is what `feedback` takes).
+        """
+        prepared = self._prepare(question, k=k, namespace=namespace, use_memory=use_memory, prompt=prompt,
+                                 exemplars=exemplars)
+        return self._answer_stream(question, prepared, namespace, use_memory, max_new_tokens, log)
+
+    def _answer_stream(self, question: str, prepared, namespace: str, use_memory: bool, max_new_tokens: int | None,
+                       log: bool, session_id: str | None = None, remembered: Sequence[int] = ()) -> AnswerStream:
+        hits, ids, choice, timings, t0 = prepared
         max_new = max_new_tokens or self.settings.max_new_tokens
         t_gen = time.perf_counter()
 
         def finish(text: str, first: float | None) -> Answer:
             end = time.perf_counter()
             timings.update(generate=end - t_gen, first_token=(first or end) - t0, total=end - t0)
-            return Answer(text.strip(), question, hits, timings, self.settings.model, namespace, use_memory,
-                          self.adapter_version)
+            answer = Answer(text.strip(), question, hits, timings, self.settings.model, namespace, use_memory,
+                            self.adapter_version, prompt=choice, session_id=session_id, remembered=list(remembered))
+            if log:
+                answer.id = self.store.log_answer(
+                    namespace=namespace, question=question, answer=answer.text, template=choice.name,
+                    exemplar_ids=[e.id for e in choice.exemplars], memory_ids=[h.memory.id for h in hits],
+                    model=self.settings.model, adapter=self.adapter_version, session_id=session_id)
+            return answer
 
-        return AnswerStream(self.generator.stream(ids, max_new), finish)
+        stop = threading.Event()
+        return AnswerStream(self.generator.stream(ids, max_new, stop=stop), finish, stop)
+
+    # ---- chat ---------------------------------------------------------------------------------------
+    def chat(self, messages: Sequence[dict], *, session_id: str | None = None, namespace: str = DEFAULT_NAMESPACE,
+             remember: bool = False, k: int | None = None, use_memory: bool = True, prompt: str | None = None,
+             exemplars: bool = True, max_new_tokens: int | None = None) -> AnswerStream:
+        """Answer the last user message of a conversation (OpenAI-style messages), streamed.
+
+        Retrieval uses the conversation, not only the last turn; a system message replaces the template's
+        system prompt; earlier turns are kept in the prompt. Iterate the result for text pieces, or call
+        `.result()`; the answer is logged (with the session id) for feedback.
+
+        Args:
+            messages: [{"role": "system" | "user" | "assistant", "content": str}, ...], the last from the user.
+            session_id: names the conversation in the answer log (`history(session_id)` returns it).
+            namespace: whose memories, exemplars and answer log.
+            remember: store what the user states in the last message as a memory of the namespace (before
+                answering, so the answer can use it).
+        """
+        from memory_llm.chat import check_messages, conversation_queries, split_messages, statements
+
+        _check_namespace(namespace)
+        messages = check_messages(messages)
+        system, history, question = split_messages(messages)
+        remembered: list[int] = []
+        if remember and statements(question):
+            import hashlib
+
+            said = " ".join(statements(question))
+            uri = f"chat:{session_id or '-'}:{hashlib.sha256(said.encode()).hexdigest()[:16]}"
+            remembered = self.learn(text=said, namespace=namespace, source=uri).memory_ids
+        prepared = self._prepare(question, k=k, namespace=namespace, use_memory=use_memory, prompt=prompt,
+                                 exemplars=exemplars, queries=conversation_queries(messages), history=history,
+                                 system=system)
+        return self._answer_stream(question, prepared, namespace, use_memory, max_new_tokens, True, session_id,
+                                   remembered)
+
+    def history(self, session_id: str, namespace: str = DEFAULT_NAMESPACE, limit: int = 50) -> list[dict]:
+        """A chat session's turns from the answer log, as messages (to resume it)."""
+        out: list[dict] = []
+        for a in self.store.answers(namespace, session_id, limit):
+            out += [{"role": "user", "content": a.question}, {"role": "assistant", "content": a.answer}]
+        return out
+
+    # ---- feedback -----------------------------------------------------------------------------------
+    def feedback(self, answer_id: int, *, good: bool = False, bad: bool = False, correction: str | None = None,
+                 namespace: str | None = None) -> dict:
+        """Feedback on a logged answer: good (it becomes an exemplar, or its exemplar gains a point), bad
+        (the exemplars it used lose a point) or a correction (as bad, plus the correction is learned as a
+        memory and stored as an exemplar). With a namespace, only that namespace's answers are found.
+
+        Returns:
+            {"answer_id", "feedback", "exemplar_ids" (added or rated up), "memory_ids" (learned)}.
+        """
+        if sum([good, bad, correction is not None]) != 1:
+            raise InputError("give exactly one of good, bad or a correction")
+        if correction is not None and not correction.strip():
+            raise InputError("the correction is empty")
+        answer = self.store.logged_answer(answer_id, namespace)
+        if answer is None:
+            raise InputError(f"unknown answer id {answer_id}" + (f" in namespace {namespace!r}" if namespace else ""))
+        kind = "good" if good else "bad" if bad else "correct"
+        memory_ids: list[int] = []
+        if correction is not None:
+            correction = correction.strip()
+            memory_ids = self.learn(text=f"{answer.question}\n{correction}", namespace=answer.namespace,
+                                    source=f"feedback:answer-{answer.id}").memory_ids
+        exemplar_ids = self.store.record_feedback(answer, kind, correction)
+        return {"answer_id": answer.id, "feedback": kind, "exemplar_ids": exemplar_ids, "memory_ids": memory_ids}
 
     # ---- forget / stats -----------------------------------------------------------------------------
     def forget(self, ids: Sequence[int] = (), *, source: str | None = None, namespace: str | None = None,
@@ -402,15 +551,19 @@ class MemoryLLM:
 
     # ---- eval ---------------------------------------------------------------------------------------
     def evaluate(self, path: str | Path, mode: str = "rag", *, k: int | None = None,
-                 namespace: str = DEFAULT_NAMESPACE, limit: int | None = None, progress=None) -> dict:
-        """Run an eval file (design.md's format) in a mode; returns accuracy overall and by tag."""
+                 namespace: str = DEFAULT_NAMESPACE, limit: int | None = None, progress=None,
+                 prompt: str | None = None, exemplars: bool = True, qa_new_tokens: int = 64) -> dict:
+        """Run an eval file (design.md's format) in a mode; returns accuracy overall and by tag. `qa` probes
+        are prompted as `ask` does (template by name or similarity, exemplars of the namespace) and get
+        qa_new_tokens; `cloze` probes are raw continuations (12 tokens)."""
         from memory_llm import evaluate as ev
-        from memory_llm.generate import build_messages
         from memory_llm.retrieve import pack
 
         if mode not in ev.MODES:
             raise InputError(f"mode must be one of {', '.join(ev.MODES)}, not {mode!r}")
         probes = ev.load_probes(Path(path))[:limit]
+        if prompt is not None:
+            self.prompts.get(prompt)  # an unknown template fails before any model loads
         gen = self.generator
         retrieval = mode in ("rag", "hybrid")
         adapted = mode in ("closed", "hybrid")
@@ -419,19 +572,21 @@ class MemoryLLM:
         start = time.perf_counter()
 
         def prompt_ids(p: ev.Probe) -> list[int]:
+            if p.kind == "qa":
+                return self._prepare(p.input, k=k, namespace=namespace, use_memory=retrieval, prompt=prompt,
+                                     exemplars=exemplars)[1][0].tolist()
             context = []
             if retrieval:
                 hits = pack(self.search(p.input, k, namespace), gen.count_tokens, self.settings.context_tokens)
                 context = [h.memory.text for h in hits]
-            if p.kind == "qa":
-                return gen.chat_ids(build_messages(p.input, context))[0].tolist()
             text = ("\n\n".join(context) + "\n\n" + p.input) if context else p.input
             return gen.tokenizer(text, add_special_tokens=False)["input_ids"]
 
         from contextlib import nullcontext
 
         with (nullcontext() if adapted else self._base_context()):
-            outputs = ev.run(probes, prompt_ids, gen.generate_batch, progress=progress)
+            outputs = ev.run(probes, prompt_ids, gen.generate_batch, progress=progress,
+                             max_new_tokens={"cloze": 12, "qa": qa_new_tokens})
         result = ev.score(probes, outputs, mode)
         result["adapter"] = self.adapter_version if adapted else None
         result["seconds"] = round(time.perf_counter() - start, 2)
@@ -455,6 +610,7 @@ class MemoryLLM:
         return AdapterRegistry(self.settings.home)
 
     def close(self) -> None:
+        self._prompts = None
         if self._store is not None:
             self._store.close()
             self._store = None

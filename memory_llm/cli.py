@@ -27,6 +27,10 @@ MODEL = typer.Option(None, "--model", help="LLM: 'smollm2' (default), a hub id, 
                      show_default=False)
 EMBEDDER = typer.Option(None, "--embedder", help="Sentence-transformers model (default all-MiniLM-L6-v2).",
                         show_default=False)
+PROMPT = typer.Option(None, "--prompt", "-p", help="Template name (default: the one whose description is most"
+                      " similar to the question; see `mllm prompt list`).", show_default=False)
+NO_EXEMPLARS = typer.Option(False, "--no-exemplars", help="Do not add rated exemplars as few-shot turns.")
+MAX_NEW_TOKENS = typer.Option(None, "--max-new-tokens", help="Longest answer (default 200).", show_default=False)
 
 
 def _stderr(msg: str) -> None:
@@ -186,21 +190,21 @@ def ask(
     k: Optional[int] = typer.Option(None, "-k", help="Memories to retrieve (default 4).", show_default=False),
     no_memory: bool = typer.Option(False, "--no-memory", help="Closed-book: answer without retrieval."),
     no_adapter: bool = typer.Option(False, "--no-adapter", help="Do not use the consolidated adapter."),
+    prompt: Optional[str] = PROMPT,
+    no_exemplars: bool = NO_EXEMPLARS,
     namespace: str = NAMESPACE,
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Longest answer (default 200).",
-                                                 show_default=False),
+    max_new_tokens: Optional[int] = MAX_NEW_TOKENS,
     model: Optional[str] = MODEL,
     embedder: Optional[str] = EMBEDDER,
     home: Optional[Path] = HOME,
     as_json: bool = JSON,
 ) -> None:
-    """Answer a question from memory; streams the answer, then lists its sources."""
+    """Answer a question from memory; streams the answer, then lists its sources and the answer id."""
     with handled():
-        if max_new_tokens is not None and max_new_tokens <= 0:
-            raise MemoryLLMError(f"--max-new-tokens must be > 0, not {max_new_tokens}")
+        _check_max_new_tokens(max_new_tokens)
         m = _mllm(home, model=model, embedder=embedder, use_adapter=not no_adapter)
         stream = m.ask_stream(question, k=k, namespace=namespace, use_memory=not no_memory,
-                              max_new_tokens=max_new_tokens)
+                              max_new_tokens=max_new_tokens, prompt=prompt, exemplars=not no_exemplars)
         for piece in stream:
             if not as_json:
                 typer.echo(piece, nl=False)
@@ -210,13 +214,25 @@ def ask(
             _print_json(answer.as_dict())
             return
         typer.echo("")
-        if answer.sources:
-            typer.echo("\nSources:")
-            for i, h in enumerate(answer.sources, 1):
-                snippet = " ".join(h.memory.text.split())
-                typer.echo(f"  [{i}] {h.memory.source} (#{h.memory.id}): {snippet[:100]}…")
-        elif answer.used_memory:
-            typer.echo("\n(No memories matched; answered without sources.)")
+        _print_sources(answer)
+        shots = f", {len(answer.prompt.exemplars)} exemplar(s)" if answer.prompt.exemplars else ""
+        typer.echo(f"\n(answer {answer.id}, template {answer.template}{shots}; "
+                   f"mllm feedback {answer.id} --good | --bad | --correct \"...\")")
+
+
+def _print_sources(answer) -> None:
+    if answer.sources:
+        typer.echo("\nSources:")
+        for i, h in enumerate(answer.sources, 1):
+            snippet = " ".join(h.memory.text.split())
+            typer.echo(f"  [{i}] {h.memory.source} (#{h.memory.id}): {snippet[:100]}…")
+    elif answer.used_memory:
+        typer.echo("\n(No memories matched; answered without sources.)")
+
+
+def _check_max_new_tokens(max_new_tokens: Optional[int]) -> None:
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise MemoryLLMError(f"--max-new-tokens must be > 0, not {max_new_tokens}")
 
 
 @app.command()
@@ -312,6 +328,8 @@ def eval_(
                                                     " hybrid (adapter + retrieval)."),
     k: Optional[int] = typer.Option(None, "-k", help="Memories to retrieve in rag mode.", show_default=False),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N probes.", show_default=False),
+    prompt: Optional[str] = PROMPT,
+    no_exemplars: bool = NO_EXEMPLARS,
     namespace: str = NAMESPACE,
     model: Optional[str] = MODEL,
     home: Optional[Path] = HOME,
@@ -326,7 +344,8 @@ def eval_(
         with _progress(as_json) as progress:
             cb = (lambda done, _s={"n": 0}: (_s.__setitem__("n", _s["n"] + done), progress("eval", _s["n"], n))) \
                 if progress else None
-            result = m.evaluate(file, mode, k=k, namespace=namespace, limit=limit, progress=cb)
+            result = m.evaluate(file, mode, k=k, namespace=namespace, limit=limit, progress=cb, prompt=prompt,
+                                exemplars=not no_exemplars)
         if as_json:
             _print_json({k: v for k, v in result.items() if k != "probes"})
             return
@@ -426,6 +445,9 @@ def adapters_rollback(to: Optional[str] = typer.Option(None, "--to", help="Make 
     with handled():
         v = _mllm(home).adapters.rollback(to)
         typer.echo(f"Current adapter: {v.name}." if v else "No adapter is current now; the base model answers.")
+
+
+from memory_llm import cli_chat  # noqa: E402,F401  (registers prompt, feedback, chat, serve)
 
 
 def main() -> None:

@@ -59,6 +59,11 @@ class Settings:
     max_new_tokens: int = _opt(200, "Tokens generated at most for an answer")
     exact_index_max: int = _opt(50_000, "Up to this many memories the vector index is exact; above it IVF")
     ivf_nprobe: int = _opt(16, "Inverted lists searched per query (large indexes; more = better recall, slower)")
+    exemplar_k: int = _opt(3, "Few-shot exemplars added to a prompt at most (0: none)")
+    exemplar_tokens: int = _opt(256, "Token budget for the few-shot exemplars")
+    exemplar_min_rating: int = _opt(1, "Exemplars rated below this are not used")
+    exemplar_min_similarity: float = _opt(0.5, "Cosine similarity of an exemplar's question to the question, at least")
+    template_min_similarity: float = _opt(0.3, "Below this similarity to every template description, 'default' is used")
     lock_timeout: float = _opt(30.0, "Seconds to wait for the store's write lock before a clear error")
     home: Path = _opt(None, "Memory home (MLLM_HOME)")
     cache_dir: Path = _opt(None, "Converted-model cache (MLLM_CACHE)")
@@ -75,6 +80,12 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InputError(f"setting {name}={getattr(self, name)!r} must be > 0")
+        for name in ("exemplar_k", "exemplar_tokens"):
+            if getattr(self, name) < 0:
+                raise InputError(f"setting {name}={getattr(self, name)!r} must be >= 0")
+        for name in ("exemplar_min_similarity", "template_min_similarity"):
+            if not -1 <= getattr(self, name) <= 1:
+                raise InputError(f"setting {name}={getattr(self, name)!r} must be in [-1, 1]")
         if not 0 <= self.chunk_overlap < self.chunk_tokens:
             raise InputError(f"setting chunk_overlap={self.chunk_overlap!r} must be >= 0 and < chunk_tokens")
         if not 0 < self.dedup_threshold <= 1:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol, Sequence
 
 import numpy as np
+
+# torch.set_num_threads is process-wide: one query embed at a time may lower it, so that a concurrent one can
+# never read the lowered count as "the" count and leave generation on one thread for good.
+_THREADS_LOCK = threading.Lock()
 
 
 class Embedder(Protocol):
@@ -53,11 +58,12 @@ class SentenceEmbedder:
         a generation, scripts/probe_retrieve.py), the thread pool's wake-up dominates such small work."""
         import torch
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            vecs = self.model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True,
-                                     show_progress_bar=False)
-        finally:
-            torch.set_num_threads(threads)
+        with _THREADS_LOCK:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                vecs = self.model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True,
+                                         show_progress_bar=False)
+            finally:
+                torch.set_num_threads(threads)
         return np.asarray(vecs, dtype=np.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -25,14 +26,40 @@ class Prompt:
     source_ids: list[int]
 
 
-def build_messages(question: str, context: Sequence[str] = (), system: str | None = None) -> list[dict]:
-    """Messages for the chat template. Retrieved memories are delimited as data, never as instructions."""
-    if not context:
-        return [{"role": "system", "content": system or CLOSED_SYSTEM_PROMPT},
-                {"role": "user", "content": question}]
-    sources = "\n\n".join(f"[{i}] {text}" for i, text in enumerate(context, 1))
-    user = f"<sources>\n{sources}\n</sources>\n\nQuestion: {question}"
-    return [{"role": "system", "content": system or SYSTEM_PROMPT}, {"role": "user", "content": user}]
+def build_messages(question: str, context: Sequence[str] = (), system: str | None = None, *, template=None,
+                   shots: Sequence[tuple[str, str]] = (), history: Sequence[dict] = ()) -> list[dict]:
+    """Messages for the chat template. Retrieved memories are delimited as data (<sources>), never as
+    instructions, whatever the template says.
+
+    Args:
+        question: the user's (last) message.
+        context: retrieved memory texts, numbered [1], [2], ... in the prompt.
+        system: a system prompt that replaces the template's (e.g. a chat client's own).
+        template: a prompt-library Template (system, user with {context} and {question} slots); None is the
+            built-in default, identical to the shipped "default" template.
+        shots: few-shot (question, answer) turns placed before the conversation.
+        history: earlier turns of a chat ({"role", "content"}), placed between the shots and the question.
+    """
+    if context:
+        sources = "\n\n".join(f"[{i}] {text}" for i, text in enumerate(context, 1))
+        block = f"<sources>\n{sources}\n</sources>"
+        if template is None:
+            user = f"{block}\n\nQuestion: {question}"
+        else:
+            user = fill(template.user, context=block, question=question)
+            if "{context}" not in template.user:  # the sources are never dropped silently
+                user = f"{block}\n\n{user}"
+        system = system or (template.system if template is not None else SYSTEM_PROMPT)
+    else:
+        user = question
+        system = system or (template.closed_system or template.system if template is not None else CLOSED_SYSTEM_PROMPT)
+    turns = [m for q, a in shots for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    return [{"role": "system", "content": system}, *turns, *history, {"role": "user", "content": user}]
+
+
+def fill(text: str, **slots: str) -> str:
+    """Replace {slot} markers in one pass (a slot's value is never re-scanned; other braces stay as they are)."""
+    return re.sub(r"\{(" + "|".join(map(re.escape, slots)) + r")\}", lambda m: slots[m.group(1)], text)
 
 
 class Generator:
@@ -105,19 +132,28 @@ class Generator:
                                       **self._gen_kwargs(max_new_tokens, temperature))
         return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
-    def stream(self, input_ids, max_new_tokens: int = 200, temperature: float = 0.0) -> Iterator[str]:
-        """Yield text pieces as they are generated (generation runs in a worker thread)."""
+    def stream(self, input_ids, max_new_tokens: int = 200, temperature: float = 0.0,
+               stop: threading.Event | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated (generation runs in a worker thread); setting `stop` ends
+        the generation at the next token."""
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
+        extra = {}
+        if stop is not None:
+            class Stop(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kwargs) -> bool:
+                    return stop.is_set()
+
+            extra["stopping_criteria"] = StoppingCriteriaList([Stop()])
 
         def work() -> None:
             try:
                 with torch.inference_mode():
                     self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        streamer=streamer, **self._gen_kwargs(max_new_tokens, temperature))
+                                        streamer=streamer, **self._gen_kwargs(max_new_tokens, temperature), **extra)
             except BaseException as exc:  # surfaced in the caller's thread below
                 errors.append(exc)
                 streamer.end()

@@ -20,16 +20,19 @@ def rrf(rankings: Sequence[Sequence[tuple[int, float]]], k: int = 60) -> list[tu
     return [(i, scores[i], ranks[i]) for i in order]
 
 
-def retrieve(store: Store, embedder: Embedder, query: str, k: int = 4, namespace: str | None = None,
-             rrf_k: int = 60) -> list[Hit]:
-    """The k best memories for a query, dense and lexical candidates fused."""
-    if k <= 0 or not query.strip():
+def retrieve(store: Store, embedder: Embedder, query: str | Sequence[str], k: int = 4, namespace: str | None = None,
+             rrf_k: int = 60, vectors=None) -> list[Hit]:
+    """The k best memories for a query (or several, e.g. a conversation's turns), dense and lexical
+    candidates of every query fused. `vectors` are the queries' embeddings when the caller has them."""
+    queries = [query] if isinstance(query, str) else [q for q in query if q.strip()]
+    if k <= 0 or not queries or not queries[0].strip():
         return []
     fetch = max(4 * k, 20)
-    vector = embedder.encode([query])[0]
-    dense = store.dense(vector, fetch, namespace)
-    lexical = store.lexical(query, fetch, namespace)
-    fused = rrf([dense, lexical], rrf_k)[:k]
+    vectors = embedder.encode(queries) if vectors is None else vectors
+    rankings = []
+    for q, vector in zip(queries, vectors):
+        rankings += [store.dense(vector, fetch, namespace), store.lexical(q, fetch, namespace)]
+    fused = rrf(rankings, rrf_k)[:k]
     memories = store.get([i for i, _, _ in fused])
     return [Hit(memories[i], score, ranks[0], ranks[1]) for i, score, ranks in fused if i in memories]
 

@@ -209,7 +209,7 @@ def in_process(home: Path, args) -> dict:
     m = MemoryLLM(home)
     gen = m.generator
     st_vec = m.embedder.encode([args.question])[0]
-    _, ids, _, _ = m._prepare(args.question, None, "default", True)
+    _, ids, *_ = m._prepare(args.question, k=None, namespace="default", use_memory=True)  # as ask builds it
     model, tok = gen.model, gen.tokenizer
 
     def raw():  # in a worker thread, as ask's generation runs (see the notes: the main thread can differ)

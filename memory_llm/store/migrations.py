@@ -88,4 +88,52 @@ def m002_consolidation(db: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m003_prompt_library(db: sqlite3.Connection) -> None:
+    """Prompt templates, rated exemplars and the answer log (feedback and exemplars point at answers)."""
+    run_script(
+        db,
+        """
+        CREATE TABLE templates (
+            name TEXT PRIMARY KEY,
+            description TEXT NOT NULL,
+            system TEXT NOT NULL,
+            user TEXT NOT NULL,
+            closed_system TEXT,
+            embedding BLOB,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE answers (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            namespace TEXT NOT NULL,
+            session_id TEXT,
+            question TEXT NOT NULL,
+            answer TEXT NOT NULL,
+            template TEXT,
+            exemplar_ids TEXT NOT NULL DEFAULT '[]',
+            memory_ids TEXT NOT NULL DEFAULT '[]',
+            model TEXT,
+            adapter TEXT,
+            feedback TEXT,
+            correction TEXT,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX answers_session ON answers(namespace, session_id);
+        CREATE TABLE exemplars (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            namespace TEXT NOT NULL,
+            question TEXT NOT NULL,
+            answer TEXT NOT NULL,
+            rating INTEGER NOT NULL DEFAULT 1,
+            source TEXT NOT NULL,
+            answer_id INTEGER REFERENCES answers(id) ON DELETE SET NULL,
+            embedding BLOB,
+            created_at REAL NOT NULL,
+            UNIQUE (namespace, question, answer)
+        );
+        CREATE INDEX exemplars_ns ON exemplars(namespace, rating);
+        """,
+    )
+
+
 SCHEMA_VERSION = len(MIGRATIONS)

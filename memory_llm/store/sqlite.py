@@ -17,6 +17,7 @@ import numpy as np
 
 from memory_llm.errors import InputError, StoreError
 from memory_llm.store.migrations import MIGRATIONS, SCHEMA_VERSION
+from memory_llm.store.prompts import PromptRecords
 from memory_llm.store.vectors import FaissIndex, choose_kind, ivf_nlist, needs_rebuild
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,9 @@ class NewChunk:
     vector: np.ndarray
 
 
-class Store:
-    """One memory home on disk. Thread-safe: one connection, guarded by a lock; readers share the index."""
+class Store(PromptRecords):
+    """One memory home on disk. Thread-safe: one connection, guarded by a lock; readers share the index.
+    The prompt library's records (templates, exemplars, answer log) are in store/prompts.py."""
 
     def __init__(self, home: Path, *, lock_timeout: float = 30.0, exact_index_max: int = 50_000,
                  ivf_nprobe: int = 16):

@@ -1,0 +1,60 @@
+"""Chat turns: checking OpenAI-style messages, what to retrieve for a conversation, what the user states."""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from memory_llm.errors import InputError
+
+ROLES = ("system", "user", "assistant")
+RECENT_USER_TURNS = 3  # the conversation query joins this many latest user turns
+HISTORY_MESSAGES = 12  # earlier messages kept in the prompt (a small model's window is the limit)
+_NOT_A_STATEMENT = re.compile(
+    r"^(who|what|when|where|why|how|which|whose|whom|is|are|was|were|do|does|did|can|could|would|will|should|"
+    r"shall|may|might|tell me|please|show|list|explain|give|help|hi|hello|hey|thanks|thank you|ok|okay|yes|no)\b",
+    re.I)
+
+
+def check_messages(messages: Sequence[dict]) -> list[dict]:
+    """OpenAI-style messages [{"role", "content"}], the last one from the user; InputError says what is wrong."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InputError("messages must be a non-empty list of {role, content}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise InputError(f"messages[{i}]: role must be one of {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise InputError(f"messages[{i}]: content must be a text")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user" or not out[-1]["content"].strip():
+        raise InputError("the last message must be a non-empty user message")
+    return out
+
+
+def split_messages(messages: list[dict]) -> tuple[str | None, list[dict], str]:
+    """(the client's system prompt or None, the latest earlier user/assistant turns, the last user message)."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
+    turns = [m for m in messages[:-1] if m["role"] != "system"][-HISTORY_MESSAGES:]
+    return system, turns, messages[-1]["content"]
+
+
+def conversation_queries(messages: list[dict]) -> list[str]:
+    """What to retrieve for: the last user message and, in a longer conversation, the latest user turns
+    together (so that "and when did it open?" still finds the observatory named two turns earlier)."""
+    users = [m["content"].strip() for m in messages if m["role"] == "user" and m["content"].strip()]
+    queries = [users[-1]]
+    if len(users) > 1:
+        queries.append(" ".join(users[-RECENT_USER_TURNS:]))
+    return queries
+
+
+def statements(text: str) -> list[str]:
+    """The sentences of a user message that state something (not questions, requests or greetings)."""
+    out = []
+    for sentence in re.split(r"(?<=[.!?])\s+|\n+", text.strip()):
+        sentence = sentence.strip()
+        if (len(sentence.split()) >= 3 and not sentence.endswith("?")
+                and not _NOT_A_STATEMENT.match(sentence)):
+            out.append(sentence)
+    return out
