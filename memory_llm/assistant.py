@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from memory_llm.config import Settings
-from memory_llm.errors import InputError, MemoryLLMError
+from memory_llm.errors import InputError, MemoryLLMError, StoreError
 from memory_llm.ingest import Document, chunk_text, content_hash, iter_paths, load_file, load_text
 from memory_llm.store import Hit, Store
 from memory_llm.store.sqlite import NewChunk
@@ -536,6 +536,15 @@ class MemoryLLM:
         def run() -> list[dict]:
             return self.store.check() + [self.adapters.check(self.settings.model)]
 
+        try:
+            self.store
+        except StoreError as exc:  # a file too damaged to open: nothing can be checked or rebuilt from it
+            if "locked" in str(exc):
+                raise
+            failed = {"check": "sqlite", "ok": False, "repairable": False,
+                      "detail": f"the database file is damaged and cannot be opened ({exc}); restore memory.sqlite"
+                                " from a backup"}
+            return {"healthy": False, "checks": [failed], "repaired": []}
         checks = run()
         repaired: list[str] = []
         if repair and any(c["repairable"] for c in checks[:-1]):

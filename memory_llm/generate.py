@@ -113,9 +113,10 @@ class Generator:
                                       **self._gen_kwargs(max_new_tokens, temperature))
         return self.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
 
-    def generate_batch(self, prompts: list, max_new_tokens: int = 12, temperature: float = 0.0) -> list[str]:
+    def generate_batch(self, prompts: list, max_new_tokens: int = 12, temperature: float = 0.0,
+                       return_ids: bool = False) -> list:
         """Continuations of several prompts (lists of token ids) at once, left-padded; greedy unless a
-        temperature is given."""
+        temperature is given. Texts, or with return_ids the generated token ids."""
         import torch
 
         if not prompts:
@@ -130,6 +131,10 @@ class Generator:
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       **self._gen_kwargs(max_new_tokens, temperature))
+        if return_ids:  # the new tokens up to the first end-of-sequence / padding token
+            stop = {self.tokenizer.eos_token_id, pad}
+            rows = [row[width:].tolist() for row in out]
+            return [row[:next((i for i, t in enumerate(row) if t in stop), len(row))] for row in rows]
         return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
     def stream(self, input_ids, max_new_tokens: int = 200, temperature: float = 0.0,

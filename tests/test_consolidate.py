@@ -235,3 +235,13 @@ def _opt_sched(model):
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def test_locality_of_the_base_model_against_itself_is_perfect(tiny_generator):
+    import contextlib
+
+    from memory_llm.consolidate.gate import locality
+
+    prompts = ["Name a colour.", "What is two plus two?", "Say hello.", "Describe rain in a sentence."]
+    assert locality(tiny_generator, prompts, contextlib.nullcontext, tokens=12, strict_tokens=8) == \
+        {"agreement": 1.0, "strict": 1.0}

@@ -68,11 +68,10 @@ def locality(generator, prompts: Sequence[str], base_context, tokens: int = 32, 
     import torch
 
     prompt_ids = [generator.chat_ids([{"role": "user", "content": p}])[0].tolist() for p in prompts]
-    with base_context():
-        base = []
+    with base_context():  # the base model's own tokens (decoding and re-tokenizing text would change some)
+        base_ids = []
         for i in range(0, len(prompt_ids), batch_size):
-            base += generator.generate_batch(prompt_ids[i:i + batch_size], tokens)
-    base_ids = [generator.tokenizer(b, add_special_tokens=False)["input_ids"][:tokens] for b in base]
+            base_ids += generator.generate_batch(prompt_ids[i:i + batch_size], tokens, return_ids=True)
     agree = total = 0
     device = generator.device
     for p, b in zip(prompt_ids, base_ids):
@@ -85,10 +84,8 @@ def locality(generator, prompts: Sequence[str], base_context, tokens: int = 32, 
         total += len(b)
     strict = 0
     for i in range(0, len(prompt_ids), batch_size):
-        outs = generator.generate_batch(prompt_ids[i:i + batch_size], strict_tokens)
-        for o, b in zip(outs, base_ids[i:i + batch_size]):
-            o_ids = generator.tokenizer(o, add_special_tokens=False)["input_ids"][:strict_tokens]
-            strict += int(o_ids == b[:strict_tokens])
+        outs = generator.generate_batch(prompt_ids[i:i + batch_size], strict_tokens, return_ids=True)
+        strict += sum(int(o == b[:strict_tokens]) for o, b in zip(outs, base_ids[i:i + batch_size]))
     return {"agreement": agree / total if total else 1.0, "strict": strict / len(prompts) if prompts else 1.0}
 
 

@@ -153,12 +153,10 @@ def prepare_items(generator, items: Sequence[Item], contexts: dict[int, str], re
 
 def prepare_locality(generator, prompts: Sequence[str], recipe: Recipe) -> list[Example]:
     """Base-model targets on generic prompts: its greedy continuation, teacher-forced, top-k per position."""
-    conts = generator.generate_batch([generator.chat_ids([{"role": "user", "content": p}])[0].tolist()
-                                      for p in prompts], recipe.locality_tokens)
+    chats = [generator.chat_ids([{"role": "user", "content": p}])[0].tolist() for p in prompts]
+    conts = generator.generate_batch(chats, recipe.locality_tokens, return_ids=True)
     sequences, spans = [], []
-    for p, cont in zip(prompts, conts):
-        prompt = generator.chat_ids([{"role": "user", "content": p}])[0].tolist()
-        cont_ids = generator.tokenizer(cont, add_special_tokens=False)["input_ids"][:recipe.locality_tokens]
+    for prompt, cont_ids in ((p, c) for p, c in zip(chats, conts) if c):  # (an immediate end teaches nothing)
         sequences.append(prompt + cont_ids)
         spans.append((len(prompt) - 1, len(prompt) + len(cont_ids) - 1))
     targets = _top_k_targets(generator.model, sequences, spans, recipe.top_k, recipe.temperature)
