@@ -6,11 +6,15 @@ Linear, top to bottom: prepare examples (teacher top-k targets, computed once) â
 
 from __future__ import annotations
 
+import json
 import logging
-import math
+import os
 import random
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 from memory_llm.consolidate.synth import Item
@@ -253,14 +257,10 @@ class Checkpoint:
     is ignored, so a resumed run always continues the same plan."""
 
     def __init__(self, path, key: str, every: float = 120.0):
-        from pathlib import Path
-
         self.path, self.key, self.every = Path(path), key, every
 
     def restore(self, model, opt, sched) -> int:
         """Load the saved state into model/opt/sched; the step to continue from (0 if none or another plan)."""
-        import json
-
         import torch
         from peft import set_peft_model_state_dict
 
@@ -279,11 +279,6 @@ class Checkpoint:
         return int(state["step"])
 
     def save(self, model, opt, sched, step: int) -> None:
-        import json
-        import os
-        import shutil
-        import tempfile
-
         import torch
         from peft import get_peft_model_state_dict
 
@@ -304,8 +299,6 @@ class Checkpoint:
         shutil.rmtree(old, ignore_errors=True)
 
     def clear(self) -> None:
-        import shutil
-
         shutil.rmtree(self.path, ignore_errors=True)
         shutil.rmtree(self.path.with_name(self.path.name + ".old"), ignore_errors=True)
 

@@ -5,6 +5,7 @@ or out-of-time run leaves the current adapter as it was and keeps the items it s
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -18,8 +19,15 @@ from typing import Callable, Iterator
 
 from memory_llm.consolidate.adapters import AdapterRegistry
 from memory_llm.consolidate.gate import Floors, decide, item_accuracy, locality
-from memory_llm.consolidate.recipe import (Checkpoint, Recipe, attach_lora, mix, prepare_items, prepare_locality,
-                                           train)
+from memory_llm.consolidate.recipe import (
+    Checkpoint,
+    Recipe,
+    attach_lora,
+    mix,
+    prepare_items,
+    prepare_locality,
+    train,
+)
 from memory_llm.consolidate.synth import synthesize
 from memory_llm.errors import MemoryLLMError, StoreError
 
@@ -221,8 +229,6 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
 
 def _plan_key(recipe: Recipe, new: list[int], keep: list[int], init: str | None, examples: list) -> str:
     """What a training checkpoint belongs to: the same memories, parent, recipe and training sequences."""
-    import hashlib
-
     h = hashlib.sha256(json.dumps([recipe.as_dict(), new, keep, init and Path(init).name], sort_keys=True).encode())
     for e in examples:
         h.update(json.dumps([e.kind, e.ids, e.positions]).encode())
