@@ -388,7 +388,8 @@ def consolidate(
             typer.echo(summary.message[:1].upper() + summary.message[1:] + ".")
             if summary.training:
                 t = summary.training
-                typer.echo(f"  memories {summary.memories}, items {summary.items}, steps {t['steps']}, "
+                typer.echo(f"  memories {summary.memories}, exemplars {summary.exemplars}, items {summary.items},"
+                           f" steps {t['steps']}, "
                            f"{t['tokens_per_s']} tokens/s, loss {t['loss_first']} → {t['loss_last']}")
             for k, v in (summary.metrics or {}).items():
                 cur = (summary.current_metrics or {}).get(k)

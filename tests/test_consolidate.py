@@ -81,6 +81,23 @@ def test_nothing_new_then_new_memory_builds_on_current(cmem):
     assert len(cmem.adapters.get("v0002").manifest["memories"]) == 3
 
 
+def test_good_exemplars_are_distilled_once_and_bad_ones_never(cmem):
+    from memory_llm.store.prompts import Exemplar
+
+    run(cmem)
+    good, bad = cmem.store.add_exemplars([Exemplar(None, "default", "Who tends the Varn light?", "Keeper Aslak Rund."),
+                                          Exemplar(None, "default", "Is Varn cold?", "No idea.", rating=-1)])
+    dry = run(cmem, dry_run=True)
+    assert dry.status == "dry-run" and dry.memories == 0 and dry.exemplars == 1
+    summary = run(cmem)  # no new memory, but a new good exemplar: a round of its own
+    assert summary.status == "promoted" and summary.exemplars == 1 and summary.items == 1
+    assert cmem.adapters.get(summary.version).manifest["exemplars"] == [good]
+    assert run(cmem).status == "nothing-new"
+    full = run(cmem, full=True)  # a rebuild keeps distilling it, with every memory
+    assert full.exemplars == 1 and cmem.adapters.get(full.version).manifest["exemplars"] == [good]
+    assert bad not in cmem.adapters.get(full.version).manifest["exemplars"]
+
+
 def test_forgetting_forces_a_full_rebuild_without_the_memory(cmem):
     run(cmem)
     gone = cmem.store.memory_ids()[0]

@@ -28,7 +28,7 @@ from memory_llm.consolidate.recipe import (
     prepare_locality,
     train,
 )
-from memory_llm.consolidate.synth import synthesize
+from memory_llm.consolidate.synth import Item, synthesize
 from memory_llm.errors import MemoryLLMError, StoreError
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Summary:
     training: dict = field(default_factory=dict)
     seconds: float = 0.0
     full: bool = False
+    exemplars: int = 0  # prompt-library exemplars distilled in this round
 
     @property
     def exit_code(self) -> int:
@@ -121,15 +122,19 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         keep_covered = sorted((covered & all_existing) - set(new)) if not full else []
         if full and namespace is not None:  # a full rebuild must keep the other namespaces' memories
             new = sorted(all_existing)
-        if not new:
+        good = store.exemplars(None if full else namespace, min_rating=1)  # the prompt library's good answers
+        ex_covered = set(current.manifest.get("exemplars", [])) if current and not full else set()
+        new_ex = [e for e in good if e.id not in ex_covered]
+        old_ex = [e for e in good if e.id in ex_covered]
+        if not new and not new_ex:
             return Summary("nothing-new", "nothing new to consolidate", current.name if current else None,
                            seconds=time.time() - start)
         have_items = store.memories_with_items(new)
         need_items = [i for i in new if i not in have_items]
         if dry_run:
             return Summary("dry-run", f"would consolidate {len(new)} memories ({len(need_items)} need new training"
-                           f" items){' as a full rebuild' if full else ''}", None, memories=len(new), full=full,
-                           seconds=time.time() - start)
+                           f" items) and {len(new_ex)} exemplars{' as a full rebuild' if full else ''}", None,
+                           memories=len(new), exemplars=len(new_ex), full=full, seconds=time.time() - start)
 
         # ---- setup: a fresh base model (the serving model keeps its adapter meanwhile) -------------------
         gen = m.new_generator()
@@ -150,11 +155,13 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
 
         items = store.items(new)
         train_items = _cap_per_memory([i for i in items if not i.held_out], recipe.max_items_per_memory, recipe.seed)
+        train_items += exemplar_items(new_ex)
         held_new = [i for i in items if i.held_out]
         old_items = store.items(keep_covered)
-        replay_items = [i for i in old_items if not i.held_out]
+        replay_items = [i for i in old_items if not i.held_out] + exemplar_items(old_ex)
         retention_items = _sample([i for i in old_items if i.held_out], EVAL_SAMPLE, recipe.seed)
         contexts = {i: mem.text for i, mem in store.get(sorted({it.memory_id for it in items + old_items})).items()}
+        contexts.update(exemplar_contexts(new_ex + old_ex))
 
         # ---- teacher targets: base model WITH the chunk in context -------------------------------------------
         loc_train, loc_eval = generic_prompts()
@@ -204,6 +211,7 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         if deadline and time.time() > deadline + reserve:
             ok, reasons = False, reasons + ["failed: over the time budget before promotion"]
         summary = Summary("promoted" if ok else "rejected", "", None, memories=len(new), items=len(train_items),
+                          exemplars=len(new_ex),
                           metrics=_rounded(metrics), current_metrics=_rounded(current_metrics), reasons=reasons,
                           training=stats, full=full)
         if not ok:
@@ -217,7 +225,7 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         covered_now = sorted(set(new) | set(keep_covered))
         version = registry.commit(staged, {
             "base_model": settings.model, "recipe": recipe.as_dict(), "metrics": summary.metrics,
-            "memories": covered_now, "new_memories": new, "parent": None if full or current is None else current.name,
+            "memories": covered_now, "new_memories": new, "exemplars": sorted(e.id for e in new_ex + old_ex), "parent": None if full or current is None else current.name,
             "full": full, "floors": floors.as_dict(), "training": stats})
         registry.promote(version.name)
         store.record_ledger(version.name, covered_now)
@@ -225,6 +233,17 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         summary.version, summary.message = version.name, f"promoted {version.name}"
         summary.seconds = time.time() - start
         return summary
+
+
+def exemplar_items(exemplars) -> list[Item]:
+    """A good exemplar trains like a qa item: its question, closed-book, answered as the exemplar answers.
+    Its memory_id is the negative exemplar id (exemplars are not memories; see `exemplar_contexts`)."""
+    return [Item(-e.id, "qa", e.question, e.answer) for e in exemplars]
+
+
+def exemplar_contexts(exemplars) -> dict[int, str]:
+    """The teacher's context for an exemplar item: the exemplar itself, as the ask path shows it."""
+    return {-e.id: f"Question: {e.question}\nAnswer: {e.answer}" for e in exemplars}
 
 
 def _plan_key(recipe: Recipe, new: list[int], keep: list[int], init: str | None, examples: list) -> str:
