@@ -262,3 +262,48 @@ def test_locality_of_the_base_model_against_itself_is_perfect(tiny_generator):
     prompts = ["Name a colour.", "What is two plus two?", "Say hello.", "Describe rain in a sentence."]
     assert locality(tiny_generator, prompts, contextlib.nullcontext, tokens=12, strict_tokens=8) == \
         {"agreement": 1.0, "strict": 1.0}
+
+
+def test_null_space_constraint_keeps_generic_outputs_while_items_still_move(tiny_generator):
+    import copy
+
+    import torch
+
+    from memory_llm.consolidate.recipe import Example, attach_lora, null_space_constraint, train
+
+    g = torch.Generator().manual_seed(0)
+    generic = [torch.randint(3, 9, (12,), generator=g).tolist() for _ in range(24)]  # inputs in a small subspace
+    items = []
+    for _ in range(8):  # "facts": other tokens than the generic text, with a fixed target per position
+        ids = torch.randint(40, 80, (10,), generator=g).tolist()
+        items.append(Example(ids, [4, 5, 6, 7], torch.full((4, 1), 7), torch.ones((4, 1)), "item"))
+    recipe = Recipe(epochs=6, batch_size=4, rank=4, alpha=8, lr=2e-2, locality_per_batch=0)
+
+    def trained(energy):
+        torch.manual_seed(1)
+        model = attach_lora(copy.deepcopy(tiny_generator.model), recipe)
+        constrain = null_space_constraint(model, generic, energy) if energy else None
+        train(model, items, recipe, constrain=constrain)
+        return model
+
+    def lora_response(model, seqs):  # ‖A·x‖ summed over every LoRA layer, x its base-model inputs on seqs
+        from peft.tuners.lora import LoraLayer
+
+        total, hooks = [0.0], []
+        for m in model.modules():
+            if isinstance(m, LoraLayer):
+                hooks.append(m.register_forward_pre_hook(
+                    lambda mod, args: total.__setitem__(0, total[0] + mod.lora_A["default"](args[0]).norm().item())))
+        with torch.inference_mode(), model.disable_adapter():
+            model(input_ids=torch.tensor(seqs))
+        for h in hooks:
+            h.remove()
+        return total[0]
+
+    free, held = trained(0), trained(0.99)
+    generic_in = lora_response(held, generic), lora_response(free, generic)
+    assert generic_in[0] < 0.4 * generic_in[1], generic_in  # generic inputs reach the update much less
+    items_in = lora_response(held, [e.ids for e in items]), lora_response(free, [e.ids for e in items])
+    assert items_in[0] > 0.3 * items_in[1], items_in  # the facts' inputs still do
+    with pytest.raises(ValueError):
+        null_space_constraint(held, generic, 1.0)

@@ -44,6 +44,8 @@ class Recipe:
     rewrites: int = 1  # model rewrites per memory (plus one held out)
     questions: int = 4  # questions sampled per memory
     max_items_per_memory: int = 0  # cap on trained cloze items per memory (0: all); qa items are always kept
+    null_space_energy: float = 0.99  # LoRA inputs kept off the generic-prompt directions holding this share of
+    # their energy (null-space projection, see null_space_constraint); 0 turns it off
     seed: int = 0
     target_modules: tuple = field(default=LORA_TARGETS)
 
@@ -179,6 +181,68 @@ def attach_lora(model, recipe: Recipe, init_from: str | None = None):
     return get_peft_model(model, config)
 
 
+def null_space_constraint(peft_model, sequences: Sequence[Sequence[int]], energy: float) -> Callable[[], None]:
+    """Keep the LoRA update off the inputs that generic prompts produce (the null-space projection of
+    AlphaEdit, Fang et al. 2025, applied to LoRA's input side): per LoRA layer, the eigen-directions of the base
+    model's inputs on `sequences` that hold `energy` of their energy are found, and every LoRA A is projected
+    onto the rest, so B·A·x ≈ 0 for generic x while inputs that differ from them (the new facts) still move.
+    Returns the projection; call it after each optimizer step (it also runs once here). Layers that read the
+    same tensor (q/k/v, gate/up) share one covariance."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    if not 0.0 < energy < 1.0:
+        raise ValueError(f"null_space_energy must be in (0, 1), not {energy}")
+    name = peft_model.active_adapter
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+    first: dict = {}  # layer → the input tensor of its first call (kept alive, so ids are not reused)
+
+    def note(mod, args):
+        first.setdefault(mod, args[0])
+
+    covs: dict = {}
+
+    def accumulate(mod, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        covs[mod] = covs.get(mod, 0) + x.T @ x
+
+    device = next(peft_model.parameters()).device
+    seqs = [list(s) for s in sequences if s]
+    groups: dict = {}
+    with torch.inference_mode(), peft_model.disable_adapter():
+        hooks = [m.register_forward_pre_hook(note) for m in layers]
+        try:
+            peft_model(input_ids=torch.as_tensor([seqs[0]], device=device))
+        finally:
+            for h in hooks:
+                h.remove()
+        for m in layers:  # the same input tensor → one group
+            groups.setdefault(id(first.get(m, m)), []).append(m)
+        first.clear()
+        hooks = [g[0].register_forward_pre_hook(accumulate) for g in groups.values()]
+        try:
+            for s in seqs:  # one at a time: no padding rows in the covariance
+                peft_model(input_ids=torch.as_tensor([s], device=device))
+        finally:
+            for h in hooks:
+                h.remove()
+    bases = []
+    for g in groups.values():
+        w, v = torch.linalg.eigh(covs[g[0]].double().cpu())  # ascending eigenvalues
+        share = torch.cumsum(w.clamp_min(0).flip(0), 0) / w.clamp_min(0).sum().clamp_min(1e-12)
+        k = int((share < energy).sum().item()) + 1  # the top k directions hold `energy` of the input energy
+        u = v[:, -k:].float().to(device)
+        bases += [(m.lora_A[name].weight, u) for m in g]
+
+    def project() -> None:
+        with torch.no_grad():
+            for weight, u in bases:
+                weight -= (weight @ u) @ u.T
+
+    project()
+    return project
+
+
 def plan_batches(examples: list[Example], recipe: Recipe) -> list[list[int]]:
     """Every step's batch for all epochs, fixed by the seed (so a resumed run continues the same plan).
     Per epoch, training examples sorted by length (random ties) are cut into batches and the batches shuffled;
@@ -202,11 +266,12 @@ def plan_batches(examples: list[Example], recipe: Recipe) -> list[list[int]]:
 
 
 def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: float | None = None,
-          progress: Callable[[int, int, dict], None] | None = None, checkpoint: Checkpoint | None = None) -> dict:
+          progress: Callable[[int, int, dict], None] | None = None, checkpoint: Checkpoint | None = None,
+          constrain: Callable[[], None] | None = None) -> dict:
     """Distillation loop: batches of similar length; loss = KL(teacher‖student)·T² on answer tokens (+ CE on
     the answer) and KL(base‖student)·T² on locality tokens. Stops at the deadline (time.time()) if given.
     With a checkpoint, training state is saved every `checkpoint.every` seconds and at a deadline stop, and a
-    run with the same plan resumes from it."""
+    run with the same plan resumes from it. `constrain` runs after every optimizer step (null_space_constraint)."""
     import torch
 
     torch.manual_seed(recipe.seed)
@@ -231,6 +296,8 @@ def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: floa
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if constrain:
+            constrain()
         sched.step()
         step += 1
         tokens += sum(len(examples[i].ids) for i in batch)

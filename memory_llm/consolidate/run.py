@@ -24,6 +24,7 @@ from memory_llm.consolidate.recipe import (
     Recipe,
     attach_lora,
     mix,
+    null_space_constraint,
     prepare_items,
     prepare_locality,
     train,
@@ -170,7 +171,7 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         replay_pick = rng.sample(replay_items, min(len(replay_items), int(len(train_items) * recipe.replay_fraction)))
         examples = prepare_items(gen, train_items, contexts, recipe)
         replay = prepare_items(gen, replay_pick, contexts, recipe) if replay_pick else []
-        loc = prepare_locality(gen, loc_train, recipe) if recipe.locality_weight > 0 else []
+        loc = prepare_locality(gen, loc_train, recipe) if recipe.locality_weight > 0 or recipe.null_space_energy else []
         if progress:
             progress("prepare", 1, 1)
 
@@ -178,11 +179,13 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         init = str(current.path) if current is not None and not full else None
         model = attach_lora(gen.model, recipe, init_from=init)
         gen.model = model
-        training_set = mix(examples, replay, loc, recipe)
+        training_set = mix(examples, replay, loc if recipe.locality_weight > 0 else [], recipe)
+        constrain = null_space_constraint(model, [e.ids for e in loc], recipe.null_space_energy) \
+            if recipe.null_space_energy and loc else None
         checkpoint = Checkpoint(registry.root / ".checkpoint", _plan_key(recipe, new, keep_covered, init, training_set))
         reserve = 120.0  # seconds kept for evaluation within a budget
         train_deadline = deadline - reserve if deadline else None
-        stats = train(model, training_set, recipe, deadline=train_deadline, checkpoint=checkpoint,
+        stats = train(model, training_set, recipe, deadline=train_deadline, checkpoint=checkpoint, constrain=constrain,
                       progress=(lambda s, t, _: progress("train", s, t)) if progress else None)
         if stats["stopped_early"]:
             return Summary("out-of-time", f"time budget reached after {stats['steps']} of {stats['planned_steps']}"
