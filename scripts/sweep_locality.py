@@ -10,8 +10,9 @@ answered and the adapter no longer does. About 3-5 minutes per configuration on 
         '{"lr": 1e-3, "epochs": 4, "null_space_energy": 0}' '{"lr": 1e-3, "epochs": 4}'
 
 Configuration keys are Recipe fields, plus "cloze_only" (train on the cloze items alone), "layers" ([lo, hi):
-LoRA on those layers only) and "cov_tokens" (null-space covariance from the generic prompts with base
-continuations this long, instead of the locality examples).
+LoRA on those layers only), "cov_tokens" (null-space covariance from the generic prompts with base
+continuations this long, instead of the locality examples) and "output_energy" (also project every LoRA B's
+output off the directions holding this share of the base layer's output energy on the generic prompts).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def main() -> None:
     base, cache = gen.model, {}
     for cfg in args.configs:
         fields = json.loads(cfg)
-        lab = {k: fields.pop(k) for k in ("cloze_only", "layers", "cov_tokens") if k in fields}
+        lab = {k: fields.pop(k) for k in ("cloze_only", "layers", "cov_tokens", "output_energy") if k in fields}
         recipe = R.Recipe(**fields)
         gen.model, started = base, time.time()
         key = ("items", recipe.top_k, recipe.temperature)
@@ -102,6 +103,8 @@ def main() -> None:
                                                                                       return_ids=True))]
                 sequences = cache[key]
             constrain = R.null_space_constraint(model, sequences, recipe.null_space_energy)
+        if lab.get("output_energy"):
+            constrain = _with_output_projection(model, [e.ids for e in loc], lab["output_energy"], constrain)
         stats = R.train(model, R.mix(examples, [], loc if recipe.locality_weight > 0 else [], recipe), recipe,
                         constrain=constrain)
         near = locality(gen, loc_eval, model.disable_adapter)
@@ -114,6 +117,44 @@ def main() -> None:
             "steps": stats["steps"], "tokens_per_s": stats["tokens_per_s"], "loss_last": stats["loss_last"],
             "seconds": round(time.time() - started)}), flush=True)
         base = model.unload()
+
+
+def _with_output_projection(model, sequences, energy, inner):
+    """Also keep each LoRA B's output off the top output directions of its base layer on generic text."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and "default" in m.lora_B]
+    covs, hooks = {}, []
+
+    def accumulate(mod, args, out):
+        y = out.detach().reshape(-1, out.shape[-1]).float()
+        covs[mod] = covs.get(mod, 0) + y.T @ y
+
+    with torch.inference_mode(), model.disable_adapter():
+        hooks = [m.base_layer.register_forward_hook(accumulate) for m in layers]
+        try:
+            for s in sequences:
+                model(input_ids=torch.as_tensor([s]))
+        finally:
+            for h in hooks:
+                h.remove()
+    bases = []
+    for m in layers:
+        w, v = torch.linalg.eigh(covs[m.base_layer].double())
+        share = torch.cumsum(w.clamp_min(0).flip(0), 0) / w.clamp_min(0).sum()
+        k = int((share < energy).sum().item()) + 1
+        bases.append((m.lora_B["default"].weight, v[:, -k:].float()))
+
+    def project() -> None:
+        if inner:
+            inner()
+        with torch.no_grad():
+            for weight, u in bases:  # B: (out, r); remove the top output directions
+                weight -= u @ (u.T @ weight)
+
+    project()
+    return project
 
 
 if __name__ == "__main__":
