@@ -105,7 +105,7 @@ def main() -> None:
             constrain = R.null_space_constraint(model, sequences, recipe.null_space_energy)
         if lab.get("output_energy"):
             constrain = _with_output_projection(model, [e.ids for e in loc], lab["output_energy"], constrain)
-        stats = R.train(model, R.mix(examples, [], loc if recipe.locality_weight > 0 else [], recipe), recipe,
+        stats = R.train(model, examples + (loc if recipe.locality_weight > 0 else []), recipe,
                         constrain=constrain)
         near = locality(gen, loc_eval, model.disable_adapter)
         after = general_correct()
@@ -139,12 +139,9 @@ def _with_output_projection(model, sequences, energy, inner):
         finally:
             for h in hooks:
                 h.remove()
-    bases = []
-    for m in layers:
-        w, v = torch.linalg.eigh(covs[m.base_layer].double())
-        share = torch.cumsum(w.clamp_min(0).flip(0), 0) / w.clamp_min(0).sum()
-        k = int((share < energy).sum().item()) + 1
-        bases.append((m.lora_B["default"].weight, v[:, -k:].float()))
+    from memory_llm.consolidate.recipe import top_directions
+
+    bases = [(m.lora_B["default"].weight, top_directions(covs[m.base_layer], energy)) for m in layers]
 
     def project() -> None:
         if inner:

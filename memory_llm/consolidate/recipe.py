@@ -181,6 +181,16 @@ def attach_lora(model, recipe: Recipe, init_from: str | None = None):
     return get_peft_model(model, config)
 
 
+def top_directions(cov, energy: float):
+    """The fewest eigen-directions of a covariance (d×d) that hold `energy` of its energy, as columns (d×k)."""
+    import torch
+
+    w, v = torch.linalg.eigh(cov.double().cpu())  # ascending eigenvalues
+    share = torch.cumsum(w.clamp_min(0).flip(0), 0) / w.clamp_min(0).sum().clamp_min(1e-12)
+    k = int((share < energy).sum().item()) + 1
+    return v[:, -k:].float()
+
+
 def null_space_constraint(peft_model, sequences: Sequence[Sequence[int]], energy: float) -> Callable[[], None]:
     """Keep the LoRA update off the inputs that generic prompts produce (the null-space projection of
     AlphaEdit, Fang et al. 2025, applied to LoRA's input side): per LoRA layer, the eigen-directions of the base
@@ -228,10 +238,7 @@ def null_space_constraint(peft_model, sequences: Sequence[Sequence[int]], energy
                 h.remove()
     bases = []
     for g in groups.values():
-        w, v = torch.linalg.eigh(covs[g[0]].double().cpu())  # ascending eigenvalues
-        share = torch.cumsum(w.clamp_min(0).flip(0), 0) / w.clamp_min(0).sum().clamp_min(1e-12)
-        k = int((share < energy).sum().item()) + 1  # the top k directions hold `energy` of the input energy
-        u = v[:, -k:].float().to(device)
+        u = top_directions(covs[g[0]], energy).to(device)
         bases += [(m.lora_A[name].weight, u) for m in g]
 
     def project() -> None:
@@ -394,11 +401,3 @@ def _batch_loss(model, batch: list[Example], recipe: Recipe, device):
     if loc_loss:
         loss = loss + recipe.locality_weight * torch.stack(loc_loss).mean()
     return loss
-
-
-def mix(items: list[Example], replay: list[Example], locality: list[Example], recipe: Recipe) -> list[Example]:
-    """The training set: new items, a replay sample of earlier ones, and the locality examples (which
-    `plan_batches` spreads over every batch)."""
-    rng = random.Random(recipe.seed)
-    n_replay = min(len(replay), int(len(items) * recipe.replay_fraction))
-    return items + rng.sample(replay, n_replay) + list(locality)

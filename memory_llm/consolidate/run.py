@@ -23,7 +23,6 @@ from memory_llm.consolidate.recipe import (
     Checkpoint,
     Recipe,
     attach_lora,
-    mix,
     null_space_constraint,
     prepare_items,
     prepare_locality,
@@ -167,8 +166,7 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         # ---- teacher targets: base model WITH the chunk in context -------------------------------------------
         loc_train, loc_eval = generic_prompts()
         loc_train = loc_train[:recipe.locality_prompts]  # the gate always uses every held-out prompt (60)
-        rng = random.Random(recipe.seed)
-        replay_pick = rng.sample(replay_items, min(len(replay_items), int(len(train_items) * recipe.replay_fraction)))
+        replay_pick = _sample(replay_items, int(len(train_items) * recipe.replay_fraction), recipe.seed)
         examples = prepare_items(gen, train_items, contexts, recipe)
         replay = prepare_items(gen, replay_pick, contexts, recipe) if replay_pick else []
         loc = prepare_locality(gen, loc_train, recipe) if recipe.locality_weight > 0 or recipe.null_space_energy else []
@@ -179,7 +177,7 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         init = str(current.path) if current is not None and not full else None
         model = attach_lora(gen.model, recipe, init_from=init)
         gen.model = model
-        training_set = mix(examples, replay, loc if recipe.locality_weight > 0 else [], recipe)
+        training_set = examples + replay + (loc if recipe.locality_weight > 0 else [])  # replay sampled above
         constrain = null_space_constraint(model, [e.ids for e in loc], recipe.null_space_energy) \
             if recipe.null_space_energy and loc else None
         checkpoint = Checkpoint(registry.root / ".checkpoint", _plan_key(recipe, new, keep_covered, init, training_set))
@@ -228,7 +226,8 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         covered_now = sorted(set(new) | set(keep_covered))
         version = registry.commit(staged, {
             "base_model": settings.model, "recipe": recipe.as_dict(), "metrics": summary.metrics,
-            "memories": covered_now, "new_memories": new, "exemplars": sorted(e.id for e in new_ex + old_ex), "parent": None if full or current is None else current.name,
+            "memories": covered_now, "new_memories": new, "exemplars": sorted(e.id for e in new_ex + old_ex),
+            "parent": None if full or current is None else current.name,
             "full": full, "floors": floors.as_dict(), "training": stats})
         registry.promote(version.name)
         store.record_ledger(version.name, covered_now)
@@ -245,7 +244,7 @@ def exemplar_items(exemplars) -> list[Item]:
 
 
 def exemplar_contexts(exemplars) -> dict[int, str]:
-    """The teacher's context for an exemplar item: the exemplar itself, as the ask path shows it."""
+    """The teacher's context for an exemplar item: the exemplar itself, given as the retrieved context."""
     return {-e.id: f"Question: {e.question}\nAnswer: {e.answer}" for e in exemplars}
 
 
