@@ -359,6 +359,7 @@ class MemoryLLM:
         return self._retrieve([query], k, namespace)
 
     def _retrieve(self, queries: list[str], k: int | None, namespace: str, vectors=None) -> list[Hit]:
+        """vectors: a callable giving the queries' embeddings (called only when there is something to search)."""
         from memory_llm.retrieve import retrieve
 
         k = self.settings.top_k if k is None else k
@@ -367,7 +368,8 @@ class MemoryLLM:
         if not self.store.meta("dim"):
             return []
         self._bind_embedder()
-        return retrieve(self.store, self.embedder, queries, k, namespace, self.settings.rrf_k, vectors)
+        return retrieve(self.store, self.embedder, queries, k, namespace, self.settings.rrf_k,
+                        vectors() if vectors else None)
 
     def _prepare(self, question: str, *, k: int | None, namespace: str, use_memory: bool, prompt: str | None = None,
                  exemplars: bool = True, queries: list[str] | None = None, history: Sequence[dict] = (),
@@ -389,7 +391,7 @@ class MemoryLLM:
             return vectors[0]
 
         t0 = time.perf_counter()
-        hits = self._retrieve(queries, k, namespace, question_vectors()) if use_memory else []
+        hits = self._retrieve(queries, k, namespace, question_vectors) if use_memory else []
         t1 = time.perf_counter()
         choice = self.prompts.choose(lambda: question_vectors()[0], namespace, prompt, exemplars,
                                      self.generator.count_tokens)
@@ -472,10 +474,10 @@ class MemoryLLM:
         messages = check_messages(messages)
         system, history, question = split_messages(messages)
         remembered: list[int] = []
-        if remember and statements(question):
+        said = " ".join(statements(question)) if remember else ""
+        if said:
             import hashlib
 
-            said = " ".join(statements(question))
             uri = f"chat:{session_id or '-'}:{hashlib.sha256(said.encode()).hexdigest()[:16]}"
             remembered = self.learn(text=said, namespace=namespace, source=uri).memory_ids
         prepared = self._prepare(question, k=k, namespace=namespace, use_memory=use_memory, prompt=prompt,

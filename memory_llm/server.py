@@ -226,12 +226,11 @@ def create_app(m, api_key: str | None = None, model_id: str = MODEL_ID):
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
             try:
-                parts = []
                 while True:
                     kind, value = await queue.get()
                     if kind == "piece":
-                        parts.append(value)
-                    elif kind == "error":
+                        continue
+                    if kind == "error":
                         raise value
                     else:
                         return _completion(cid, created, model_id, value, m.generator.count_tokens)

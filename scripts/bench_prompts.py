@@ -51,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("MLLM_CACHE", "/tmp/mcache")
     from memory_llm import MemoryLLM
-    from memory_llm import evaluate as ev
 
     with tempfile.TemporaryDirectory(prefix="mllm-bench-prompts-") as tmp:
         tmp = Path(tmp)

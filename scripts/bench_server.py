@@ -110,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
                     if client.get(base + "/health").status_code == 200:
                         break
                 except httpx.TransportError:
-                    time.sleep(0.3)
+                    pass
                 if proc.poll() is not None:
                     raise SystemExit("the server exited")
+                if time.perf_counter() - t0 > 300:
+                    raise SystemExit("the server did not answer /health within 300 s")
+                time.sleep(0.3)
             log(f"server up in {time.perf_counter() - t0:.1f} s")
             server_stream(client, base, 4)  # warm up
 

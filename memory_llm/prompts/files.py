@@ -111,8 +111,14 @@ def _exemplar(path: Path, i: int, e: dict, namespace: str) -> Exemplar:
     if not isinstance(rating, int) or isinstance(rating, bool):
         raise InputError(f"{where}: rating must be an integer, not {rating!r}")
     ns = e.get("namespace", namespace)
-    if not isinstance(ns, str) or not ns or len(ns) > 128 or not ns.isprintable():
+    if not isinstance(ns, str):
         raise InputError(f"{where}: invalid namespace {ns!r}")
+    from memory_llm.assistant import _check_namespace  # the one namespace rule (also for learn, ask, serve)
+
+    try:
+        _check_namespace(ns)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
     return Exemplar(None, ns, e["question"].strip(), e["answer"].strip(), rating, "import")
 
 

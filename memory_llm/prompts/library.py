@@ -55,7 +55,8 @@ class PromptLibrary:
 
     def __init__(self, store: Store, embed: Callable[[list[str]], np.ndarray], settings):
         self.store, self._embed, self.settings = store, embed, settings
-        self.store.seed_templates(default_templates())
+        if not self.store.meta("prompts_seeded"):  # parse the shipped file only for a home not seeded yet
+            self.store.seed_templates(default_templates())
 
     # ---- templates ----------------------------------------------------------------------------------
     def templates(self) -> list[Template]:

@@ -68,6 +68,7 @@ class LoggedAnswer:
         return dict(self.__dict__)
 
 
+_TEMPLATE_COLS = "name, description, system, user, closed_system"
 _EXEMPLAR_COLS = "id, namespace, question, answer, rating, source, answer_id, created_at"
 _ANSWER_COLS = ("id, namespace, session_id, question, answer, template, exemplar_ids, memory_ids, model, adapter,"
                 " feedback, correction, created_at")
@@ -85,13 +86,13 @@ class PromptRecords:
     # ---- templates ----------------------------------------------------------------------------------
     def templates(self) -> list[Template]:
         with self._lock:
-            rows = self.db.execute("SELECT name, description, system, user, closed_system FROM templates"
+            rows = self.db.execute("SELECT " + _TEMPLATE_COLS + " FROM templates"
                                    " ORDER BY name").fetchall()
         return [Template(*r) for r in rows]
 
     def template(self, name: str) -> Template | None:
         with self._lock:
-            row = self.db.execute("SELECT name, description, system, user, closed_system FROM templates"
+            row = self.db.execute("SELECT " + _TEMPLATE_COLS + " FROM templates"
                                   " WHERE name = ?", (name,)).fetchone()
         return Template(*row) if row else None
 
@@ -128,7 +129,7 @@ class PromptRecords:
     def template_vectors(self) -> tuple[list[Template], list[np.ndarray | None]]:
         """Every template with its description embedding (None where not embedded yet)."""
         with self._lock:
-            rows = self.db.execute("SELECT name, description, system, user, closed_system, embedding FROM templates"
+            rows = self.db.execute("SELECT " + _TEMPLATE_COLS + ", embedding FROM templates"
                                    " ORDER BY name").fetchall()
         return [Template(*r[:5]) for r in rows], [_vector(r[5]) for r in rows]
 
@@ -219,7 +220,6 @@ class PromptRecords:
         """Apply feedback in ONE transaction. good: the answer becomes an exemplar (or its exemplar gains a
         point); bad: the exemplars it used and its own exemplar lose a point; correct: as bad, and the
         correction becomes an exemplar rated 2. Returns the ids of the exemplars added or rated up."""
-        now = time.time()
         with self.write() as db:
             db.execute("UPDATE answers SET feedback = ?, correction = ? WHERE id = ?", (kind, correction, answer.id))
             own = db.execute("SELECT id FROM exemplars WHERE answer_id = ? AND source = 'feedback'",
@@ -229,14 +229,14 @@ class PromptRecords:
                     db.execute("UPDATE exemplars SET rating = rating + 1 WHERE id = ?", (own[0],))
                     return [own[0]]
                 return self._add_exemplars(db, [Exemplar(None, answer.namespace, answer.question, answer.answer, 1,
-                                                         "feedback", answer.id, now)])
+                                                         "feedback", answer.id)])
             lowered = list(answer.exemplar_ids) + ([own[0]] if own else [])
             if lowered:
                 db.execute(f"UPDATE exemplars SET rating = rating - 1 WHERE id IN ({','.join('?' * len(lowered))})",
                            lowered)
             if kind == "correct":
                 new = self._add_exemplars(db, [Exemplar(None, answer.namespace, answer.question, correction, 2,
-                                                        "correction", answer.id, now)])
+                                                        "correction", answer.id)])
                 if not new:  # the same correction again: trust it more
                     db.execute("UPDATE exemplars SET rating = rating + 1 WHERE namespace = ? AND question = ?"
                                " AND answer = ?", (answer.namespace, answer.question, correction))

@@ -86,7 +86,7 @@ class Store(PromptRecords):
                 logger.debug("cannot make %s private", self.path)
             self._migrate()
         except sqlite3.DatabaseError as exc:
-            hint = "" if "locked" in str(exc) else "; run `mllm doctor`"
+            hint = "" if _is_busy(exc) else "; run `mllm doctor`"
             raise StoreError(f"{self.path}: cannot open the memory database ({exc}){hint}") from None
         self._index: FaissIndex | None = None
         self._index_generation = -1
