@@ -57,6 +57,7 @@ class Answer:
     namespace: str
     used_memory: bool
     adapter: str | None = None
+    adapter_active: bool | None = None  # whether the adapter's router let it act on this question
     id: int | None = None  # in the answer log: `mllm feedback ID`
     prompt: "PromptChoice | None" = None
     session_id: str | None = None
@@ -69,7 +70,7 @@ class Answer:
     def as_dict(self) -> dict:
         return {"id": self.id, "answer": self.text, "question": self.question, "namespace": self.namespace,
                 "session_id": self.session_id, "model": self.model, "adapter": self.adapter,
-                "used_memory": self.used_memory, **(self.prompt.as_dict() if self.prompt else {}),
+                "adapter_active": self.adapter_active, "used_memory": self.used_memory, **(self.prompt.as_dict() if self.prompt else {}),
                 "retrieved_ids": [h.memory.id for h in self.sources], "remembered_ids": self.remembered,
                 "sources": [{"n": i, **h.as_dict()} for i, h in enumerate(self.sources, 1)],
                 "timings": {k: round(v, 4) for k, v in self.timings.items()}}
@@ -126,6 +127,7 @@ class MemoryLLM:
         self.use_adapter = use_adapter
         self.adapter_version: str | None = None
         self._adapter_attached = False
+        self._router = None  # the current adapter's activation router (route.py), if it has one
         self._embedder_bound = False
         self._store: Store | None = None
         self._prompts: PromptLibrary | None = None
@@ -194,6 +196,7 @@ class MemoryLLM:
     def _attach_current_adapter(self) -> None:
         """Serve the promoted adapter (if any) on top of the base model; it records the base it was made for."""
         from memory_llm.consolidate.adapters import AdapterRegistry
+        from memory_llm.consolidate.route import load_router
 
         self._adapter_attached = True
         registry = AdapterRegistry(self.settings.home)
@@ -207,10 +210,14 @@ class MemoryLLM:
         base = gen.model.get_base_model() if hasattr(gen.model, "get_base_model") else gen.model
         gen.model = PeftModel.from_pretrained(base, str(current.path)).eval()
         self.adapter_version = current.name
+        self._router = load_router(gen.model, current.path)  # None: no router, the adapter is always on
 
     def reload_adapter(self) -> None:
         """Pick up a newly promoted (or rolled back) adapter in a running instance."""
         with self._lock:
+            if self._router is not None:
+                self._router.remove()
+                self._router = None
             if self._generator is not None and hasattr(self._generator.model, "unload"):
                 self._generator.model = self._generator.model.unload()
             self._adapter_attached, self.adapter_version = False, None
@@ -441,6 +448,8 @@ class MemoryLLM:
             timings.update(generate=end - t_gen, first_token=(first or end) - t0, total=end - t0)
             answer = Answer(text.strip(), question, hits, timings, self.settings.model, namespace, use_memory,
                             self.adapter_version, prompt=choice, session_id=session_id, remembered=list(remembered))
+            if self.adapter_version is not None:
+                answer.adapter_active = self._router.active if self._router is not None else True
             if log:
                 answer.id = self.store.log_answer(
                     namespace=namespace, question=question, answer=answer.text, template=choice.name,

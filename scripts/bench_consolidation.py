@@ -99,8 +99,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from memory_llm import MemoryLLM
+    from memory_llm.consolidate.gate import Floors, decide
     from memory_llm.consolidate.recipe import Recipe
     from memory_llm.consolidate.run import generic_prompts
+
+    OPEN = Floors(0.0, 0.0, 0.0, 1.0)  # always promote, so closed/hybrid can be measured; the default gate's
+    # verdict on the same metrics is reported beside them
 
     recipe = Recipe(**json.loads(args.recipe))
 
@@ -111,20 +115,22 @@ def main() -> None:
     m.learn([r1["docs"]])
     before_general = m.evaluate(general, "base")
     t0 = time.time()
-    s1 = m.consolidate(recipe=recipe, progress=lambda ph, d, t: print(f"  {ph} {d}/{t} {time.time() - t0:.0f}s", flush=True))
+    s1 = m.consolidate(recipe=recipe, floors=OPEN, progress=lambda ph, d, t: print(f"  {ph} {d}/{t} {time.time() - t0:.0f}s", flush=True))
     round1_s = time.time() - t0
     print(json.dumps(s1.as_dict(), indent=1))
+    verdict1 = decide(s1.metrics, None, Floors()) if s1.metrics else (False, [s1.message])
     acc1 = accuracies(m, r1["eval"])
     after_general = m.evaluate(general, "closed") if s1.status == "promoted" else None
-    result = {"round1": s1.as_dict(), "acc1": acc1, "round1_s": round1_s,
+    result = {"round1": s1.as_dict(), "verdict1": verdict1, "acc1": acc1, "round1_s": round1_s,
               "general_before": before_general["accuracy"], "general_n": before_general["n"],
               "general_after": after_general["accuracy"] if after_general else None}
     if not args.no_round2 and s1.status == "promoted":
         r2 = prepare(args.n, args.n, work / "r2")
         m.learn([r2["docs"]])
         t1 = time.time()
-        s2 = m.consolidate(recipe=recipe)
+        s2 = m.consolidate(recipe=recipe, floors=OPEN)
         result["round2"] = s2.as_dict()
+        result["verdict2"] = decide(s2.metrics, s2.current_metrics, Floors()) if s2.metrics else (False, [s2.message])
         result["round2_s"] = time.time() - t1
         result["acc1_after_round2"] = accuracies(m, r1["eval"], ("closed",))
         result["acc2"] = accuracies(m, r2["eval"], ("base", "closed"))
@@ -142,6 +148,9 @@ def main() -> None:
             table(["mode", *TAGS], rows), "",
             f"Recipe: `{json.dumps(recipe.as_dict())}`.  ",
             f"Gate metrics (round 1): {json.dumps(met)}.  ",
+            f"The default gate on these metrics: **{'promote' if verdict1[0] else 'reject'}** ("
+            + "; ".join(verdict1[1]) + "). (The bench promotes with open floors so closed and hybrid can be"
+            " measured either way.)  ",
             f"Locality on {len(generic_prompts()[1])} held-out"
             f" generic prompts: teacher-forced agreement {met.get('locality')} (target ≥ 0.97), identical first 16"
             f" greedy tokens {met.get('locality_strict')}.  ",
@@ -156,7 +165,8 @@ def main() -> None:
         body += [f"Retention: round-1 closed accuracy after round 2 ({result['round2']['status']}): "
                  + ", ".join(f"{t} {r1c[t]:.3f} → {r1c2.get(t, 0):.3f}" for t in TAGS) + " (target ≥ 0.9 of its value); "
                  f"round 2 took {result['round2_s'] / 60:.1f} min; round-2 closed "
-                 + ", ".join(f"{t} {result['acc2']['closed'].get(t, 0):.3f}" for t in TAGS) + ".", ""]
+                 + ", ".join(f"{t} {result['acc2']['closed'].get(t, 0):.3f}" for t in TAGS) + ". Default gate on round 2: "
+                 + ("promote" if result["verdict2"][0] else "reject (" + "; ".join(result["verdict2"][1]) + ")") + ".", ""]
     sp = result["speed"]
     body += [f"Training speed on the same {sp['items']} items: recipe {sp['ours_tokens_per_s']} tokens/s (teacher "
              f"top-k prepared once + length-bucketed batches) vs naive padded peft loop {sp['naive_tokens_per_s']} "

@@ -11,8 +11,10 @@ answered and the adapter no longer does. About 3-5 minutes per configuration on 
 
 Configuration keys are Recipe fields, plus "cloze_only" (train on the cloze items alone), "layers" ([lo, hi):
 LoRA on those layers only), "cov_tokens" (null-space covariance from the generic prompts with base
-continuations this long, instead of the locality examples) and "output_energy" (also project every LoRA B's
-output off the directions holding this share of the base layer's output energy on the generic prompts).
+continuations this long, instead of the locality examples), "output_energy" (also project every LoRA B's
+output off the directions holding this share of the base layer's output energy on the generic prompts) and
+"route" (a margin: also report the run with activation routing, memory_llm.consolidate.route, calibrated with
+that margin over the highest training generic prompt's score, after printing every prompt set's scores).
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def main() -> None:
     base, cache = gen.model, {}
     for cfg in args.configs:
         fields = json.loads(cfg)
-        lab = {k: fields.pop(k) for k in ("cloze_only", "layers", "cov_tokens", "output_energy") if k in fields}
+        lab = {k: fields.pop(k) for k in ("cloze_only", "layers", "cov_tokens", "output_energy", "route")
+               if k in fields}
         recipe = R.Recipe(**fields)
         gen.model, started = base, time.time()
         key = ("items", recipe.top_k, recipe.temperature)
@@ -107,16 +110,46 @@ def main() -> None:
             constrain = _with_output_projection(model, [e.ids for e in loc], lab["output_energy"], constrain)
         stats = R.train(model, examples + (loc if recipe.locality_weight > 0 else []), recipe,
                         constrain=constrain)
-        near = locality(gen, loc_eval, model.disable_adapter)
-        after = general_correct()
-        print(json.dumps({
-            "config": json.loads(cfg), "locality": round(near["agreement"], 3), "strict": round(near["strict"], 3),
-            "closed": f"{closed_hits()}/{len(PROBES)}", "reliability": round(item_accuracy(gen, train_items), 3),
-            "generalization": round(item_accuracy(gen, held), 3),
-            "general_lost": [p["id"] for p, b, a in zip(general, base_general, after) if b and not a],
-            "steps": stats["steps"], "tokens_per_s": stats["tokens_per_s"], "loss_last": stats["loss_last"],
-            "seconds": round(time.time() - started)}), flush=True)
+        def report(**extra) -> None:
+            near = locality(gen, loc_eval, model.disable_adapter)
+            after = general_correct()
+            print(json.dumps({
+                "config": json.loads(cfg), **extra, "locality": round(near["agreement"], 3),
+                "strict": round(near["strict"], 3),
+                "closed": f"{closed_hits()}/{len(PROBES)}", "reliability": round(item_accuracy(gen, train_items), 3),
+                "generalization": round(item_accuracy(gen, held), 3),
+                "general_lost": [p["id"] for p, b, a in zip(general, base_general, after) if b and not a],
+                "steps": stats["steps"], "tokens_per_s": stats["tokens_per_s"], "loss_last": stats["loss_last"],
+                "seconds": round(time.time() - started)}), flush=True)
+
+        report()
+        if lab.get("route") is not None:
+            router = _route(gen, model, recipe, loc_train, loc_eval, general, train_items, held, lab["route"])
+            report(routed=True, threshold=router.threshold)
+            router.remove()
         base = model.unload()
+
+
+def _route(gen, model, recipe, loc_train, loc_eval, general, train_items, held, margin):
+    """Fit the product's router (route.fit_router), print every prompt set's scores against its threshold."""
+    from memory_llm.consolidate.recipe import student_prompt_ids
+    from memory_llm.consolidate.route import fit_router
+
+    router = fit_router(model, gen, loc_train, train_items, margin, recipe.route_band)
+    sets = {
+        "generic_eval": [gen.chat_ids([{"role": "user", "content": p}])[0].tolist() for p in loc_eval],
+        "general_probes": [gen.chat_ids([{"role": "user", "content": p["input"]}])[0].tolist() for p in general],
+        "probes": [gen.tokenizer(q, add_special_tokens=False)["input_ids"] for q, _ in PROBES],
+        "trained": [student_prompt_ids(gen, it) for it in train_items],
+        "held_out": [student_prompt_ids(gen, it) for it in held],
+    }
+    summary = {}
+    for k, v in sets.items():
+        scores = router.scores(v)
+        summary[k] = {"median": f"{sorted(scores)[len(scores) // 2]:.2e}", "max": f"{max(scores):.2e}",
+                      "routed": f"{sum(s >= router.threshold for s in scores)}/{len(scores)}"}
+    print(json.dumps({"threshold": f"{router.threshold:.2e}", **router.details, "scores": summary}), flush=True)
+    return router
 
 
 def _with_output_projection(model, sequences, energy, inner):

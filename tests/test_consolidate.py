@@ -307,3 +307,47 @@ def test_null_space_constraint_keeps_generic_outputs_while_items_still_move(tiny
     assert items_in[0] > 0.3 * items_in[1], items_in  # the facts' inputs still do
     with pytest.raises(ValueError):
         null_space_constraint(held, generic, 1.0)
+
+
+def test_router_gives_generic_prompts_the_base_model_and_facts_the_adapter(tiny_generator, tmp_path):
+    import copy
+
+    import torch
+
+    from memory_llm.consolidate.recipe import Example, attach_lora, null_space_constraint, train
+    from memory_llm.consolidate.route import Router, calibrate, load_router
+
+    g = torch.Generator().manual_seed(0)
+    generic = [torch.randint(3, 9, (12,), generator=g).tolist() for _ in range(24)]
+    items = [Example(torch.randint(40, 80, (10,), generator=g).tolist(), [4, 5, 6, 7], torch.full((4, 1), 7),
+                     torch.ones((4, 1)), "item") for _ in range(8)]
+    torch.manual_seed(1)
+    model = attach_lora(copy.deepcopy(tiny_generator.model), Recipe(rank=4, alpha=8))
+    train(model, items, Recipe(epochs=6, batch_size=4, rank=4, alpha=8, lr=2e-2, locality_per_batch=0),
+          constrain=null_space_constraint(model, generic, 0.99))
+    router = Router(model)
+    generic_scores, item_scores = router.scores(generic[:12]), router.scores([e.ids for e in items])
+    assert max(generic_scores) * 2 < min(item_scores), (generic_scores, item_scores)
+    router.threshold = calibrate(router.scores(generic[12:]), 2.0)
+    assert max(generic_scores) < router.threshold <= min(item_scores)
+
+    def logits(seqs):
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor(seqs)).logits
+    with model.disable_adapter():
+        base = logits([generic[0], items[0].ids[:10] + [3, 3]])
+    adapted = logits([generic[0], items[0].ids[:10] + [3, 3]])
+    router.install()
+    routed = logits([generic[0], items[0].ids[:10] + [3, 3]])  # one batch, one row of each kind
+    assert torch.equal(routed[0], base[0]) and not torch.allclose(adapted[0], base[0])
+    assert torch.allclose(routed[1], adapted[1], atol=1e-5) and not torch.allclose(routed[1], base[1])
+    router.save(tmp_path)
+    router.remove()
+    assert torch.allclose(logits([generic[0]])[0], adapted[0], atol=1e-5)
+    assert load_router(model, tmp_path / "none") is None
+    loaded = load_router(model, tmp_path)
+    assert loaded.threshold == router.threshold and torch.equal(logits([generic[0]])[0], base[0])
+    loaded.remove()
+    (tmp_path / "router.json").write_text("{broken")
+    with pytest.raises(StoreError, match="router.json"):
+        load_router(model, tmp_path)

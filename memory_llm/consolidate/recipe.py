@@ -46,6 +46,9 @@ class Recipe:
     max_items_per_memory: int = 0  # cap on trained cloze items per memory (0: all); qa items are always kept
     null_space_energy: float = 0.99  # LoRA inputs kept off the generic-prompt directions holding this share of
     # their energy (null-space projection, see null_space_constraint); 0 turns it off
+    route_margin: float = 1.25  # the adapter acts only on prompts scoring this many times the highest generic
+    # prompt's score (activation routing, see route.py); 0: the adapter is always on
+    route_band: tuple = (0.4, 0.6)  # the decoder layers (fractions of depth) whose LoRA updates are scored
     seed: int = 0
     target_modules: tuple = field(default=LORA_TARGETS)
 

@@ -28,6 +28,7 @@ from memory_llm.consolidate.recipe import (
     prepare_locality,
     train,
 )
+from memory_llm.consolidate.route import fit_router, load_router
 from memory_llm.consolidate.synth import Item, synthesize
 from memory_llm.errors import MemoryLLMError, StoreError
 
@@ -191,6 +192,8 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
                            memories=len(new), items=len(train_items), training=stats, seconds=time.time() - start,
                            full=full)
         checkpoint.clear()
+        router = fit_router(model, gen, loc_train, train_items, recipe.route_margin, recipe.route_band) \
+            if recipe.route_margin else None
 
         # ---- evaluate the candidate ------------------------------------------------------------------------
         metrics = {
@@ -223,12 +226,15 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         # ---- promote: write the version, then switch `current` atomically, then the ledger -----------------
         staged = registry.staging()
         model.save_pretrained(staged)
+        if router is not None:
+            router.save(staged)
         covered_now = sorted(set(new) | set(keep_covered))
         version = registry.commit(staged, {
             "base_model": settings.model, "recipe": recipe.as_dict(), "metrics": summary.metrics,
             "memories": covered_now, "new_memories": new, "exemplars": sorted(e.id for e in new_ex + old_ex),
             "parent": None if full or current is None else current.name,
-            "full": full, "floors": floors.as_dict(), "training": stats})
+            "full": full, "floors": floors.as_dict(), "training": stats,
+            "router": {"threshold": router.threshold, **router.details} if router is not None else None})
         registry.promote(version.name)
         store.record_ledger(version.name, covered_now)
         m.reload_adapter()
@@ -262,6 +268,7 @@ def _current_metrics(gen, current, retention_items, loc_eval) -> dict:
 
     gen.model = PeftModel.from_pretrained(gen.model, str(current.path))
     gen.model.eval()
+    load_router(gen.model, current.path)
     out = {"retention": item_accuracy(gen, retention_items)}
     out["locality"] = locality(gen, loc_eval, gen.model.disable_adapter)["agreement"]
     return out

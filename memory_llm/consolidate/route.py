@@ -1,0 +1,217 @@
+"""Activation routing of the adapter, after WISE (Wang et al. 2024): the adapter acts on a prompt only when the
+prompt excites it.
+
+The score of a prompt is read from the adapter itself: at each token, the energy the LoRA updates add to their
+layers' outputs, relative to the energy of those outputs, summed over layers; the prompt's score is the largest
+over its tokens. With the null-space projection (recipe.null_space_constraint) the update is near zero on
+generic inputs, so generic prompts score low and prompts about consolidated memories score high. A threshold,
+calibrated when the adapter is trained and stored beside it (router.json), decides per prompt (per row of a
+batch) whether the adapter is on for the whole generation; below it, the prompt gets the base model exactly.
+Nothing outside the model is consulted: no index, no embedder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+ROUTER_FILE = "router.json"
+
+
+class Router:
+    """Scores prompts by the adapter's own activation and, once a threshold is set and `install`ed, gates the
+    adapter per batch row at every forward that starts a sequence (a prefill)."""
+
+    def __init__(self, peft_model, threshold: float | None = None, band: Sequence[float] = (0.0, 1.0),
+                 head: Sequence[int] = ()):
+        from peft.tuners.lora import LoraLayer
+
+        self.model, self.threshold, self.band, self.head = peft_model, threshold, tuple(band), list(head)
+        name = peft_model.active_adapter
+        self.layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and name in m.lora_B]
+        depth = {m: _layer_index(n) for n, m in peft_model.named_modules() if m in set(self.layers)}
+        n = max((d for d in depth.values() if d is not None), default=0) + 1
+        lo, hi = round(band[0] * n), max(round(band[0] * n) + 1, round(band[1] * n))
+        self.scored = [m for m in self.layers if depth.get(m) is None or lo <= depth[m] < hi]
+        self._name = name
+        self._gate = None  # per-row 0/1 tensor for the running sequence; None: the adapter is on everywhere
+        self._sums: list | None = None  # [delta energy, output energy] per token while scoring
+        self._busy = False
+        self._hooks: list = []
+        self.last: list[float] = []  # the scores of the last routed prefill (for provenance)
+        self.details: dict = {}  # how the threshold was calibrated (saved with it)
+
+    # ---- scoring ------------------------------------------------------------------------------------------
+    def _measure(self, mod, args, out):
+        if self._sums is not None:
+            delta = out.float() * mod._mllm_scaling
+            self._sums[0] = self._sums[0] + delta.pow(2).sum(-1)
+        return out
+
+    def _measure_base(self, mod, args, out):
+        if self._sums is not None:
+            self._sums[1] = self._sums[1] + out.float().pow(2).sum(-1)
+
+    def _score_rows(self, input_ids, attention_mask=None) -> list[float]:
+        import torch
+
+        hooks = []
+        for m in self.scored:
+            m.lora_B[self._name]._mllm_scaling = m.scaling[self._name]
+            hooks += [m.lora_B[self._name].register_forward_hook(self._measure),
+                      m.base_layer.register_forward_hook(self._measure_base)]
+        self._sums, gate, self._busy = [0.0, 0.0], self._gate, True
+        self._gate = None
+        try:
+            with torch.no_grad():
+                self.model.get_base_model()(input_ids=input_ids, attention_mask=attention_mask)
+            ratio = self._sums[0] / (self._sums[1] + 1e-12)
+            if not torch.is_tensor(ratio):  # no LoRA layer ran (adapter disabled)
+                return [0.0] * input_ids.shape[0]
+            if attention_mask is not None:
+                ratio = ratio.masked_fill(attention_mask == 0, 0.0)
+            return [float(r[self._own_tokens(row, None if attention_mask is None else mask)].max())
+                    for r, row, mask in zip(ratio, input_ids.tolist(), attention_mask if attention_mask is not None
+                                            else [None] * len(ratio))]
+        finally:
+            self._sums, self._gate, self._busy = None, gate, False
+            for h in hooks:
+                h.remove()
+
+    def _own_tokens(self, row: list[int], mask) -> slice:
+        """The prompt's own tokens: after left padding and after the chat template's shared head."""
+        start = 0 if mask is None else int((mask == 0).sum())
+        h = len(self.head)
+        if h and row[start:start + h] == self.head and len(row) > start + h:
+            start += h
+        return slice(start, None)
+
+    def scores(self, sequences: Sequence[Sequence[int]], batch_size: int = 8) -> list[float]:
+        """The routing score of each prompt (token ids), left-padded in batches."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        out: list[float] = []
+        seqs = [list(s) for s in sequences]
+        for i in range(0, len(seqs), batch_size):
+            batch = seqs[i:i + batch_size]
+            width = max(len(s) for s in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, s in enumerate(batch):
+                ids[r, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
+                mask[r, width - len(s):] = 1
+            out += self._score_rows(ids.to(device), mask.to(device))
+        return out
+
+    # ---- gating -------------------------------------------------------------------------------------------
+    def install(self) -> "Router":
+        """Gate the adapter from now on (a threshold is required)."""
+        if self.threshold is None:
+            raise ValueError("a router needs a threshold before it gates")
+        if self._hooks:
+            return self
+        inner = self.model.get_base_model()
+        self._hooks = [inner.register_forward_pre_hook(self._route, with_kwargs=True)]
+        self._hooks += [m.lora_B[self._name].register_forward_hook(self._apply_gate) for m in self.layers]
+        return self
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._gate = [], None
+
+    def _apply_gate(self, mod, args, out):
+        gate = self._gate
+        if gate is None or gate.shape[0] != out.shape[0]:
+            return out
+        return out * gate.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
+
+    def _route(self, mod, args, kwargs):
+        if self._busy:
+            return None
+        past = kwargs.get("past_key_values")
+        if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
+            return None  # a decoding step: keep the prefill's decision
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None or (self.layers and self.layers[0].disable_adapters):
+            self._gate = None
+            return None
+        import torch
+
+        self.last = self._score_rows(input_ids, kwargs.get("attention_mask"))
+        self._gate = torch.as_tensor([float(s >= self.threshold) for s in self.last], device=input_ids.device)
+        return None
+
+    # ---- persistence --------------------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        (Path(directory) / ROUTER_FILE).write_text(
+            json.dumps({"threshold": self.threshold, "band": list(self.band), "head": self.head, **self.details},
+                       indent=2), encoding="utf-8")
+
+    @property
+    def active(self) -> bool | None:
+        """Whether the adapter acted on the last single prompt routed (None before any)."""
+        return None if len(self.last) != 1 else self.last[0] >= self.threshold
+
+
+def load_router(peft_model, directory: Path) -> Router | None:
+    """The stored router of an adapter directory, installed on peft_model; None when there is none (an adapter
+    without a router is always on). An unreadable router.json is a StoreError."""
+    from memory_llm.errors import StoreError
+
+    path = Path(directory) / ROUTER_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        threshold, band, head = float(data["threshold"]), [float(b) for b in data.get("band", (0.0, 1.0))], \
+            [int(t) for t in data.get("head", [])]
+        if not math.isfinite(threshold) or len(band) != 2:
+            raise ValueError("bad threshold or band")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StoreError(f"adapter {Path(directory).name} is broken: {ROUTER_FILE} unreadable ({exc})") from None
+    return Router(peft_model, threshold, band, head).install()
+
+
+def _layer_index(name: str) -> int | None:
+    """The decoder layer a module belongs to (".layers.N." in its name), or None."""
+    part = name.split(".layers.", 1)
+    if len(part) < 2:
+        return None
+    digits = part[1].split(".", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def calibrate(negatives: Sequence[float], margin: float) -> float:
+    """The threshold: `margin` times the highest score of the calibration's generic prompts."""
+    return margin * max(negatives, default=0.0)
+
+
+def fit_router(peft_model, generator, generic: Sequence[str], items, margin: float,
+               band: Sequence[float] = (0.0, 1.0)) -> Router:
+    """A router for a freshly trained adapter, calibrated on generic prompts (negatives) and the trained items'
+    prompts (positives), and installed."""
+    from memory_llm.consolidate.recipe import student_prompt_ids
+
+    chats = [generator.chat_ids([{"role": "user", "content": p}])[0].tolist() for p in generic]
+    router = Router(peft_model, band=band, head=_common_prefix(chats))
+    negatives = router.scores(chats)
+    positives = router.scores([student_prompt_ids(generator, it) for it in items])
+    router.threshold = calibrate(negatives, margin)
+    router.details = {"margin": margin, "generic_max": max(negatives, default=0.0),
+                      "trained_routed": sum(s >= router.threshold for s in positives) / max(1, len(positives))}
+    return router.install()
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """The longest head all sequences share (the chat template's system turn and user marker)."""
+    if not seqs:
+        return []
+    first, n = list(seqs[0]), min(len(x) for x in seqs)
+    for i in range(n):
+        if any(x[i] != first[i] for x in seqs):
+            return first[:i]
+    return first[:n]
