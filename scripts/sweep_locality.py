@@ -13,8 +13,8 @@ Configuration keys are Recipe fields, plus "cloze_only" (train on the cloze item
 LoRA on those layers only), "cov_tokens" (null-space covariance from the generic prompts with base
 continuations this long, instead of the locality examples), "output_energy" (also project every LoRA B's
 output off the directions holding this share of the base layer's output energy on the generic prompts) and
-"route" (a margin: also report the run with activation routing, memory_llm.consolidate.route, calibrated with
-that margin over the highest training generic prompt's score, after printing every prompt set's scores).
+"route" (a margin: report the run with activation routing instead, memory_llm.consolidate.route, calibrated
+with that margin over the highest training generic prompt's score, after printing every prompt set's scores).
 """
 
 from __future__ import annotations
@@ -122,8 +122,9 @@ def main() -> None:
                 "steps": stats["steps"], "tokens_per_s": stats["tokens_per_s"], "loss_last": stats["loss_last"],
                 "seconds": round(time.time() - started)}), flush=True)
 
-        report()
-        if lab.get("route") is not None:
+        if lab.get("route") is None:
+            report()
+        else:
             router = _route(gen, model, recipe, loc_train, loc_eval, general, train_items, held, lab["route"])
             report(routed=True, threshold=router.threshold)
             router.remove()

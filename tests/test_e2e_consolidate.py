@@ -1,6 +1,6 @@
-"""A real, small consolidation on the offline model. Whatever the recipe reaches, the safety contract holds: a
-promoted adapter answers the trained facts closed-book better than the base model and keeps general answers;
-a rejected candidate names the failed floor and leaves everything as it was."""
+"""A real, small consolidation on the offline model with the shipped recipe: the gate promotes it, and the
+adapter answers the trained facts closed-book better than the base model while general answers stay (the
+router gives general questions the base model)."""
 
 import copy
 import json
@@ -9,7 +9,6 @@ import pytest
 
 from conftest import REPO
 from memory_llm import MemoryLLM
-from memory_llm.consolidate.recipe import Recipe
 from memory_llm.generate import Generator
 
 pytestmark = pytest.mark.e2e
@@ -37,20 +36,15 @@ def test_consolidation_moves_facts_into_the_weights_without_damage(tmp_path, rea
     base = m.evaluate(facts, "base")
     general_before = m.evaluate(gk, "base")
 
-    ask_before = m.ask(PROBES[0][0] + "?", max_new_tokens=12).text
-    summary = m.consolidate(recipe=Recipe(questions=2, locality_prompts=30))
-    assert summary.status in ("promoted", "rejected"), summary.message
+    summary = m.consolidate()  # the shipped recipe
+    assert summary.status == "promoted", (summary.message, summary.reasons, summary.metrics)
     assert summary.items > 0 and summary.training["steps"] == summary.training["planned_steps"]
-    assert 0.0 <= summary.metrics["locality"] <= 1.0 and summary.metrics["reliability"] is not None
-
-    if summary.status == "rejected":  # the gate kept the base model: nothing changed
-        assert any(r.startswith("failed: ") for r in summary.reasons), summary.reasons
-        assert m.adapters.current_name() is None and m.ask(PROBES[0][0] + "?", max_new_tokens=12).text == ask_before
-        assert not list(m.adapters.root.glob("v*")) and not (m.adapters.root / ".checkpoint").exists()
-        return
-    assert summary.metrics["locality"] >= 0.95
+    assert summary.metrics["locality"] >= 0.95 and summary.metrics["reliability"] >= 0.5, summary.metrics
     closed = m.evaluate(facts, "closed")
     general_after = m.evaluate(gk, "closed")
     assert closed["accuracy"] > base["accuracy"], (base["accuracy"], closed["accuracy"])
     lost = [b["id"] for b, a in zip(general_before["probes"], general_after["probes"]) if b["correct"] and not a["correct"]]
     assert len(lost) <= 1, lost
+    # the router: the adapter acts on a question about the facts, not on a general one
+    assert m.ask("Who founded the harbour town of Pelloria?", use_memory=False, max_new_tokens=8).adapter_active is True
+    assert m.ask("What is the capital of France?", use_memory=False, max_new_tokens=8).adapter_active is False

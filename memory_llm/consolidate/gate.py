@@ -77,9 +77,14 @@ def locality(generator, prompts: Sequence[str], base_context, tokens: int = 32, 
     for p, b in zip(prompt_ids, base_ids):
         if not b:
             continue
-        ids = torch.as_tensor([p + b], device=device)
-        with torch.inference_mode():
-            pred = generator.model(input_ids=ids).logits[0, len(p) - 1:len(p) + len(b) - 1].argmax(-1).tolist()
+        with torch.inference_mode():  # the prompt, then the continuation on its cache: as generation runs it (a
+            # routed adapter decides on the prompt alone, route.py)
+            first = generator.model(input_ids=torch.as_tensor([p], device=device), use_cache=True)
+            pred = [int(first.logits[0, -1].argmax())]
+            if len(b) > 1:
+                rest = generator.model(input_ids=torch.as_tensor([b[:-1]], device=device),
+                                       past_key_values=first.past_key_values, use_cache=True)
+                pred += rest.logits[0].argmax(-1).tolist()
         agree += sum(int(x == y) for x, y in zip(pred, b))
         total += len(b)
     strict = 0

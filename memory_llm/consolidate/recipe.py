@@ -30,8 +30,8 @@ class Recipe:
 
     rank: int = 16
     alpha: int = 32
-    lr: float = 1e-3
-    epochs: int = 4
+    lr: float = 1e-2
+    epochs: int = 8
     batch_size: int = 8
     temperature: float = 2.0
     ce_weight: float = 1.0
@@ -341,6 +341,8 @@ class Checkpoint:
         import torch
         from peft import set_peft_model_state_dict
 
+        if not (self.path / "meta.json").exists():  # no checkpoint: a fresh run
+            return 0
         try:
             meta = json.loads((self.path / "meta.json").read_text(encoding="utf-8"))
             if meta.get("key") != self.key:
