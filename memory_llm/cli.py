@@ -216,6 +216,8 @@ def ask(
         typer.echo("")
         _print_sources(answer)
         shots = f", {len(answer.prompt.exemplars)} exemplar(s)" if answer.prompt.exemplars else ""
+        if answer.adapter:
+            shots += f", adapter {answer.adapter} {'on' if answer.adapter_active else 'off (routed to the base)'}"
         typer.echo(f"\n(answer {answer.id}, template {answer.template}{shots}; "
                    f"mllm feedback {answer.id} --good | --bad | --correct \"...\")")
 

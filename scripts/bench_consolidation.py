@@ -120,6 +120,7 @@ def main() -> None:
     print(json.dumps(s1.as_dict(), indent=1))
     verdict1 = decide(s1.metrics, None, Floors()) if s1.metrics else (False, [s1.message])
     acc1 = accuracies(m, r1["eval"])
+    print(json.dumps({"acc1": acc1}), flush=True)
     after_general = m.evaluate(general, "closed") if s1.status == "promoted" else None
     result = {"round1": s1.as_dict(), "verdict1": verdict1, "acc1": acc1, "round1_s": round1_s,
               "general_before": before_general["accuracy"], "general_n": before_general["n"],

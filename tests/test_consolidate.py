@@ -166,6 +166,10 @@ def test_corrupted_adapter_is_a_clear_error_and_rollback_works(cmem):
     assert reg.rollback().name == "v0001"
     fresh2 = MemoryLLM(cmem.settings.home, generator=cmem.new_generator(), embedder=cmem.embedder)
     assert fresh2.ask("bread?", max_new_tokens=2).adapter == "v0001"
+    (reg.root / "v0001" / "router.json").write_text("{not json")  # a broken router breaks the version too
+    assert any("v0001" in p and "router.json" in p for p in reg.problems())
+    with pytest.raises(StoreError, match="v0001 is broken: router.json"):
+        MemoryLLM(cmem.settings.home, generator=cmem.new_generator(), embedder=cmem.embedder).ask("x", max_new_tokens=2)
 
 
 def test_adapter_for_another_base_is_refused(cmem):

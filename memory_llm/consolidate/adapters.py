@@ -17,6 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from memory_llm.consolidate.route import read_router
 from memory_llm.errors import InputError, ModelError, StoreError
 
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -190,6 +191,10 @@ def _files_problem(path: Path) -> str | None:
         return "adapter_config.json missing or unreadable"
     if not isinstance(config, dict):
         return "adapter_config.json is not a JSON object"
+    try:
+        read_router(path)
+    except ValueError as exc:
+        return str(exc)
     weights, legacy = path / WEIGHTS[0], path / WEIGHTS[1]
     if not weights.exists():
         if not legacy.exists():

@@ -1,9 +1,10 @@
 """Activation routing of the adapter, after WISE (Wang et al. 2024): the adapter acts on a prompt only when the
 prompt excites it.
 
-The score of a prompt is read from the adapter itself: at each token, the energy the LoRA updates add to their
-layers' outputs, relative to the energy of those outputs, summed over layers; the prompt's score is the largest
-over its tokens. With the null-space projection (recipe.null_space_constraint) the update is near zero on
+The score of a prompt is read from the adapter itself: at each token, the energy the LoRA updates of a band of
+layers (the middle ones by default, Recipe.route_band) add to their layers' outputs, relative to the energy of
+those outputs; the prompt's score is the largest over its own tokens (the chat template's shared head skipped).
+scripts/probe_routing.py compares this with other signals (BENCHMARKS.md, "Routing lab"). With the null-space projection (recipe.null_space_constraint) the update is near zero on
 generic inputs, so generic prompts score low and prompts about consolidated memories score high. A threshold,
 calibrated when the adapter is trained and stored beside it (router.json), decides per prompt (per row of a
 batch) whether the adapter is on for the whole generation; below it, the prompt gets the base model exactly.
@@ -44,24 +45,17 @@ class Router:
         self.details: dict = {}  # how the threshold was calibrated (saved with it)
 
     # ---- scoring ------------------------------------------------------------------------------------------
-    def _measure(self, mod, args, out):
-        if self._sums is not None:
-            delta = out.float() * mod._mllm_scaling
-            self._sums[0] = self._sums[0] + delta.pow(2).sum(-1)
-        return out
-
-    def _measure_base(self, mod, args, out):
-        if self._sums is not None:
-            self._sums[1] = self._sums[1] + out.float().pow(2).sum(-1)
+    def _add(self, which: int, out, scale: float = 1.0) -> None:
+        self._sums[which] = self._sums[which] + (out.float() * scale).pow(2).sum(-1)
 
     def _score_rows(self, input_ids, attention_mask=None) -> list[float]:
         import torch
 
         hooks = []
         for m in self.scored:
-            m.lora_B[self._name]._mllm_scaling = m.scaling[self._name]
-            hooks += [m.lora_B[self._name].register_forward_hook(self._measure),
-                      m.base_layer.register_forward_hook(self._measure_base)]
+            scale = m.scaling[self._name]
+            hooks += [m.lora_B[self._name].register_forward_hook(lambda mod, a, out, s=scale: self._add(0, out, s)),
+                      m.base_layer.register_forward_hook(lambda mod, a, out: self._add(1, out))]
         self._sums, gate, self._busy = [0.0, 0.0], self._gate, True
         self._gate = None
         try:
@@ -157,23 +151,33 @@ class Router:
         return None if len(self.last) != 1 else self.last[0] >= self.threshold
 
 
-def load_router(peft_model, directory: Path) -> Router | None:
-    """The stored router of an adapter directory, installed on peft_model; None when there is none (an adapter
-    without a router is always on). An unreadable router.json is a StoreError."""
-    from memory_llm.errors import StoreError
-
+def read_router(directory: Path) -> dict | None:
+    """The stored router settings of an adapter directory ({"threshold", "band", "head"}), or None when it has
+    none (an adapter without a router is always on). An unreadable router.json is a ValueError."""
     path = Path(directory) / ROUTER_FILE
     if not path.exists():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        threshold, band, head = float(data["threshold"]), [float(b) for b in data.get("band", (0.0, 1.0))], \
-            [int(t) for t in data.get("head", [])]
-        if not math.isfinite(threshold) or len(band) != 2:
-            raise ValueError("bad threshold or band")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise StoreError(f"adapter {Path(directory).name} is broken: {ROUTER_FILE} unreadable ({exc})") from None
-    return Router(peft_model, threshold, band, head).install()
+        out = {"threshold": float(data["threshold"]), "band": [float(b) for b in data.get("band", (0.0, 1.0))],
+               "head": [int(t) for t in data.get("head", [])]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{ROUTER_FILE} unreadable ({type(exc).__name__})") from None
+    if not math.isfinite(out["threshold"]) or len(out["band"]) != 2:
+        raise ValueError(f"{ROUTER_FILE} has a bad threshold or band")
+    return out
+
+
+def load_router(peft_model, directory: Path) -> Router | None:
+    """The stored router of an adapter directory, installed on peft_model; None when it has none. An unreadable
+    router.json is a StoreError."""
+    from memory_llm.errors import StoreError
+
+    try:
+        settings = read_router(directory)
+    except ValueError as exc:
+        raise StoreError(f"adapter {Path(directory).name} is broken: {exc}") from None
+    return None if settings is None else Router(peft_model, **settings).install()
 
 
 def _layer_index(name: str) -> int | None:
