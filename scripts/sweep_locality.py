@@ -136,7 +136,8 @@ def _route(gen, model, recipe, loc_train, loc_eval, general, train_items, held, 
     from memory_llm.consolidate.recipe import student_prompt_ids
     from memory_llm.consolidate.route import fit_router
 
-    router = fit_router(model, gen, loc_train, train_items, margin, recipe.route_band)
+    router = fit_router(model, gen, loc_train[recipe.locality_prompts:] or loc_train, train_items, margin,
+                        recipe.route_band)
     sets = {
         "generic_eval": [gen.chat_ids([{"role": "user", "content": p}])[0].tolist() for p in loc_eval],
         "general_probes": [gen.chat_ids([{"role": "user", "content": p["input"]}])[0].tolist() for p in general],

@@ -40,7 +40,8 @@ class Recipe:
     replay_fraction: float = 0.25
     locality_tokens: int = 32
     locality_per_batch: int = 2  # locality examples in every batch
-    locality_prompts: int = 60  # generic prompts for the locality term (60 others are held out for the gate)
+    locality_prompts: int = 40  # generic prompts for the locality term and the null space, of the 60 training
+    # ones; the other 20 calibrate the router (60 others are held out for the gate)
     rewrites: int = 1  # model rewrites per memory (plus one held out)
     questions: int = 4  # questions sampled per memory
     max_items_per_memory: int = 0  # cap on trained cloze items per memory (0: all); qa items are always kept

@@ -165,8 +165,10 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         contexts.update(exemplar_contexts(new_ex + old_ex))
 
         # ---- teacher targets: base model WITH the chunk in context -------------------------------------------
-        loc_train, loc_eval = generic_prompts()
-        loc_train = loc_train[:recipe.locality_prompts]  # the gate always uses every held-out prompt (60)
+        loc_all, loc_eval = generic_prompts()
+        loc_train = loc_all[:recipe.locality_prompts]  # the gate always uses every held-out prompt (60)
+        # the router is calibrated on generic prompts the adapter was not trained on (trained ones score ~3× low)
+        loc_calibrate = loc_all[recipe.locality_prompts:] or loc_all
         replay_pick = _sample(replay_items, int(len(train_items) * recipe.replay_fraction), recipe.seed)
         examples = prepare_items(gen, train_items, contexts, recipe)
         replay = prepare_items(gen, replay_pick, contexts, recipe) if replay_pick else []
@@ -192,7 +194,7 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
                            memories=len(new), items=len(train_items), training=stats, seconds=time.time() - start,
                            full=full)
         checkpoint.clear()
-        router = fit_router(model, gen, loc_train, train_items, recipe.route_margin, recipe.route_band) \
+        router = fit_router(model, gen, loc_calibrate, train_items, recipe.route_margin, recipe.route_band) \
             if recipe.route_margin else None
 
         # ---- evaluate the candidate ------------------------------------------------------------------------
