@@ -33,6 +33,7 @@ def main() -> None:
 
     from memory_llm import MemoryLLM
     from memory_llm.consolidate import recipe as R
+    from memory_llm.consolidate.route import _common_prefix
     from memory_llm.consolidate.run import generic_prompts
 
     m = MemoryLLM(args.work / "home")
@@ -147,15 +148,6 @@ def main() -> None:
                                    for k in (1.0, 1.2, 1.5, 2.0)}})
     for r in sorted(rows, key=lambda r: -r["auc"]):
         print(json.dumps(r), flush=True)
-
-
-def _common_prefix(seqs):
-    first = seqs[0]
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != first[i] for s in seqs):
-            return first[:i]
-    return first[:n]
 
 
 if __name__ == "__main__":
