@@ -195,8 +195,7 @@ class MemoryLLM:
 
     def _attach_current_adapter(self) -> None:
         """Serve the promoted adapter (if any) on top of the base model; it records the base it was made for."""
-        from memory_llm.consolidate.adapters import AdapterRegistry
-        from memory_llm.consolidate.route import load_router
+        from memory_llm.consolidate.adapters import AdapterRegistry, attach
 
         self._adapter_attached = True
         registry = AdapterRegistry(self.settings.home)
@@ -204,13 +203,8 @@ class MemoryLLM:
         if current is None:
             return
         registry.check_base(current, self.settings.model)
-        from peft import PeftModel
-
-        gen = self._generator
-        base = gen.model.get_base_model() if hasattr(gen.model, "get_base_model") else gen.model
-        gen.model = PeftModel.from_pretrained(base, str(current.path)).eval()
+        self._generator.model, self._router = attach(self._generator.model, current)
         self.adapter_version = current.name
-        self._router = load_router(gen.model, current.path)  # None: no router, the adapter is always on
 
     def reload_adapter(self) -> None:
         """Pick up a newly promoted (or rolled back) adapter in a running instance."""

@@ -29,6 +29,34 @@ def accuracies(m, eval_file, modes=MODES) -> dict:
     return {mode: m.evaluate(eval_file, mode)["by_tag"] for mode in modes}
 
 
+def lost(before: dict, after: dict | None) -> list[str] | None:
+    """The probes right before and wrong after."""
+    if after is None:
+        return None
+    return [b["id"] for b, a in zip(before["probes"], after["probes"]) if b["correct"] and not a["correct"]]
+
+
+class PhaseClock:
+    """Seconds per consolidation phase, from the progress callback (a phase ends at its last report)."""
+
+    def __init__(self):
+        self.start = self.mark = time.time()
+        self.phases: dict[str, float] = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.time()
+        if phase not in self.phases:
+            self.phases[phase] = 0.0
+        self.phases[phase] += now - self.mark
+        self.mark = now
+        print(f"  {phase} {done}/{total} {now - self.start:.0f}s", flush=True)
+
+    def finish(self) -> dict:
+        out = {k: round(v, 1) for k, v in self.phases.items()}
+        out["evaluate_and_promote"] = round(time.time() - self.mark + out.pop("evaluate", 0.0), 1)
+        return out
+
+
 def naive_tokens_per_s(m, steps: int = 8) -> dict:
     """A naive peft loop on the same stored items: random batches padded to the longest item of the set,
     the teacher recomputed every step, KL over the full vocabulary. Versus the recipe's loop on the same
@@ -114,9 +142,9 @@ def main() -> None:
     m = MemoryLLM(work / "home")
     m.learn([r1["docs"]])
     before_general = m.evaluate(general, "base")
-    t0 = time.time()
-    s1 = m.consolidate(recipe=recipe, floors=OPEN, progress=lambda ph, d, t: print(f"  {ph} {d}/{t} {time.time() - t0:.0f}s", flush=True))
-    round1_s = time.time() - t0
+    t0, clock = time.time(), PhaseClock()
+    s1 = m.consolidate(recipe=recipe, floors=OPEN, progress=clock)
+    round1_s, phases1 = time.time() - t0, clock.finish()
     print(json.dumps(s1.as_dict(), indent=1))
     verdict1 = decide(s1.metrics, None, Floors()) if s1.metrics else (False, [s1.message])
     acc1 = accuracies(m, r1["eval"])
@@ -124,17 +152,21 @@ def main() -> None:
     after_general = m.evaluate(general, "closed") if s1.status == "promoted" else None
     result = {"round1": s1.as_dict(), "verdict1": verdict1, "acc1": acc1, "round1_s": round1_s,
               "general_before": before_general["accuracy"], "general_n": before_general["n"],
-              "general_after": after_general["accuracy"] if after_general else None}
+              "general_after": after_general["accuracy"] if after_general else None, "phases1": phases1,
+              "general_right": sum(p["correct"] for p in before_general["probes"]),
+              "general_lost": lost(before_general, after_general)}
     if not args.no_round2 and s1.status == "promoted":
         r2 = prepare(args.n, args.n, work / "r2")
         m.learn([r2["docs"]])
-        t1 = time.time()
-        s2 = m.consolidate(recipe=recipe, floors=OPEN)
+        t1, clock = time.time(), PhaseClock()
+        s2 = m.consolidate(recipe=recipe, floors=OPEN, progress=clock)
+        result["phases2"] = clock.finish()
         result["round2"] = s2.as_dict()
         result["verdict2"] = decide(s2.metrics, s2.current_metrics, Floors()) if s2.metrics else (False, [s2.message])
         result["round2_s"] = time.time() - t1
         result["acc1_after_round2"] = accuracies(m, r1["eval"], ("closed",))
         result["acc2"] = accuracies(m, r2["eval"], ("base", "closed"))
+        result["general_lost2"] = lost(before_general, m.evaluate(general, "closed"))
     result["speed"] = naive_tokens_per_s(m)
     print(json.dumps(result, indent=1))
 
@@ -157,9 +189,15 @@ def main() -> None:
             f" greedy tokens {met.get('locality_strict')}.  ",
             "Hybrid ≥ max(rag, closed): " + ", ".join(
                 f"{t} {'yes' if acc1['hybrid'][t] >= max(acc1['rag'][t], acc1['closed'][t]) else 'no'}" for t in TAGS)
-            + f".  Cost: round 1 {round1_s / 60:.1f} min wall for {args.n} documents (target ≤ 20 min).", "",
-            f"General-knowledge probes ({result['general_n']}, data/general_probes.jsonl): base "
-            f"{result['general_before']:.3f} → with adapter {result['general_after']}.", ""]
+            + f".  Cost: round 1 {round1_s / 60:.1f} min wall for {args.n} documents (target ≤ 20 min); seconds by"
+            f" phase {json.dumps(phases1)}; {s1.training.get('steps')} training steps at"
+            f" {s1.training.get('tokens_per_s')} tokens/s.", "",
+            f"General-knowledge probes ({result['general_n']}, data/general_probes.jsonl; the base model answers "
+            f"{result['general_right']} right): accuracy {result['general_before']:.3f} → with adapter "
+            f"{result['general_after']}; **right before and wrong after: "
+            f"{'n/a' if result['general_lost'] is None else len(result['general_lost'])}** (target ≤ 1)"
+            + (f"; after round 2: {len(result['general_lost2'])}" if result.get("general_lost2") is not None else "")
+            + ".", ""]
     if "round2" in result:
         r1c = {t: acc1["closed"][t] for t in TAGS}
         r1c2 = result["acc1_after_round2"]["closed"]

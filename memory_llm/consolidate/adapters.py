@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from memory_llm.consolidate.route import read_router
+from memory_llm.consolidate.route import load_router, read_router
 from memory_llm.errors import InputError, ModelError, StoreError
 
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -179,6 +179,16 @@ class AdapterRegistry:
         if self.root.is_dir():
             for p in self.root.glob(".candidate-*"):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def attach(model, version: AdapterVersion):
+    """A base model with the version's adapter on top, in eval mode, and its router installed (None when the
+    version has none: then the adapter is always on). Returns (peft model, router)."""
+    from peft import PeftModel
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    peft_model = PeftModel.from_pretrained(base, str(version.path)).eval()
+    return peft_model, load_router(peft_model, version.path)
 
 
 def _files_problem(path: Path) -> str | None:

@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from memory_llm.consolidate.recipe import student_prompt_ids
+from memory_llm.consolidate.recipe import closed_prompt_ids, student_prompt_ids
 from memory_llm.consolidate.synth import Item
 
 _WORD = re.compile(r"\w+")
@@ -67,7 +67,7 @@ def locality(generator, prompts: Sequence[str], base_context, tokens: int = 32, 
     """
     import torch
 
-    prompt_ids = [generator.chat_ids([{"role": "user", "content": p}])[0].tolist() for p in prompts]
+    prompt_ids = [closed_prompt_ids(generator, p) for p in prompts]
     with base_context():  # the base model's own tokens (decoding and re-tokenizing text would change some)
         base_ids = []
         for i in range(0, len(prompt_ids), batch_size):

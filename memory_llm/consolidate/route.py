@@ -198,9 +198,9 @@ def fit_router(peft_model, generator, generic: Sequence[str], items, margin: flo
                band: Sequence[float] = (0.0, 1.0)) -> Router:
     """A router for a freshly trained adapter, calibrated on generic prompts (negatives) and the trained items'
     prompts (positives), and installed."""
-    from memory_llm.consolidate.recipe import student_prompt_ids
+    from memory_llm.consolidate.recipe import closed_prompt_ids, student_prompt_ids
 
-    chats = [generator.chat_ids([{"role": "user", "content": p}])[0].tolist() for p in generic]
+    chats = [closed_prompt_ids(generator, p) for p in generic]
     router = Router(peft_model, band=band, head=_common_prefix(chats))
     negatives = router.scores(chats)
     positives = router.scores([student_prompt_ids(generator, it) for it in items])

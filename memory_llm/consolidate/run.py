@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator
 
-from memory_llm.consolidate.adapters import AdapterRegistry
+from memory_llm.consolidate.adapters import AdapterRegistry, attach
 from memory_llm.consolidate.gate import Floors, decide, item_accuracy, locality
 from memory_llm.consolidate.recipe import (
     Checkpoint,
@@ -28,7 +28,7 @@ from memory_llm.consolidate.recipe import (
     prepare_locality,
     train,
 )
-from memory_llm.consolidate.route import fit_router, load_router
+from memory_llm.consolidate.route import fit_router
 from memory_llm.consolidate.synth import Item, synthesize
 from memory_llm.errors import MemoryLLMError, StoreError
 
@@ -194,7 +194,8 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
                            memories=len(new), items=len(train_items), training=stats, seconds=time.time() - start,
                            full=full)
         checkpoint.clear()
-        router = fit_router(model, gen, loc_calibrate, train_items, recipe.route_margin, recipe.route_band) \
+        router = fit_router(model, gen, loc_calibrate, _sample(train_items, EVAL_SAMPLE, recipe.seed),  # diagnostic
+                            recipe.route_margin, recipe.route_band) \
             if recipe.route_margin else None
 
         # ---- evaluate the candidate ------------------------------------------------------------------------
@@ -266,11 +267,7 @@ def _plan_key(recipe: Recipe, new: list[int], keep: list[int], init: str | None,
 
 def _current_metrics(gen, current, retention_items, loc_eval) -> dict:
     """The current adapter on the same retention items and locality prompts (on a separate base copy)."""
-    from peft import PeftModel
-
-    gen.model = PeftModel.from_pretrained(gen.model, str(current.path))
-    gen.model.eval()
-    load_router(gen.model, current.path)
+    gen.model, _ = attach(gen.model, current)
     out = {"retention": item_accuracy(gen, retention_items)}
     out["locality"] = locality(gen, loc_eval, gen.model.disable_adapter)["agreement"]
     return out
