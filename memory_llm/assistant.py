@@ -196,6 +196,7 @@ class MemoryLLM:
     def _attach_current_adapter(self) -> None:
         """Serve the promoted adapter (if any) on top of the base model; it records the base it was made for."""
         from memory_llm.consolidate.adapters import AdapterRegistry, attach
+        from memory_llm.generate import sources_marker
 
         self._adapter_attached = True
         registry = AdapterRegistry(self.settings.home)
@@ -204,6 +205,9 @@ class MemoryLLM:
             return
         registry.check_base(current, self.settings.model)
         self._generator.model, self._router = attach(self._generator.model, current)
+        if self._router is not None:  # on top of retrieved sources the adapter lowered accuracy (BENCHMARKS.md):
+            # a prompt that carries sources gets the base model reading them
+            self._router.veto = sources_marker(self._generator.tokenizer)
         self.adapter_version = current.name
 
     def reload_adapter(self) -> None:
@@ -594,12 +598,32 @@ class MemoryLLM:
                 hits = pack(self.search(p.input, k, namespace), gen.count_tokens, self.settings.context_tokens)
                 context = [h.memory.text for h in hits]
             text = ("\n\n".join(context) + "\n\n" + p.input) if context else p.input
-            return gen.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = gen.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if context:
+                sourced.add(tuple(ids))
+            return ids
+
+        sourced: set[tuple] = set()  # cloze prompts with retrieved text (chat prompts carry a sources marker)
+
+        def generate(prompts: list, new_tokens: int) -> list[str]:
+            """As ask serves them: a prompt with retrieved sources gets the base model (the router's veto does
+            this for chat prompts; raw cloze prompts have no marker, so they are split off here)."""
+            with_sources = [i for i, ids in enumerate(prompts) if tuple(ids) in sourced]
+            if not adapted or not with_sources:
+                return gen.generate_batch(prompts, new_tokens)
+            out = [""] * len(prompts)
+            rest = sorted(set(range(len(prompts))) - set(with_sources))
+            with self._base_context():
+                for i, text in zip(with_sources, gen.generate_batch([prompts[i] for i in with_sources], new_tokens)):
+                    out[i] = text
+            for i, text in zip(rest, gen.generate_batch([prompts[i] for i in rest], new_tokens) if rest else []):
+                out[i] = text
+            return out
 
         from contextlib import nullcontext
 
         with (nullcontext() if adapted else self._base_context()):
-            outputs = ev.run(probes, prompt_ids, gen.generate_batch, progress=progress,
+            outputs = ev.run(probes, prompt_ids, generate, progress=progress,
                              max_new_tokens={"cloze": 12, "qa": qa_new_tokens})
         result = ev.score(probes, outputs, mode)
         result["adapter"] = self.adapter_version if adapted else None

@@ -327,7 +327,8 @@ def doctor(repair: bool = typer.Option(False, "--repair", help="Rebuild what can
 def eval_(
     file: Path = typer.Argument(..., help="JSON Lines probe file (see design.md)."),
     mode: str = typer.Option("rag", "--mode", help="base (nothing), rag (retrieval), closed (adapter only) or"
-                                                    " hybrid (adapter + retrieval)."),
+                                                    " hybrid (as ask serves with an adapter: retrieval, and the adapter where"
+                                                    " retrieval brings no sources)."),
     k: Optional[int] = typer.Option(None, "-k", help="Memories to retrieve in rag mode.", show_default=False),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N probes.", show_default=False),
     prompt: Optional[str] = PROMPT,

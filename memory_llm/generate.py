@@ -16,6 +16,7 @@ SYSTEM_PROMPT = (
     "contain the answer, answer from what you know and say so."
 )
 CLOSED_SYSTEM_PROMPT = "You are a helpful assistant. Answer the question concisely."
+SOURCES_END = "</sources>"  # closes the retrieved-sources block of every prompt that has one
 
 
 @dataclass
@@ -42,7 +43,7 @@ def build_messages(question: str, context: Sequence[str] = (), system: str | Non
     """
     if context:
         sources = "\n\n".join(f"[{i}] {text}" for i, text in enumerate(context, 1))
-        block = f"<sources>\n{sources}\n</sources>"
+        block = f"<sources>\n{sources}\n{SOURCES_END}"
         if template is None:
             user = f"{block}\n\nQuestion: {question}"
         else:
@@ -55,6 +56,12 @@ def build_messages(question: str, context: Sequence[str] = (), system: str | Non
         system = system or (template.closed_system or template.system if template is not None else CLOSED_SYSTEM_PROMPT)
     turns = [m for q, a in shots for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
     return [{"role": "system", "content": system}, *turns, *history, {"role": "user", "content": user}]
+
+
+def sources_marker(tokenizer) -> list[int]:
+    """The token ids that close a retrieved-sources block inside a prompt (it always follows a newline)."""
+    return tokenizer("\n" + SOURCES_END, add_special_tokens=False)["input_ids"][1:] or \
+        tokenizer(SOURCES_END, add_special_tokens=False)["input_ids"]
 
 
 def fill(text: str, **slots: str) -> str:

@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_e2e_consolidate import PROBES  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from sweep_locality import lab_data  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -34,14 +37,9 @@ def main() -> None:
     from memory_llm import MemoryLLM
     from memory_llm.consolidate import recipe as R
     from memory_llm.consolidate.route import _common_prefix
-    from memory_llm.consolidate.run import generic_prompts
 
     m = MemoryLLM(args.work / "home")
-    items = m.store.items(m.store.memory_ids())
-    train_items, held = [i for i in items if not i.held_out], [i for i in items if i.held_out]
-    contexts = {i: mem.text for i, mem in m.store.get(m.store.memory_ids()).items()}
-    loc_train, loc_eval = generic_prompts()
-    general = [json.loads(line) for line in (ROOT / "data" / "general_probes.jsonl").read_text().splitlines()[:40]]
+    train_items, held, contexts, loc_train, loc_eval, general = lab_data(m)
     gen = m.new_generator()
     recipe = R.Recipe(**json.loads(args.config))
     examples = R.prepare_items(gen, train_items, contexts, recipe)
@@ -59,7 +57,7 @@ def main() -> None:
         model.save_pretrained(saved)
 
     def chat(p):
-        return gen.chat_ids([{"role": "user", "content": p}])[0].tolist()
+        return R.closed_prompt_ids(gen, p)
 
     sets = {"generic_train": [chat(p) for p in loc_train], "generic_eval": [chat(p) for p in loc_eval],
             "general": [chat(p["input"]) for p in general],

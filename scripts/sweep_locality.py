@@ -30,6 +30,18 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_e2e_consolidate import FACTS, PROBES  # noqa: E402
 
 
+def lab_data(m) -> tuple:
+    """The lab's prompt sets from a home: (trained items, held-out items, memory texts by id, training generic
+    prompts, held-out generic prompts, the first 40 general-knowledge probes)."""
+    from memory_llm.consolidate.run import generic_prompts
+
+    items = m.store.items(m.store.memory_ids())
+    train_items, held = [i for i in items if not i.held_out], [i for i in items if i.held_out]
+    contexts = {i: mem.text for i, mem in m.store.get(m.store.memory_ids()).items()}
+    general = [json.loads(line) for line in (ROOT / "data" / "general_probes.jsonl").read_text().splitlines()[:40]]
+    return (train_items, held, contexts, *generic_prompts(), general)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, required=True, help="folder for the home (items are reused from it)")
@@ -39,7 +51,6 @@ def main() -> None:
     from memory_llm import MemoryLLM
     from memory_llm.consolidate import recipe as R
     from memory_llm.consolidate.gate import Floors, item_accuracy, locality
-    from memory_llm.consolidate.run import generic_prompts
 
     home = args.work / "home"
     fresh = not home.exists()
@@ -47,11 +58,7 @@ def main() -> None:
     if fresh:  # synthesize and store the items once (a zero-epoch round trains nothing and promotes nothing)
         m.learn(text=FACTS, source="pelloria")
         m.consolidate(full=True, recipe=R.Recipe(questions=4, epochs=0), floors=Floors(1.01, 1.01, 1.01, 0))
-    items = m.store.items(m.store.memory_ids())
-    train_items, held = [i for i in items if not i.held_out], [i for i in items if i.held_out]
-    contexts = {i: mem.text for i, mem in m.store.get(m.store.memory_ids()).items()}
-    loc_train, loc_eval = generic_prompts()
-    general = [json.loads(line) for line in (ROOT / "data" / "general_probes.jsonl").read_text().splitlines()[:40]]
+    train_items, held, contexts, loc_train, loc_eval, general = lab_data(m)
 
     gen = m.new_generator()
 
@@ -62,7 +69,7 @@ def main() -> None:
     def general_correct() -> list[bool]:
         outs = []
         for i in range(0, len(general), 8):
-            outs += gen.generate_batch([gen.chat_ids([{"role": "user", "content": p["input"]}])[0].tolist()
+            outs += gen.generate_batch([R.closed_prompt_ids(gen, p["input"])
                                         for p in general[i:i + 8]], 32)
         return [all(any(a.lower() in o.lower() for a in g) for g in p["answers"]) for p, o in zip(general, outs)]
 
@@ -101,7 +108,7 @@ def main() -> None:
                 key = ("cov", lab["cov_tokens"])
                 if key not in cache:
                     with model.disable_adapter():
-                        chats = [gen.chat_ids([{"role": "user", "content": p}])[0].tolist() for p in loc_train]
+                        chats = [R.closed_prompt_ids(gen, p) for p in loc_train]
                         cache[key] = [a + b for a, b in zip(chats, gen.generate_batch(chats, lab["cov_tokens"],
                                                                                       return_ids=True))]
                 sequences = cache[key]
@@ -133,14 +140,14 @@ def main() -> None:
 
 def _route(gen, model, recipe, loc_train, loc_eval, general, train_items, held, margin):
     """Fit the product's router (route.fit_router), print every prompt set's scores against its threshold."""
-    from memory_llm.consolidate.recipe import student_prompt_ids
+    from memory_llm.consolidate.recipe import closed_prompt_ids, student_prompt_ids
     from memory_llm.consolidate.route import fit_router
 
     router = fit_router(model, gen, loc_train[recipe.locality_prompts:] or loc_train, train_items, margin,
                         recipe.route_band)
     sets = {
-        "generic_eval": [gen.chat_ids([{"role": "user", "content": p}])[0].tolist() for p in loc_eval],
-        "general_probes": [gen.chat_ids([{"role": "user", "content": p["input"]}])[0].tolist() for p in general],
+        "generic_eval": [closed_prompt_ids(gen, p) for p in loc_eval],
+        "general_probes": [closed_prompt_ids(gen, p["input"]) for p in general],
         "probes": [gen.tokenizer(q, add_special_tokens=False)["input_ids"] for q, _ in PROBES],
         "trained": [student_prompt_ids(gen, it) for it in train_items],
         "held_out": [student_prompt_ids(gen, it) for it in held],

@@ -191,9 +191,12 @@ def test_closed_and_hybrid_eval_need_and_use_the_adapter(cmem, tmp_path):
         cmem.evaluate(path, "closed")
     run(cmem)
     cmem.reload_adapter()
+    outputs = {}
     for mode in ("base", "rag", "closed", "hybrid"):
         r = cmem.evaluate(path, mode)
         assert r["n"] == 1 and r["adapter"] == ("v0001" if mode in ("closed", "hybrid") else None)
+        outputs[mode] = r["probes"][0]["output"]
+    assert outputs["hybrid"] == outputs["rag"]  # with retrieved sources in the prompt the base model reads them
 
 
 def test_position_logits_match_the_full_forward(tiny_generator):
@@ -345,6 +348,11 @@ def test_router_gives_generic_prompts_the_base_model_and_facts_the_adapter(tiny_
     routed = logits([generic[0], items[0].ids[:10] + [3, 3]])  # one batch, one row of each kind
     assert torch.equal(routed[0], base[0]) and not torch.allclose(adapted[0], base[0])
     assert torch.allclose(routed[1], adapted[1], atol=1e-5) and not torch.allclose(routed[1], base[1])
+    assert router.last_on == [False, True]
+    router.veto = items[0].ids[2:4]  # a prompt holding the veto sequence (the sources marker) gets the base
+    vetoed = logits([generic[0], items[0].ids[:10] + [3, 3]])
+    assert torch.equal(vetoed[1], base[1]) and router.last_on == [False, False]
+    router.veto = []
     router.save(tmp_path)
     router.remove()
     assert torch.allclose(logits([generic[0]])[0], adapted[0], atol=1e-5)
@@ -355,3 +363,14 @@ def test_router_gives_generic_prompts_the_base_model_and_facts_the_adapter(tiny_
     (tmp_path / "router.json").write_text("{broken")
     with pytest.raises(StoreError, match="router.json"):
         load_router(model, tmp_path)
+
+
+def test_sources_marker_is_found_in_prompts_with_sources_only(tiny_generator):
+    from memory_llm.consolidate.route import _contains
+    from memory_llm.generate import build_messages, sources_marker
+
+    marker = sources_marker(tiny_generator.tokenizer)
+    with_sources = tiny_generator.chat_ids(build_messages("Who founded Pelloria?", ["Pelloria was founded in 1642."]))
+    closed = tiny_generator.chat_ids(build_messages("Who founded Pelloria?"))
+    assert marker and _contains(with_sources[0].tolist(), marker)
+    assert not _contains(closed[0].tolist(), marker)

@@ -42,6 +42,9 @@ class Router:
         self._busy = False
         self._hooks: list = []
         self.last: list[float] = []  # the scores of the last routed prefill (for provenance)
+        self.last_on: list[bool] = []  # whether the adapter acted on each row of the last routed prefill
+        self.veto: list[int] = []  # a prompt holding this token sequence gets the base model, whatever its score
+        # (set by the server to the retrieved-sources marker: the adapter does not act on top of sources)
         self.details: dict = {}  # how the threshold was calibrated (saved with it)
 
     # ---- scoring ------------------------------------------------------------------------------------------
@@ -136,7 +139,9 @@ class Router:
         import torch
 
         self.last = self._score_rows(input_ids, kwargs.get("attention_mask"))
-        self._gate = torch.as_tensor([float(s >= self.threshold) for s in self.last], device=input_ids.device)
+        rows = input_ids.tolist()
+        self.last_on = [s >= self.threshold and not _contains(row, self.veto) for s, row in zip(self.last, rows)]
+        self._gate = torch.as_tensor([float(on) for on in self.last_on], device=input_ids.device)
         return None
 
     # ---- persistence --------------------------------------------------------------------------------------
@@ -148,7 +153,7 @@ class Router:
     @property
     def active(self) -> bool | None:
         """Whether the adapter acted on the last single prompt routed (None before any)."""
-        return None if len(self.last) != 1 else self.last[0] >= self.threshold
+        return None if len(self.last_on) != 1 else self.last_on[0]
 
 
 def read_router(directory: Path) -> dict | None:
@@ -178,6 +183,15 @@ def load_router(peft_model, directory: Path) -> Router | None:
     except ValueError as exc:
         raise StoreError(f"adapter {Path(directory).name} is broken: {exc}") from None
     return None if settings is None else Router(peft_model, **settings).install()
+
+
+def _contains(row: Sequence[int], part: Sequence[int]) -> bool:
+    """Whether the token sequence `part` (non-empty) occurs in row."""
+    n = len(part)
+    if not n:
+        return False
+    first = part[0]
+    return any(row[i] == first and list(row[i:i + n]) == list(part) for i in range(len(row) - n + 1))
 
 
 def _layer_index(name: str) -> int | None:
