@@ -44,7 +44,7 @@ class Router:
         self.last: list[float] = []  # the scores of the last routed prefill (for provenance)
         self.last_on: list[bool] = []  # whether the adapter acted on each row of the last routed prefill
         self.veto: list[int] = []  # a prompt holding this token sequence gets the base model, whatever its score
-        # (set by the server to the retrieved-sources marker: the adapter does not act on top of sources)
+        # (the assistant sets the retrieved-sources marker: the adapter does not act on top of sources)
         self.details: dict = {}  # how the threshold was calibrated (saved with it)
 
     # ---- scoring ------------------------------------------------------------------------------------------
