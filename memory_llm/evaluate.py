@@ -83,6 +83,11 @@ def is_correct(output: str, answers: list[list[str]]) -> bool:
     return all(any(a.lower() in low for a in group) for group in answers)
 
 
+def lost(before: dict, after: dict) -> list[str]:
+    """The ids of probes one result (of `MemoryLLM.evaluate`) got right and a later one, on the same file, wrong."""
+    return [b["id"] for b, a in zip(before["probes"], after["probes"]) if b["correct"] and not a["correct"]]
+
+
 def score(probes: list[Probe], outputs: list[str], mode: str) -> dict:
     """Accuracy overall and by tag, plus per-probe records."""
     records, by_tag = [], {}

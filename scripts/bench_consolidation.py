@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchmd import command_line, machine, table, today, write_section  # noqa: E402
 from prepare_fictional_knowledge import prepare  # noqa: E402
 
+from memory_llm.evaluate import lost  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("base", "rag", "closed", "hybrid")
 TAGS = ("mem", "gen", "hard_gen")
@@ -27,13 +29,6 @@ TAGS = ("mem", "gen", "hard_gen")
 
 def accuracies(m, eval_file, modes=MODES) -> dict:
     return {mode: m.evaluate(eval_file, mode)["by_tag"] for mode in modes}
-
-
-def lost(before: dict, after: dict | None) -> list[str] | None:
-    """The probes right before and wrong after."""
-    if after is None:
-        return None
-    return [b["id"] for b, a in zip(before["probes"], after["probes"]) if b["correct"] and not a["correct"]]
 
 
 class PhaseClock:
@@ -45,9 +40,7 @@ class PhaseClock:
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         now = time.time()
-        if phase not in self.phases:
-            self.phases[phase] = 0.0
-        self.phases[phase] += now - self.mark
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.mark
         self.mark = now
         print(f"  {phase} {done}/{total} {now - self.start:.0f}s", flush=True)
 
@@ -154,7 +147,7 @@ def main() -> None:
               "general_before": before_general["accuracy"], "general_n": before_general["n"],
               "general_after": after_general["accuracy"] if after_general else None, "phases1": phases1,
               "general_right": sum(p["correct"] for p in before_general["probes"]),
-              "general_lost": lost(before_general, after_general)}
+              "general_lost": lost(before_general, after_general) if after_general else None}
     if not args.no_round2 and s1.status == "promoted":
         r2 = prepare(args.n, args.n, work / "r2")
         m.learn([r2["docs"]])

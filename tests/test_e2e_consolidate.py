@@ -9,6 +9,7 @@ import pytest
 
 from conftest import REPO
 from memory_llm import MemoryLLM
+from memory_llm.evaluate import lost
 from memory_llm.generate import Generator
 
 pytestmark = pytest.mark.e2e
@@ -43,8 +44,8 @@ def test_consolidation_moves_facts_into_the_weights_without_damage(tmp_path, rea
     closed = m.evaluate(facts, "closed")
     general_after = m.evaluate(gk, "closed")
     assert closed["accuracy"] > base["accuracy"], (base["accuracy"], closed["accuracy"])
-    lost = [b["id"] for b, a in zip(general_before["probes"], general_after["probes"]) if b["correct"] and not a["correct"]]
-    assert len(lost) <= 1, lost
+    gone = lost(general_before, general_after)
+    assert len(gone) <= 1, gone
     # the router keeps the adapter off a general question (that it acts on the facts is what the closed-book
     # gain above needs; through `ask`, with its own system prompt, fact prompts did not route in full-suite runs)
     assert m.ask("What is the capital of France?", use_memory=False, max_new_tokens=4).adapter_active is False

@@ -139,7 +139,7 @@ class Router:
         import torch
 
         self.last = self._score_rows(input_ids, kwargs.get("attention_mask"))
-        rows = input_ids.tolist()
+        rows = input_ids.tolist() if self.veto else [[]] * len(self.last)
         self.last_on = [s >= self.threshold and not _contains(row, self.veto) for s, row in zip(self.last, rows)]
         self._gate = torch.as_tensor([float(on) for on in self.last_on], device=input_ids.device)
         return None

@@ -194,18 +194,18 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
                            memories=len(new), items=len(train_items), training=stats, seconds=time.time() - start,
                            full=full)
         checkpoint.clear()
-        router = fit_router(model, gen, loc_calibrate, _sample(train_items, EVAL_SAMPLE, recipe.seed),  # diagnostic
-                            recipe.route_margin, recipe.route_band) \
+        sample = _sample(train_items, EVAL_SAMPLE, recipe.seed)  # reliability, and the router's diagnostic
+        router = fit_router(model, gen, loc_calibrate, sample, recipe.route_margin, recipe.route_band) \
             if recipe.route_margin else None
 
         # ---- evaluate the candidate ------------------------------------------------------------------------
         metrics = {
-            "reliability": item_accuracy(gen, _sample(train_items, EVAL_SAMPLE, recipe.seed)),
+            "reliability": item_accuracy(gen, sample),
             "generalization": item_accuracy(gen, _sample(held_new, EVAL_SAMPLE, recipe.seed)),
             "retention": item_accuracy(gen, retention_items),
         }
         with model.disable_adapter():
-            metrics["base_reliability"] = item_accuracy(gen, _sample(train_items, EVAL_SAMPLE, recipe.seed))
+            metrics["base_reliability"] = item_accuracy(gen, sample)
         metrics.update({f"locality_{k}" if k != "agreement" else "locality": v
                         for k, v in locality(gen, loc_eval, model.disable_adapter).items()})
         if progress:
