@@ -9,7 +9,7 @@ from memory_llm import InputError, MemoryLLM, ModelError, StoreError
 from memory_llm.consolidate.gate import Floors, decide, item_correct
 from memory_llm.consolidate.recipe import Recipe
 from memory_llm.consolidate.run import ConsolidationLocked, consolidation_lock
-from memory_llm.consolidate.synth import Item, cloze_items
+from memory_llm.consolidate.synth import Item, cloze_items, synthesize
 
 FACTS = ["The lighthouse of Varn was built in 1820 by the engineer Lisbet Holm.",
          "Every spring the Varn choir sings on the harbour wall for three whole nights."]
@@ -34,6 +34,33 @@ def test_cloze_items_cut_sentences():
                                                      ("One two three four five", "six seven eight."),
                                                      ("One two three four five six", "seven eight.")}
     assert all(i.memory_id == 7 and i.kind == "cloze" and not i.held_out for i in items)
+
+
+class RewriteOnly:
+    """The tiny model's tokenizer and template; every generation returns a fixed rewrite (counted)."""
+
+    def __init__(self, generator):
+        self.tokenizer, self.chat_ids, self.calls = generator.tokenizer, generator.chat_ids, 0
+
+    def generate_batch(self, prompts, max_new_tokens=12, temperature=0.0, return_ids=False):
+        self.calls += len(prompts)
+        return ["In 1820 the engineer Lisbet Holm built the Varn lighthouse on the rocks."] * len(prompts)
+
+
+@pytest.mark.parametrize("rewrites, held_out_rewrite, trained, held", [(0, True, 0, 1), (1, True, 1, 1),
+                                                                       (0, False, 0, 0), (2, False, 2, 0)])
+def test_rewrites_trained_and_held_out(tiny_generator, rewrites, held_out_rewrite, trained, held):
+    from types import SimpleNamespace
+
+    gen = RewriteOnly(tiny_generator)
+    items = synthesize(gen, [SimpleNamespace(id=3, text=FACTS[0])], rewrites=rewrites, questions=0,
+                       held_out_rewrite=held_out_rewrite)[3]
+    rewritten = [i for i in items if i.prompt.startswith("In 1820")]
+    per_rewrite = len(cloze_items(3, "In 1820 the engineer Lisbet Holm built the Varn lighthouse on the rocks."))
+    assert gen.calls == trained + held
+    assert sum(not i.held_out for i in rewritten) == trained * per_rewrite
+    assert sum(i.held_out for i in rewritten) == held * per_rewrite
+    assert len(items) - len(rewritten) == len(cloze_items(3, FACTS[0]))  # the chunk's own sentences, trained
 
 
 def test_item_correct_rules():
@@ -212,6 +239,21 @@ def test_position_logits_match_the_full_forward(tiny_generator):
         for s, pos, g in zip(seqs, positions, got):
             full = model(input_ids=torch.tensor([s])).logits[0, pos]
             assert g.shape == full.shape and torch.allclose(g, full, atol=1e-4)
+
+
+def test_logits_by_kind_match_one_padded_forward(tiny_generator):
+    import torch
+
+    from memory_llm.consolidate.recipe import Example, _logits_by_kind, position_logits
+
+    seqs = [[5, 9, 12, 7], [4, 8, 15, 9, 30, 31, 40, 41, 42, 7, 6], [11, 12, 13, 14, 15], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    positions = [[1, 2], [5, 6, 7, 8, 9], [2, 3], [4, 5, 6, 7]]
+    kinds = ["item", "locality", "item", "locality"]
+    batch = [Example(s, p, None, None, k) for s, p, k in zip(seqs, positions, kinds)]
+    with torch.inference_mode():
+        split, joint = _logits_by_kind(tiny_generator.model, batch), position_logits(tiny_generator.model, seqs, positions)
+    assert [g.shape for g in split] == [j.shape for j in joint]
+    assert all(torch.allclose(g, j, atol=1e-4) for g, j in zip(split, joint))
 
 
 def test_killed_training_resumes_from_its_checkpoint_to_the_same_weights(tiny_generator, tmp_path):

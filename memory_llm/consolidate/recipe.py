@@ -392,11 +392,25 @@ class Checkpoint:
         shutil.rmtree(self.path.with_name(self.path.name + ".old"), ignore_errors=True)
 
 
+def _logits_by_kind(model, batch: list[Example]) -> list:
+    """position_logits for a batch, one forward per kind of example: a batch's items are of similar length (the
+    plan sorts them) but its locality examples are not, and one padded forward would compute every row to the
+    longest of both. The rows do not interact, so the logits are the same."""
+    out: list = [None] * len(batch)
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(batch):
+        groups.setdefault(e.kind, []).append(i)
+    for idx in groups.values():
+        for i, lg in zip(idx, position_logits(model, [batch[i].ids for i in idx], [batch[i].positions for i in idx])):
+            out[i] = lg
+    return out
+
+
 def _batch_loss(model, batch: list[Example], recipe: Recipe, device):
     import torch
     import torch.nn.functional as F
 
-    logits = position_logits(model, [e.ids for e in batch], [e.positions for e in batch])
+    logits = _logits_by_kind(model, batch)
     t = recipe.temperature
     item_loss, loc_loss, ce_loss = [], [], []
     for e, lg in zip(batch, logits):

@@ -58,8 +58,9 @@ def _clean_question(text: str) -> str | None:
 
 
 def synthesize(generator, memories: list, *, rewrites: int = 1, questions: int = 4, held_out_qa: int = 1,
-               seed: int = 0, batch_size: int = 8) -> dict[int, list[Item]]:
-    """Items for each memory (id → items). Generation is batched across memories."""
+               held_out_rewrite: bool = True, seed: int = 0, batch_size: int = 8) -> dict[int, list[Item]]:
+    """Items for each memory (id → items): `rewrites` trained rewrites plus one held out (`held_out_rewrite`).
+    Generation is batched across memories."""
     rng = random.Random(seed)
     out: dict[int, list[Item]] = {m.id: cloze_items(m.id, m.text) for m in memories}
     tok = generator.tokenizer
@@ -74,8 +75,8 @@ def synthesize(generator, memories: list, *, rewrites: int = 1, questions: int =
         return texts
 
     # rewrites: the last one of each memory is held out (paraphrased probes, never trained on)
-    if rewrites:
-        jobs = [(m, r) for m in memories for r in range(rewrites + 1)]
+    jobs = [(m, r) for m in memories for r in range(rewrites + int(held_out_rewrite))]
+    if jobs:
         longest = max((len(tok(m.text)["input_ids"]) for m in memories), default=0)
         texts = sample([chat(REWRITE_PROMPT.format(text=m.text)) for m, _ in jobs],
                        max_new=min(320, int(longest * 1.3) + 16), temperature=0.7)
