@@ -51,6 +51,30 @@ def token_stats(router, seqs):
     return out
 
 
+ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def band_score(router, lo: int, hi: int, modules: str = "all", pool: str = "max"):
+    """A score over token_stats: the LoRA Δ energy of decoder layers lo..hi-1 ("all", "attn" or "mlp" modules)
+    relative to their outputs' energy, per token, pooled over the prompt's tokens ("max", "top3" or "mean")."""
+    import torch
+
+    from memory_llm.consolidate.route import _layer_index
+
+    where = {mod: n for n, mod in router.model.named_modules() if mod in set(router.layers)}
+    sel = torch.tensor([lo <= _layer_index(where[mod]) < hi and (modules == "all" or (
+        where[mod].split(".")[-1] in ATTENTION) == (modules == "attn")) for mod in router.layers])
+
+    def score(t) -> float:
+        r = t[sel, :, 0].sum(0) / (t[sel, :, 1].sum(0) + 1e-12)
+        if pool == "max":
+            return float(r.max())
+        if pool == "mean":
+            return float(r.mean())
+        return float(r.topk(min(3, r.numel())).values.mean())
+    return score
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("home")
@@ -58,12 +82,10 @@ def main() -> None:
     ap.add_argument("--margin", type=float, default=None, help="calibration margin (default: the adapter's)")
     args = ap.parse_args()
 
-    import torch
 
     from memory_llm import MemoryLLM
     from memory_llm.assistant import DEFAULT_NAMESPACE
     from memory_llm.consolidate.recipe import Recipe, closed_prompt_ids
-    from memory_llm.consolidate.route import _layer_index
     from memory_llm.consolidate.run import generic_prompts
     from memory_llm.evaluate import load_probes
 
@@ -96,26 +118,7 @@ def main() -> None:
             "FK eval (raw cloze)": [gen.tokenizer(p.input, add_special_tokens=False)["input_ids"] for p in fk]}
     stats = {k: token_stats(router, v) for k, v in sets.items()}
 
-    depth = {mod: _layer_index(n) for n, mod in router.model.named_modules() if mod in set(router.layers)}
-    kinds = {mod: n.split(".")[-1] for n, mod in router.model.named_modules() if mod in set(router.layers)}
-    layer_of = [depth[mod] for mod in router.layers]
-    kind_of = [kinds[mod] for mod in router.layers]
-    attn = {"q_proj", "k_proj", "v_proj", "o_proj"}
-
-    def variant(lo, hi, modules="all", pool="max"):
-        sel = torch.tensor([lo <= d < hi and (modules == "all" or (kind in attn) == (modules == "attn"))
-                            for d, kind in zip(layer_of, kind_of)])
-
-        def score(t):
-            r = t[sel, :, 0].sum(0) / (t[sel, :, 1].sum(0) + 1e-12)
-            if pool == "max":
-                return float(r.max())
-            if pool == "mean":
-                return float(r.mean())
-            return float(r.topk(min(3, r.numel())).values.mean())
-        return score
-
-    variants = {f"layers {lo}-{hi - 1}, {mods}, {pool}": variant(lo, hi, mods, pool)
+    variants = {f"layers {lo}-{hi - 1}, {mods}, {pool}": band_score(router, lo, hi, mods, pool)
                 for lo, hi in ((12, 18), (14, 20), (10, 20), (15, 21), (0, 30)) for mods in ("all", "mlp", "attn")
                 for pool in ("max", "top3", "mean")}
     rows = []

@@ -9,12 +9,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch
-from probe_fk_signals import token_stats
+from probe_fk_signals import band_score, token_stats
 
 from memory_llm import MemoryLLM
 from memory_llm.consolidate.recipe import closed_prompt_ids, student_prompt_ids
-from memory_llm.consolidate.route import _layer_index
 from memory_llm.consolidate.run import generic_prompts
 
 home, eval_file = Path(sys.argv[1]), Path(sys.argv[2])
@@ -41,17 +39,9 @@ sets = {"calib": [closed_prompt_ids(gen, p) for p in loc_all[40:]],
         "calib RAW": [raw(p) for p in loc_all[40:]],
         "FK eval RAW": [raw(p) for p in fk]}
 st = {k: token_stats(r, v) for k, v in sets.items()}
-names = [n for n, mod in r.model.named_modules() if mod in set(r.layers)]  # the order of r.layers
-sel = torch.tensor([12 <= _layer_index(n) < 18 for n in names])
-
-
-def score(t, pool):
-    x = t[sel, :, 0].sum(0) / (t[sel, :, 1].sum(0) + 1e-12)
-    return float(x.max() if pool == "max" else x.mean())
-
-
 for pool in ("max", "mean"):
-    s = {k: [score(t, pool) for t in v] for k, v in st.items()}
+    score = band_score(r, 12, 18, "all", pool)
+    s = {k: [score(t) for t in v] for k, v in st.items()}
     for calib in ("calib", "calib RAW"):
         thr = 1.25 * max(s[calib])
         print(pool, "calibrated on", calib, json.dumps({k: round(sum(x >= thr for x in v) / len(v), 3)
