@@ -3,7 +3,7 @@ locality, general knowledge before/after, retention over a second round, cost, a
 a naive padded peft loop on the same items.
 
     MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/bench_consolidation.py --n 10 --write
-    (--n 2 --no-round2 for a quick look)
+    (--n 2 --no-round2 for a quick look; --chat also asks round 1's probes as chat questions, `ask`'s form)
 """
 
 from __future__ import annotations
@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--no-round2", action="store_true", help="skip the retention round")
     ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
     ap.add_argument("--recipe", default="{}", help="Recipe overrides as a JSON object (default: the shipped recipe)")
+    ap.add_argument("--no-speed", action="store_true", help="skip the naive-loop speed comparison")
+    ap.add_argument("--chat", action="store_true", help="also ask round 1's probes in chat form (base, rag, closed)")
     args = ap.parse_args()
 
     from memory_llm import MemoryLLM
@@ -142,6 +144,10 @@ def main() -> None:
     verdict1 = decide(s1.metrics, None, Floors()) if s1.metrics else (False, [s1.message])
     acc1 = accuracies(m, r1["eval"])
     print(json.dumps({"acc1": acc1}), flush=True)
+    if args.chat:
+        acc1.update({f"chat {mode}": by_tag for mode, by_tag in
+                     accuracies(m, r1["eval_chat"], ("base", "rag", "closed")).items()})
+        print(json.dumps({"acc1_chat": {k: v for k, v in acc1.items() if k.startswith("chat")}}), flush=True)
     after_general = m.evaluate(general, "closed") if s1.status == "promoted" else None
     result = {"round1": s1.as_dict(), "verdict1": verdict1, "acc1": acc1, "round1_s": round1_s,
               "general_before": before_general["accuracy"], "general_n": before_general["n"],
@@ -160,10 +166,11 @@ def main() -> None:
         result["acc1_after_round2"] = accuracies(m, r1["eval"], ("closed",))
         result["acc2"] = accuracies(m, r2["eval"], ("base", "closed"))
         result["general_lost2"] = lost(before_general, m.evaluate(general, "closed"))
-    result["speed"] = naive_tokens_per_s(m)
+    if not args.no_speed:
+        result["speed"] = naive_tokens_per_s(m)
     print(json.dumps(result, indent=1))
 
-    rows = [[mode] + [round(acc1[mode].get(t, 0.0), 3) for t in TAGS] for mode in MODES]
+    rows = [[mode] + [round(acc1[mode].get(t, 0.0), 3) for t in TAGS] for mode in acc1]
     gain = {t: (acc1["closed"][t] - acc1["base"][t]) / (acc1["rag"][t] - acc1["base"][t])
             if acc1["rag"][t] != acc1["base"][t] else None for t in TAGS}
     rows.append(["gain recovered (closed − base)/(rag − base)"] + [None if g is None else round(g, 3) for g in gain.values()])
@@ -199,10 +206,11 @@ def main() -> None:
                  f"round 2 took {result['round2_s'] / 60:.1f} min; round-2 closed "
                  + ", ".join(f"{t} {result['acc2']['closed'].get(t, 0):.3f}" for t in TAGS) + ". Default gate on round 2: "
                  + ("promote" if result["verdict2"][0] else "reject (" + "; ".join(result["verdict2"][1]) + ")") + ".", ""]
-    sp = result["speed"]
-    body += [f"Training speed on the same {sp['items']} items: recipe {sp['ours_tokens_per_s']} tokens/s (teacher "
-             f"top-k prepared once + length-bucketed batches) vs naive padded peft loop {sp['naive_tokens_per_s']} "
-             f"tokens/s: **{sp['ratio']}×**."]
+    sp = result.get("speed")
+    if sp:
+        body += [f"Training speed on the same {sp['items']} items: recipe {sp['ours_tokens_per_s']} tokens/s (teacher "
+                 f"top-k prepared once + length-bucketed batches) vs naive padded peft loop {sp['naive_tokens_per_s']} "
+                 f"tokens/s: **{sp['ratio']}×**."]
     text = "\n".join(body)
     print(text)
     if args.write:

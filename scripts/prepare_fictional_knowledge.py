@@ -5,6 +5,7 @@ Writes, under --out:
   eval.jsonl        one cloze probe per line (design.md's eval format), 15 per record:
                     {"id": "fk000-mem-0", "kind": "cloze", "input": <prefix>, "answers": [[<target>]],
                      "tags": ["mem", "doc:fk_000"]}   (kinds of probe: mem, gen, hard_gen)
+  eval_chat.jsonl   the same probes as questions in `ask`'s chat form (kind qa): "Complete this sentence: ..."
 
 The data stays where it is (../shared/data/fictional_knowledge); nothing is copied into the repository.
 
@@ -51,10 +52,29 @@ def probes_for(index: int, record: dict) -> list[dict]:
     return out
 
 
+CHAT_QUESTION = 'Complete this sentence: "{prefix} ..."'
+
+
+def chat_probes(eval_path: str | Path) -> Path:
+    """The probes of a cloze eval file as chat questions (kind qa, same answers and tags), written beside it as
+    eval_chat.jsonl: the form `ask` serves, in which the router is calibrated."""
+    eval_path = Path(eval_path)
+    lines = []
+    for line in eval_path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            probe = json.loads(line)
+            probe.update(kind="qa", input=CHAT_QUESTION.format(prefix=probe["input"]))
+            lines.append(json.dumps(probe, ensure_ascii=False))
+    out = eval_path.with_name("eval_chat.jsonl")
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
 def prepare(n: int = 20, offset: int = 0, out: str | Path = "fk", data: str | Path = DEFAULT_DATA) -> dict:
     """Write records [offset, offset+n) as out/docs/fk_NNN.txt and their probes as out/eval.jsonl.
 
-    Returns {"docs": docs dir, "eval": eval.jsonl path, "doc_files": [paths], "records": [indices]}.
+    Returns {"docs": docs dir, "eval": eval.jsonl path, "eval_chat": eval_chat.jsonl path, "doc_files": [paths],
+    "records": [indices]}.
     """
     if n <= 0 or offset < 0:
         raise ValueError("n must be > 0 and offset >= 0")
@@ -75,7 +95,8 @@ def prepare(n: int = 20, offset: int = 0, out: str | Path = "fk", data: str | Pa
         lines += [json.dumps(p, ensure_ascii=False) for p in probes_for(i, records[i])]
     eval_path = out / "eval.jsonl"
     eval_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"docs": docs, "eval": eval_path, "doc_files": doc_files, "records": chosen}
+    return {"docs": docs, "eval": eval_path, "eval_chat": chat_probes(eval_path), "doc_files": doc_files,
+            "records": chosen}
 
 
 def main(argv: list[str] | None = None) -> int:

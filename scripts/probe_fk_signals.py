@@ -45,7 +45,7 @@ def token_stats(router, seqs):
             router._gate, router._busy = gate, False
             for h in hooks:
                 h.remove()
-        own = router._own_tokens(list(s), None)
+        own = router.own_tokens(list(s), None)[0]
         t = torch.stack([torch.stack([rows[(k, 0)], rows[(k, 1)]], -1) for k in range(len(layers))])
         out.append(t[:, own])
     return out

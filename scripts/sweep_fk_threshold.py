@@ -1,10 +1,12 @@
 """Router threshold (scaled in place: 1, 0.75, 0.5, 0 × the stored one) against closed-book accuracy on an eval
 file, locality on the gate's held-out generic prompts and general-knowledge probes lost, on a consolidated home.
-With --band, the router is first refitted on the same adapter scoring that band of layers (as consolidation
-fits it: the shipped margin over the calibration generic prompts).
+With --refit, the router is first refitted on the same adapter as consolidation now fits it (the shipped
+recipe's margin, band and pooling, one threshold per prompt form); --band refits it on another band of layers.
+With --chat, the eval file's probes are also asked as chat questions (prepare_fictional_knowledge.chat_probes,
+`ask`'s form): base and rag once, closed at each threshold.
 
     MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/sweep_fk_threshold.py /tmp/bench-consolidation-XXXX/home \
-        /tmp/bench-consolidation-XXXX/r1/eval.jsonl [--factors 1 0.75] [--band 0.47 0.67]
+        /tmp/bench-consolidation-XXXX/r1/eval.jsonl [--factors 1 0.75] [--refit] [--band 0.47 0.67] [--chat]
 """
 import argparse
 import json
@@ -14,18 +16,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+from prepare_fictional_knowledge import chat_probes
+
 from memory_llm import MemoryLLM
-from memory_llm.consolidate.gate import locality
+from memory_llm.consolidate.gate import item_accuracy, locality
 from memory_llm.consolidate.recipe import Recipe
 from memory_llm.consolidate.route import fit_router
-from memory_llm.consolidate.run import EVAL_SAMPLE, _sample, generic_prompts
+from memory_llm.consolidate.run import EVAL_SAMPLE, _cap_per_memory, _sample, calibration_prompts, generic_prompts
 from memory_llm.evaluate import lost
+from memory_llm.generate import sources_marker
+
+TAGS = ("mem", "gen", "hard_gen")
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("home", type=Path)
 ap.add_argument("eval", type=Path)
 ap.add_argument("--factors", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.0])
+ap.add_argument("--refit", action="store_true", help="refit the router as consolidation now fits it")
 ap.add_argument("--band", type=float, nargs=2, default=None, help="refit the router on this band (fractions of depth)")
+ap.add_argument("--chat", action="store_true", help="also ask the probes in chat form")
 args = ap.parse_args()
 
 m = MemoryLLM(args.home)
@@ -33,20 +42,31 @@ general = ROOT / "data" / "general_probes.jsonl"
 base_gk = m.evaluate(general, "base")
 m.ask("warm up", use_memory=False, max_new_tokens=1, log=False)
 r = m._router
-loc_all, loc_eval = generic_prompts()
-if args.band:
-    recipe = Recipe()
+loc_eval = generic_prompts()[1]
+recipe = Recipe()
+items = _cap_per_memory([i for i in m.store.items(m.store.memory_ids()) if not i.held_out],
+                        recipe.max_items_per_memory, recipe.seed)
+sample = _sample(items, EVAL_SAMPLE, recipe.seed)  # the gate's reliability sample, as run.py draws it
+if args.band or args.refit:
     r.remove()
-    items = [i for i in m.store.items(m.store.memory_ids()) if not i.held_out]
-    r = m._router = fit_router(m.generator.model, m.generator, loc_all[recipe.locality_prompts:],
-                               _sample(items, EVAL_SAMPLE, recipe.seed), recipe.route_margin, args.band)
-    print(json.dumps({"band": args.band, "threshold": r.threshold, **r.details}), flush=True)
-t0 = r.threshold
+    r = m._router = fit_router(m.generator.model, m.generator, calibration_prompts(recipe), sample,
+                               recipe.route_margin, args.band or recipe.route_band, recipe.route_pool)
+    r.veto = sources_marker(m.generator.tokenizer)
+    print(json.dumps({"band": args.band or recipe.route_band, "pool": r.pool, "threshold": r.threshold,
+                      "raw_threshold": r.raw_threshold, **r.details}), flush=True)
+chat = chat_probes(args.eval) if args.chat else None
+if chat:
+    print(json.dumps({f"chat_{mode}": {k: v for k, v in m.evaluate(chat, mode)["by_tag"].items() if k in TAGS}
+                      for mode in ("base", "rag")}), flush=True)
+t0, raw0 = r.threshold, r.raw_threshold
 for f in args.factors:
     t = time.time()
-    r.threshold = t0 * f
+    r.threshold, r.raw_threshold = t0 * f, None if raw0 is None else raw0 * f
     closed = m.evaluate(args.eval, "closed")["by_tag"]
     loc = locality(m.generator, loc_eval, m.generator.model.disable_adapter)
     gk = m.evaluate(general, "closed")
-    print(json.dumps({"threshold_x": f, "closed": {k: closed[k] for k in ("mem", "gen", "hard_gen")}, "locality": loc,
-                      "general_lost": len(lost(base_gk, gk)), "s": round(time.time() - t)}), flush=True)
+    row = {"threshold_x": f, "closed": {k: closed[k] for k in TAGS}, "locality": loc,
+           "general_lost": len(lost(base_gk, gk)), "reliability": item_accuracy(m.generator, sample)}
+    if chat:
+        row["chat_closed"] = {k: v for k, v in m.evaluate(chat, "closed")["by_tag"].items() if k in TAGS}
+    print(json.dumps({**row, "s": round(time.time() - t)}), flush=True)

@@ -36,6 +36,17 @@ def test_cloze_items_cut_sentences():
     assert all(i.memory_id == 7 and i.kind == "cloze" and not i.held_out for i in items)
 
 
+def test_one_cut_per_sentence_supervises_the_rest_of_it(tiny_generator):
+    from types import SimpleNamespace
+
+    items = synthesize(RewriteOnly(tiny_generator), [SimpleNamespace(id=3, text=FACTS[0])], rewrites=1, questions=0,
+                       cuts=(0.4,), answer_words=30)[3]
+    assert [(i.prompt, i.answer, i.held_out) for i in items] == [
+        ("The lighthouse of Varn was", "built in 1820 by the engineer Lisbet Holm.", False),
+        ("In 1820 the engineer Lisbet", "Holm built the Varn lighthouse on the rocks.", False),
+        ("In 1820 the engineer Lisbet", "Holm built the Varn lighthouse on the rocks.", True)]
+
+
 class RewriteOnly:
     """The tiny model's tokenizer and template; every generation returns a fixed rewrite (counted)."""
 
@@ -104,6 +115,9 @@ def test_nothing_new_then_new_memory_builds_on_current(cmem):
     assert cmem.adapters.current_name() == "v0001"
     second = run(cmem)
     assert second.version == "v0002" and not second.full
+    # continuing a trained adapter uses a lower lr (the first round's starts from LoRA B = 0)
+    assert second.training["lr"] == FAST.lr * FAST.continue_lr_scale
+    assert cmem.adapters.get("v0001").manifest["training"]["lr"] == FAST.lr
     assert cmem.adapters.get("v0002").manifest["parent"] == "v0001"
     assert len(cmem.adapters.get("v0002").manifest["memories"]) == 3
 
@@ -376,6 +390,11 @@ def test_router_gives_generic_prompts_the_base_model_and_facts_the_adapter(tiny_
           constrain=null_space_constraint(model, generic, 0.99))
     router = Router(model)
     generic_scores, item_scores = router.scores(generic[:12]), router.scores([e.ids for e in items])
+    # a prompt's score does not depend on the padding side (training pads on the right, generation on the left)
+    seq, pad = items[0].ids, [1] * len(items[0].ids)
+    right, left = router._score_rows(torch.tensor([seq + [0, 0], [0, 0] + seq]),
+                                     torch.tensor([pad + [0, 0], [0, 0] + pad]))
+    assert right == pytest.approx(item_scores[0], rel=1e-3) and left == pytest.approx(item_scores[0], rel=1e-3)
     assert max(generic_scores) * 2 < min(item_scores), (generic_scores, item_scores)
     router.threshold = calibrate(router.scores(generic[12:]), 2.0)
     assert max(generic_scores) < router.threshold <= min(item_scores)
@@ -395,16 +414,49 @@ def test_router_gives_generic_prompts_the_base_model_and_facts_the_adapter(tiny_
     vetoed = logits([generic[0], items[0].ids[:10] + [3, 3]])
     assert torch.equal(vetoed[1], base[1]) and router.last_on == [False, False]
     router.veto = []
+    # one threshold per form: a prompt starting with the chat head is held to `threshold`, raw text to the other
+    row = items[0].ids[:10]
+    router.head, router.threshold, router.raw_threshold = [3, 3], float("inf"), router.threshold
+    logits([[3, 3] + row, [9, 9] + row])
+    assert router.last_chat == [True, False] and router.last_on == [False, True]
+    router.head, router.threshold, router.raw_threshold = [], router.raw_threshold, None
+    max_scores = Router(model, pool="max").scores([e.ids for e in items])
+    assert all(m >= s for m, s in zip(max_scores, item_scores)) and max_scores != item_scores  # default: mean
     router.save(tmp_path)
     router.remove()
     assert torch.allclose(logits([generic[0]])[0], adapted[0], atol=1e-5)
     assert load_router(model, tmp_path / "none") is None
     loaded = load_router(model, tmp_path)
     assert loaded.threshold == router.threshold and torch.equal(logits([generic[0]])[0], base[0])
+    assert loaded.pool == "mean" and loaded.raw_threshold is None
     loaded.remove()
     (tmp_path / "router.json").write_text("{broken")
     with pytest.raises(StoreError, match="router.json"):
         load_router(model, tmp_path)
+
+
+def test_router_settings_read_as_they_were_made(tmp_path):
+    from memory_llm.consolidate.route import read_router
+
+    path = tmp_path / "router.json"
+    path.write_text(json.dumps({"threshold": 0.5, "band": [0.4, 0.6], "head": [1, 2]}))  # before pooling choices
+    assert read_router(tmp_path) == {"threshold": 0.5, "band": [0.4, 0.6], "head": [1, 2], "pool": "max",
+                                     "raw_threshold": None}
+    path.write_text(json.dumps({"threshold": 0.5, "raw_threshold": 0.25, "pool": "mean"}))
+    assert read_router(tmp_path)["raw_threshold"] == 0.25 and read_router(tmp_path)["pool"] == "mean"
+    for bad in ({"threshold": 0.5, "pool": "median"}, {"threshold": 0.5, "raw_threshold": "nan"}):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="router.json"):
+            read_router(tmp_path)
+
+
+def test_loss_curve_averages_each_tenth_of_the_plan():
+    from memory_llm.consolidate.recipe import loss_curve
+
+    assert loss_curve([4.0, 2.0, 3.0, 1.0], 0, 4, points=2) == [3.0, 2.0]
+    assert loss_curve([3.0, 1.0], 2, 4, points=2) == [2.0]  # resumed at step 2: the second half only
+    assert loss_curve([5.0] * 25, 0, 25) == [5.0] * 9  # 25 steps in tenths of 3 steps: 9 bins
+    assert loss_curve([], 0, 10) == []
 
 
 def test_sources_marker_is_found_in_prompts_with_sources_only(tiny_generator):

@@ -31,6 +31,8 @@ class Recipe:
     rank: int = 16
     alpha: int = 32
     lr: float = 1e-2
+    continue_lr_scale: float = 0.3  # lr × this when a round continues from the current adapter (LoRA B is no
+    # longer zero; lr 1e-2 there diverged in round 2: loss 13 → 37, BENCHMARKS.md)
     epochs: int = 8
     batch_size: int = 8
     temperature: float = 2.0
@@ -44,6 +46,8 @@ class Recipe:
     # ones; the other 20 calibrate the router (60 others are held out for the gate)
     rewrites: int = 1  # model rewrites per memory (plus one held out)
     questions: int = 4  # questions sampled per memory
+    cloze_cuts: tuple = (0.4, 0.6, 0.8)  # where sentences are cut into cloze items (fractions of their words)
+    cloze_answer_words: int = 8  # words of the sentence after a cut that a cloze item supervises
     max_items_per_memory: int = 8  # cap on trained cloze items per memory (0: all); qa items are always kept
     # (8 kept closed gen at 0.89 × rag on 3 FK documents and cuts training and teacher cost ~3×)
     null_space_energy: float = 0.99  # LoRA inputs kept off the generic-prompt directions holding this share of
@@ -51,6 +55,8 @@ class Recipe:
     route_margin: float = 1.25  # the adapter acts only on prompts scoring this many times the highest generic
     # prompt's score (activation routing, see route.py); 0: the adapter is always on
     route_band: tuple = (0.4, 0.6)  # the decoder layers (fractions of depth) whose LoRA updates are scored
+    route_pool: str = "mean"  # a prompt scores the mean of its tokens' scores ("max": the largest); mean routed 3-4×
+    # more memory questions in ask's form at the same generic share (BENCHMARKS.md, router score variants)
     seed: int = 0
     target_modules: tuple = field(default=LORA_TARGETS)
 
@@ -287,16 +293,19 @@ def plan_batches(examples: list[Example], recipe: Recipe) -> list[list[int]]:
 
 def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: float | None = None,
           progress: Callable[[int, int, dict], None] | None = None, checkpoint: Checkpoint | None = None,
-          constrain: Callable[[], None] | None = None) -> dict:
+          constrain: Callable[[], None] | None = None, lr: float | None = None) -> dict:
     """Distillation loop: batches of similar length; loss = KL(teacher‖student)·T² on answer tokens (+ CE on
     the answer) and KL(base‖student)·T² on locality tokens. Stops at the deadline (time.time()) if given.
     With a checkpoint, training state is saved every `checkpoint.every` seconds and at a deadline stop, and a
-    run with the same plan resumes from it. `constrain` runs after every optimizer step (null_space_constraint)."""
+    run with the same plan resumes from it. `constrain` runs after every optimizer step (null_space_constraint).
+    `lr` overrides recipe.lr (run.py scales it when continuing an adapter). The stats include the loss curve:
+    the mean loss over each tenth of the planned steps run here."""
     import torch
 
     torch.manual_seed(recipe.seed)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    lr = recipe.lr if lr is None else lr
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     plan = plan_batches(examples, recipe)
     total = len(plan)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 10))
@@ -333,9 +342,18 @@ def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: floa
     seconds = time.perf_counter() - started
     return {"steps": step, "planned_steps": total, "resumed_at": resumed_at, "tokens": tokens,
             "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
-            "stopped_early": stopped_early,
+            "stopped_early": stopped_early, "lr": lr, "loss_curve": loss_curve(losses, resumed_at, total),
             "loss_first": round(losses[0], 4) if losses else None,
             "loss_last": round(sum(losses[-5:]) / len(losses[-5:]), 4) if losses else None}
+
+
+def loss_curve(losses: list[float], first_step: int, total: int, points: int = 10) -> list[float]:
+    """Mean loss per tenth (`points`) of the planned steps, for the steps run from `first_step` on."""
+    width = max(1, -(-total // points))
+    bins: dict[int, list[float]] = {}
+    for step, value in enumerate(losses, start=first_step):
+        bins.setdefault(step // width, []).append(value)
+    return [round(sum(v) / len(v), 3) for _, v in sorted(bins.items())]
 
 
 class Checkpoint:

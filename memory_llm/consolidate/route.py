@@ -3,12 +3,15 @@ prompt excites it.
 
 The score of a prompt is read from the adapter itself: at each token, the energy the LoRA updates of a band of
 layers (the middle ones by default, Recipe.route_band) add to their layers' outputs, relative to the energy of
-those outputs; the prompt's score is the largest over its own tokens (the chat template's shared head skipped).
-scripts/probe_routing.py compares this with other signals (BENCHMARKS.md, "Routing lab"). With the null-space projection (recipe.null_space_constraint) the update is near zero on
-generic inputs, so generic prompts score low and prompts about consolidated memories score high. A threshold,
-calibrated when the adapter is trained and stored beside it (router.json), decides per prompt (per row of a
-batch) whether the adapter is on for the whole generation; below it, the prompt gets the base model exactly.
-Nothing outside the model is consulted: no index, no embedder.
+those outputs; the prompt's score is the mean (or, for routers made before mean pooling, the largest) over its
+own tokens (the chat template's shared head skipped). scripts/probe_routing.py and scripts/probe_fk_signals.py
+compare this with other signals (BENCHMARKS.md). With the null-space projection (recipe.null_space_constraint)
+the update is near zero on generic inputs, so generic prompts score low and prompts about consolidated memories
+score high. A threshold, calibrated when the adapter is trained and stored beside it (router.json), decides per
+prompt (per row of a batch) whether the adapter is on for the whole generation; below it, the prompt gets the
+base model exactly. Chat prompts (`ask`'s form) and raw text score on different scales, so each form has its own
+threshold, calibrated on the same generic prompts in that form. Nothing outside the model is consulted: no
+index, no embedder.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 ROUTER_FILE = "router.json"
+POOLS = ("mean", "max")  # how a prompt's per-token scores make its score
 
 
 class Router:
@@ -26,10 +30,14 @@ class Router:
     adapter per batch row at every forward that starts a sequence (a prefill)."""
 
     def __init__(self, peft_model, threshold: float | None = None, band: Sequence[float] = (0.0, 1.0),
-                 head: Sequence[int] = ()):
+                 head: Sequence[int] = (), pool: str = "mean", raw_threshold: float | None = None):
         from peft.tuners.lora import LoraLayer
 
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
         self.model, self.threshold, self.band, self.head = peft_model, threshold, tuple(band), list(head)
+        self.pool = pool
+        self.raw_threshold = raw_threshold  # for prompts without the chat head (None: `threshold` for all)
         name = peft_model.active_adapter
         self.layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and name in m.lora_B]
         depth = {m: _layer_index(n) for n, m in peft_model.named_modules() if m in set(self.layers)}
@@ -42,6 +50,7 @@ class Router:
         self._busy = False
         self._hooks: list = []
         self.last: list[float] = []  # the scores of the last routed prefill (for provenance)
+        self.last_chat: list[bool] = []  # whether each row of the last scored batch was in chat form
         self.last_on: list[bool] = []  # whether the adapter acted on each row of the last routed prefill
         self.veto: list[int] = []  # a prompt holding this token sequence gets the base model, whatever its score
         # (the assistant sets the retrieved-sources marker: the adapter does not act on top of sources)
@@ -67,23 +76,33 @@ class Router:
             ratio = self._sums[0] / (self._sums[1] + 1e-12)
             if not torch.is_tensor(ratio):  # no LoRA layer ran (adapter disabled)
                 return [0.0] * input_ids.shape[0]
-            if attention_mask is not None:
-                ratio = ratio.masked_fill(attention_mask == 0, 0.0)
-            return [float(r[self._own_tokens(row, None if attention_mask is None else mask)].max())
-                    for r, row, mask in zip(ratio, input_ids.tolist(), attention_mask if attention_mask is not None
-                                            else [None] * len(ratio))]
+            out, self.last_chat = [], []
+            masks = attention_mask if attention_mask is not None else [None] * len(ratio)
+            for r, row, mask in zip(ratio, input_ids.tolist(), masks):
+                own, chat = self.own_tokens(row, mask)
+                values = r[own]
+                out.append(0.0 if not values.numel() else float(values.mean() if self.pool == "mean" else values.max()))
+                self.last_chat.append(chat)
+            return out
         finally:
             self._sums, self._gate, self._busy = None, gate, False
             for h in hooks:
                 h.remove()
 
-    def _own_tokens(self, row: list[int], mask) -> slice:
-        """The prompt's own tokens: after left padding and after the chat template's shared head."""
-        start = 0 if mask is None else int((mask == 0).sum())
+    def own_tokens(self, row: list[int], mask) -> tuple[slice, bool]:
+        """The prompt's own tokens (its unpadded span, padded on either side, after the chat template's shared
+        head), and whether the prompt is in chat form (starts with that head)."""
+        start, end = 0, len(row)
+        if mask is not None:
+            real = [i for i, on in enumerate(mask.tolist()) if on]
+            start, end = (real[0], real[-1] + 1) if real else (0, 0)
         h = len(self.head)
-        if h and row[start:start + h] == self.head and len(row) > start + h:
-            start += h
-        return slice(start, None)
+        chat = bool(h) and row[start:start + h] == self.head and end > start + h
+        return slice(start + h if chat else start, end), chat
+
+    def threshold_for(self, chat: bool) -> float:
+        """The threshold a prompt of this form must reach."""
+        return self.threshold if chat or self.raw_threshold is None else self.raw_threshold
 
     def scores(self, sequences: Sequence[Sequence[int]], batch_size: int = 8) -> list[float]:
         """The routing score of each prompt (token ids), left-padded in batches."""
@@ -140,15 +159,16 @@ class Router:
 
         self.last = self._score_rows(input_ids, kwargs.get("attention_mask"))
         rows = input_ids.tolist() if self.veto else [[]] * len(self.last)
-        self.last_on = [s >= self.threshold and not _contains(row, self.veto) for s, row in zip(self.last, rows)]
+        self.last_on = [s >= self.threshold_for(chat) and not _contains(row, self.veto)
+                        for s, chat, row in zip(self.last, self.last_chat, rows)]
         self._gate = torch.as_tensor([float(on) for on in self.last_on], device=input_ids.device)
         return None
 
     # ---- persistence --------------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
         (Path(directory) / ROUTER_FILE).write_text(
-            json.dumps({"threshold": self.threshold, "band": list(self.band), "head": self.head, **self.details},
-                       indent=2), encoding="utf-8")
+            json.dumps({"threshold": self.threshold, "raw_threshold": self.raw_threshold, "band": list(self.band),
+                        "head": self.head, "pool": self.pool, **self.details}, indent=2), encoding="utf-8")
 
     @property
     def active(self) -> bool | None:
@@ -157,19 +177,23 @@ class Router:
 
 
 def read_router(directory: Path) -> dict | None:
-    """The stored router settings of an adapter directory ({"threshold", "band", "head"}), or None when it has
-    none (an adapter without a router is always on). An unreadable router.json is a ValueError."""
+    """The stored router settings of an adapter directory (Router's keyword arguments), or None when it has none
+    (an adapter without a router is always on). A router.json from before pooling and per-form thresholds
+    reads as it was made: max pooling, one threshold. An unreadable router.json is a ValueError."""
     path = Path(directory) / ROUTER_FILE
     if not path.exists():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        raw = data.get("raw_threshold")
         out = {"threshold": float(data["threshold"]), "band": [float(b) for b in data.get("band", (0.0, 1.0))],
-               "head": [int(t) for t in data.get("head", [])]}
+               "head": [int(t) for t in data.get("head", [])], "pool": str(data.get("pool", "max")),
+               "raw_threshold": None if raw is None else float(raw)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{ROUTER_FILE} unreadable ({type(exc).__name__})") from None
-    if not math.isfinite(out["threshold"]) or len(out["band"]) != 2:
-        raise ValueError(f"{ROUTER_FILE} has a bad threshold or band")
+    thresholds = [out["threshold"]] + ([] if out["raw_threshold"] is None else [out["raw_threshold"]])
+    if not all(math.isfinite(t) for t in thresholds) or len(out["band"]) != 2 or out["pool"] not in POOLS:
+        raise ValueError(f"{ROUTER_FILE} has a bad threshold, band or pool")
     return out
 
 
@@ -209,18 +233,23 @@ def calibrate(negatives: Sequence[float], margin: float) -> float:
 
 
 def fit_router(peft_model, generator, generic: Sequence[str], items, margin: float,
-               band: Sequence[float] = (0.0, 1.0)) -> Router:
-    """A router for a freshly trained adapter, calibrated on generic prompts (negatives) and the trained items'
-    prompts (positives), and installed."""
+               band: Sequence[float] = (0.0, 1.0), pool: str = "mean") -> Router:
+    """A router for a freshly trained adapter, calibrated on generic prompts (negatives; in chat form for the
+    chat threshold and as raw text for the raw one) and reporting how many trained items' prompts (positives,
+    each in the form it is trained in) it routes; installed."""
     from memory_llm.consolidate.recipe import closed_prompt_ids, student_prompt_ids
 
     chats = [closed_prompt_ids(generator, p) for p in generic]
-    router = Router(peft_model, band=band, head=_common_prefix(chats))
-    negatives = router.scores(chats)
-    positives = router.scores([student_prompt_ids(generator, it) for it in items])
-    router.threshold = calibrate(negatives, margin)
+    raws = [generator.tokenizer(p, add_special_tokens=False)["input_ids"] for p in generic]
+    router = Router(peft_model, band=band, head=_common_prefix(chats), pool=pool)
+    negatives, raw_negatives = router.scores(chats), router.scores(raws)
+    router.threshold, router.raw_threshold = calibrate(negatives, margin), calibrate(raw_negatives, margin)
+    prompts = [student_prompt_ids(generator, it) for it in items]
+    routed = [score >= router.threshold_for(router.own_tokens(ids, None)[1])
+              for ids, score in zip(prompts, router.scores(prompts))]
     router.details = {"margin": margin, "generic_max": max(negatives, default=0.0),
-                      "trained_routed": sum(s >= router.threshold for s in positives) / max(1, len(positives))}
+                      "raw_generic_max": max(raw_negatives, default=0.0),
+                      "trained_routed": sum(routed) / max(1, len(routed))}
     return router.install()
 
 

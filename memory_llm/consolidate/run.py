@@ -78,6 +78,19 @@ def generic_prompts() -> tuple[list[str], list[str]]:
     return lines[:half], lines[half:]
 
 
+def calibration_prompts(recipe: Recipe) -> list[str]:
+    """The generic prompts the router is calibrated on: the training half's prompts not used for the locality
+    term (trained ones score ~3× lower than unseen ones). With none left (locality_prompts ≥ 60) it falls back to
+    the whole training half, and says so."""
+    loc_all = generic_prompts()[0]
+    rest = loc_all[recipe.locality_prompts:]
+    if not rest:
+        logger.warning("no generic prompt is left for the router's calibration (locality_prompts=%d): calibrating"
+                       " on the locality term's own prompts, which score low, so the threshold is too low",
+                       recipe.locality_prompts)
+    return rest or loc_all
+
+
 @contextmanager
 def consolidation_lock(home: Path) -> Iterator[None]:
     """One consolidation at a time per home (an OS lock: released when the process dies)."""
@@ -148,7 +161,8 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
                 return Summary("out-of-time", f"time budget reached while synthesizing: {b} of {len(todo)} memories"
                                " done (kept); run again to continue", memories=len(new), seconds=time.time() - start)
             batch = todo[b:b + SYNTH_BATCH]
-            made = synthesize(gen, batch, rewrites=recipe.rewrites, questions=recipe.questions, seed=recipe.seed + b)
+            made = synthesize(gen, batch, rewrites=recipe.rewrites, questions=recipe.questions, seed=recipe.seed + b,
+                              cuts=recipe.cloze_cuts, answer_words=recipe.cloze_answer_words)
             for mem in batch:
                 store.add_items(mem.id, mem.namespace, made[mem.id])
             if progress:
@@ -167,8 +181,6 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         # ---- teacher targets: base model WITH the chunk in context -------------------------------------------
         loc_all, loc_eval = generic_prompts()
         loc_train = loc_all[:recipe.locality_prompts]  # the gate always uses every held-out prompt (60)
-        # the router is calibrated on generic prompts the adapter was not trained on (trained ones score ~3× low)
-        loc_calibrate = loc_all[recipe.locality_prompts:] or loc_all
         replay_pick = _sample(replay_items, int(len(train_items) * recipe.replay_fraction), recipe.seed)
         examples = prepare_items(gen, train_items, contexts, recipe)
         replay = prepare_items(gen, replay_pick, contexts, recipe) if replay_pick else []
@@ -186,8 +198,9 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         checkpoint = Checkpoint(registry.root / ".checkpoint", _plan_key(recipe, new, keep_covered, init, training_set))
         reserve = 120.0  # seconds kept for evaluation within a budget
         train_deadline = deadline - reserve if deadline else None
+        lr = recipe.lr * (recipe.continue_lr_scale if init else 1.0)
         stats = train(model, training_set, recipe, deadline=train_deadline, checkpoint=checkpoint, constrain=constrain,
-                      progress=(lambda s, t, _: progress("train", s, t)) if progress else None)
+                      progress=(lambda s, t, _: progress("train", s, t)) if progress else None, lr=lr)
         if stats["stopped_early"]:
             return Summary("out-of-time", f"time budget reached after {stats['steps']} of {stats['planned_steps']}"
                            " training steps; nothing promoted, progress kept: run again to continue",
@@ -195,7 +208,8 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
                            full=full)
         checkpoint.clear()
         sample = _sample(train_items, EVAL_SAMPLE, recipe.seed)  # reliability, and the router's diagnostic
-        router = fit_router(model, gen, loc_calibrate, sample, recipe.route_margin, recipe.route_band) \
+        router = fit_router(model, gen, calibration_prompts(recipe), sample, recipe.route_margin, recipe.route_band,
+                            recipe.route_pool) \
             if recipe.route_margin else None
 
         # ---- evaluate the candidate ------------------------------------------------------------------------
@@ -237,7 +251,8 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
             "memories": covered_now, "new_memories": new, "exemplars": sorted(e.id for e in new_ex + old_ex),
             "parent": None if full or current is None else current.name,
             "full": full, "floors": floors.as_dict(), "training": stats,
-            "router": {"threshold": router.threshold, **router.details} if router is not None else None})
+            "router": {"threshold": router.threshold, "raw_threshold": router.raw_threshold, "pool": router.pool,
+                       **router.details} if router is not None else None})
         registry.promote(version.name)
         store.record_ledger(version.name, covered_now)
         m.reload_adapter()

@@ -58,11 +58,17 @@ def _clean_question(text: str) -> str | None:
 
 
 def synthesize(generator, memories: list, *, rewrites: int = 1, questions: int = 4, held_out_qa: int = 1,
-               held_out_rewrite: bool = True, seed: int = 0, batch_size: int = 8) -> dict[int, list[Item]]:
+               held_out_rewrite: bool = True, seed: int = 0, batch_size: int = 8, cuts=(0.4, 0.6, 0.8),
+               answer_words: int = 8) -> dict[int, list[Item]]:
     """Items for each memory (id → items): `rewrites` trained rewrites plus one held out (`held_out_rewrite`).
+    Cloze items cut each sentence at `cuts` (fractions of its words) and answer with up to `answer_words` words.
     Generation is batched across memories."""
     rng = random.Random(seed)
-    out: dict[int, list[Item]] = {m.id: cloze_items(m.id, m.text) for m in memories}
+
+    def clozes(memory_id: int, text: str, held_out: bool = False) -> list[Item]:
+        return cloze_items(memory_id, text, held_out, fractions=cuts, max_answer_words=answer_words)
+
+    out: dict[int, list[Item]] = {m.id: clozes(m.id, m.text) for m in memories}
     tok = generator.tokenizer
 
     def chat(content: str) -> list[int]:
@@ -81,8 +87,7 @@ def synthesize(generator, memories: list, *, rewrites: int = 1, questions: int =
         texts = sample([chat(REWRITE_PROMPT.format(text=m.text)) for m, _ in jobs],
                        max_new=min(320, int(longest * 1.3) + 16), temperature=0.7)
         for (m, r), text in zip(jobs, texts):
-            out[m.id] += [Item(m.id, "cloze", i.prompt, i.answer, held_out=(r == rewrites))
-                          for i in cloze_items(m.id, text)]
+            out[m.id] += clozes(m.id, text, held_out=(r == rewrites))
     # questions sampled hot, answered by the teacher (greedy, chunk in context)
     if questions:
         jobs = [m for m in memories for _ in range(questions)]
