@@ -1,9 +1,11 @@
 """Router threshold (scaled in place: 1, 0.75, 0.5, 0 × the stored one) against closed-book accuracy on an eval
 file, locality on the gate's held-out generic prompts and general-knowledge probes lost, on a consolidated home.
-With --refit, the router is first refitted on the same adapter as consolidation now fits it (the shipped
-recipe's margin, band and pooling, one threshold per prompt form); --band refits it on another band of layers.
-With --chat, the eval file's probes are also asked as chat questions (prepare_fictional_knowledge.chat_probes,
-`ask`'s form): base and rag once, closed at each threshold.
+With --refit, the same rows follow for the router refitted on the same adapter as consolidation now fits it
+(the shipped recipe's margin, band and pooling, with one threshold per prompt form); --band refits it on another band
+of layers. With --chat, the eval file's probes are also asked as chat questions
+(prepare_fictional_knowledge.chat_probes, `ask`'s form): base and rag once, closed at each row. Each row also
+has the gate's reliability on the trained items (run.py's sample). The refitted router is then tried with its chat
+threshold for raw prompts too (as the shipped recipe fits it: Recipe.route_per_form is off) (raw closed accuracy and reliability only: chat prompts route as before).
 
     MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/sweep_fk_threshold.py /tmp/bench-consolidation-XXXX/home \
         /tmp/bench-consolidation-XXXX/r1/eval.jsonl [--factors 1 0.75] [--refit] [--band 0.47 0.67] [--chat]
@@ -47,26 +49,49 @@ recipe = Recipe()
 items = _cap_per_memory([i for i in m.store.items(m.store.memory_ids()) if not i.held_out],
                         recipe.max_items_per_memory, recipe.seed)
 sample = _sample(items, EVAL_SAMPLE, recipe.seed)  # the gate's reliability sample, as run.py draws it
-if args.band or args.refit:
-    r.remove()
-    r = m._router = fit_router(m.generator.model, m.generator, calibration_prompts(recipe), sample,
-                               recipe.route_margin, args.band or recipe.route_band, recipe.route_pool)
-    r.veto = sources_marker(m.generator.tokenizer)
-    print(json.dumps({"band": args.band or recipe.route_band, "pool": r.pool, "threshold": r.threshold,
-                      "raw_threshold": r.raw_threshold, **r.details}), flush=True)
 chat = chat_probes(args.eval) if args.chat else None
-if chat:
-    print(json.dumps({f"chat_{mode}": {k: v for k, v in m.evaluate(chat, mode)["by_tag"].items() if k in TAGS}
-                      for mode in ("base", "rag")}), flush=True)
-t0, raw0 = r.threshold, r.raw_threshold
-for f in args.factors:
-    t = time.time()
-    r.threshold, r.raw_threshold = t0 * f, None if raw0 is None else raw0 * f
+
+
+def sweep_row(router: str, f: float, t: float) -> None:
     closed = m.evaluate(args.eval, "closed")["by_tag"]
     loc = locality(m.generator, loc_eval, m.generator.model.disable_adapter)
     gk = m.evaluate(general, "closed")
-    row = {"threshold_x": f, "closed": {k: closed[k] for k in TAGS}, "locality": loc,
+    row = {"router": router, "threshold_x": f, "closed": {k: closed[k] for k in TAGS}, "locality": loc,
            "general_lost": len(lost(base_gk, gk)), "reliability": item_accuracy(m.generator, sample)}
     if chat:
         row["chat_closed"] = {k: v for k, v in m.evaluate(chat, "closed")["by_tag"].items() if k in TAGS}
     print(json.dumps({**row, "s": round(time.time() - t)}), flush=True)
+
+
+if chat:
+    print(json.dumps({f"chat_{mode}": {k: v for k, v in m.evaluate(chat, mode)["by_tag"].items() if k in TAGS}
+                      for mode in ("base", "rag")}), flush=True)
+
+
+def refit():
+    """The stored router replaced by one fitted as consolidation now fits it (on --band if given)."""
+    m._router.remove()
+    r = m._router = fit_router(m.generator.model, m.generator, calibration_prompts(recipe), sample,
+                               recipe.route_margin, args.band or recipe.route_band, recipe.route_pool,
+                               per_form=True)
+    r.veto = sources_marker(m.generator.tokenizer)
+    print(json.dumps({"refit": True, "band": args.band or recipe.route_band, "pool": r.pool,
+                      "threshold": r.threshold, "raw_threshold": r.raw_threshold, **r.details}), flush=True)
+    return r
+
+
+routers = [("stored", lambda: r)] + ([("refit", refit)] if args.band or args.refit else [])
+for name, make in routers:
+    router = make()
+    t0, raw0 = router.threshold, router.raw_threshold
+    for f in args.factors:
+        t = time.time()
+        router.threshold, router.raw_threshold = t0 * f, None if raw0 is None else raw0 * f
+        sweep_row(name, f, t)
+    if raw0 is not None:  # the refitted router with the chat threshold for raw prompts too (the eval file's form)
+        t = time.time()
+        router.threshold, router.raw_threshold = t0, None
+        closed = m.evaluate(args.eval, "closed")["by_tag"]
+        print(json.dumps({"router": f"{name}, one threshold", "closed": {k: closed[k] for k in TAGS},
+                          "reliability": item_accuracy(m.generator, sample), "s": round(time.time() - t)}), flush=True)
+

@@ -2,7 +2,8 @@
 
 reliability: closed-book accuracy on trained items; generalization: on held-out (paraphrased) items;
 locality: teacher-forced agreement with the base model's greedy continuation on held-out generic prompts;
-retention: accuracy on earlier rounds' held-out items, relative to the current adapter.
+retention: accuracy on earlier rounds' trained items (those this round does not replay), relative to the current
+adapter.
 """
 
 from __future__ import annotations

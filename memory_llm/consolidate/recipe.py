@@ -57,6 +57,9 @@ class Recipe:
     route_band: tuple = (0.4, 0.6)  # the decoder layers (fractions of depth) whose LoRA updates are scored
     route_pool: str = "mean"  # a prompt scores the mean of its tokens' scores ("max": the largest); mean routed 3-4×
     # more memory questions in ask's form at the same generic share (BENCHMARKS.md, router score variants)
+    route_per_form: bool = False  # raw text (no chat head) gets a threshold of its own, calibrated on the generic
+    # prompts as raw text. Off: nothing served is raw (ask and the server are chat), and on the gate's raw cloze
+    # items and raw FK probes it left the adapter off nearly everywhere (BENCHMARKS.md)
     seed: int = 0
     target_modules: tuple = field(default=LORA_TARGETS)
 
