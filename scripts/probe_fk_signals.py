@@ -86,7 +86,7 @@ def main() -> None:
     from memory_llm import MemoryLLM
     from memory_llm.assistant import DEFAULT_NAMESPACE
     from memory_llm.consolidate.recipe import Recipe, closed_prompt_ids
-    from memory_llm.consolidate.run import generic_prompts
+    from memory_llm.consolidate.run import calibration_prompts, generic_prompts
     from memory_llm.evaluate import load_probes
 
     m = MemoryLLM(Path(args.home))
@@ -95,8 +95,8 @@ def main() -> None:
     margin = args.margin or json.loads((m.adapters.get(m.adapter_version).path / "router.json").read_text()).get(
         "margin", 1.25)
     recipe = Recipe()
-    loc_all, loc_eval = generic_prompts()
-    calib = loc_all[recipe.locality_prompts:]
+    loc_eval = generic_prompts()[1]
+    calib = calibration_prompts(recipe)
     fk = load_probes(Path(args.eval))
     gk_file = ROOT / "data" / "general_probes.jsonl"
     gk = load_probes(gk_file)

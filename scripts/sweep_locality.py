@@ -142,9 +142,10 @@ def _route(gen, model, recipe, loc_train, loc_eval, general, train_items, held, 
     """Fit the product's router (route.fit_router), print every prompt set's scores against its threshold."""
     from memory_llm.consolidate.recipe import closed_prompt_ids, student_prompt_ids
     from memory_llm.consolidate.route import fit_router
+    from memory_llm.consolidate.run import calibration_prompts
 
-    router = fit_router(model, gen, loc_train[recipe.locality_prompts:] or loc_train, train_items, margin,
-                        recipe.route_band)
+    router = fit_router(model, gen, calibration_prompts(recipe), train_items, margin, recipe.route_band,
+                        recipe.route_pool, recipe.route_per_form)
     sets = {
         "generic_eval": [closed_prompt_ids(gen, p) for p in loc_eval],
         "general_probes": [closed_prompt_ids(gen, p["input"]) for p in general],
