@@ -414,7 +414,8 @@ def adapters_list(home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
         reg = _mllm(home).adapters
         current = reg.current_name()
         rows = [{"version": v.name, "current": v.name == current, "memories": len(v.manifest.get("memories", [])),
-                 "base_model": v.manifest.get("base_model"), "metrics": v.manifest.get("metrics", {})}
+                 "base_model": v.manifest.get("base_model"), "metrics": v.manifest.get("metrics", {}),
+                 "stack": [b.name for b in v.below]}
                 for v in reg.versions()]
         if as_json:
             _print_json({"current": current, "versions": rows, "broken": reg.problems()})
@@ -424,7 +425,8 @@ def adapters_list(home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
         for r in rows:
             met = r["metrics"]
             typer.echo(f"{'*' if r['current'] else ' '} {r['version']}  {r['memories']} memories  "
-                       f"reliability {met.get('reliability')}  locality {met.get('locality')}")
+                       f"reliability {met.get('reliability')}  locality {met.get('locality')}"
+                       + (f"  (beside {', '.join(r['stack'])})" if r["stack"] else ""))
         for p in reg.problems():
             _stderr(f"broken: {p}")
 

@@ -2,6 +2,7 @@
 test that closed-book beats base is in test_e2e_consolidate.py.)"""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -113,13 +114,32 @@ def test_nothing_new_then_new_memory_builds_on_current(cmem):
     dry = run(cmem, dry_run=True)
     assert dry.status == "dry-run" and dry.memories == 1
     assert cmem.adapters.current_name() == "v0001"
+    weights = cmem.adapters.root / "v0001" / "adapter_model.safetensors"
+    before = weights.read_bytes()
     second = run(cmem)
     assert second.version == "v0002" and not second.full
-    # continuing a trained adapter uses a lower lr (the first round's starts from LoRA B = 0)
-    assert second.training["lr"] == FAST.lr * FAST.continue_lr_scale
-    assert cmem.adapters.get("v0001").manifest["training"]["lr"] == FAST.lr
-    assert cmem.adapters.get("v0002").manifest["parent"] == "v0001"
-    assert len(cmem.adapters.get("v0002").manifest["memories"]) == 3
+    # a new round trains a fresh adapter (round 1's lr, no replay) beside v0001, which stays as it was
+    reg = cmem.adapters
+    v2 = reg.get("v0002")
+    assert second.training["lr"] == FAST.lr and weights.read_bytes() == before
+    assert v2.manifest["stack"] == ["v0001"] and [v.name for v in v2.stack] == ["v0001", "v0002"]
+    assert v2.manifest["parent"] == "v0001" and len(v2.manifest["memories"]) == 3
+    assert len(v2.manifest["new_memories"]) == 1
+    # serving loads both adapters, routed together
+    assert cmem.ask("When does the ferry leave?", max_new_tokens=4).adapter == "v0002"
+    assert set(cmem.generator.model.peft_config) == {"v0001", "v0002"}
+    # past max_stack a round continues the newest adapter, at a lower lr (round 1's starts from LoRA B = 0)
+    cmem.learn(text="The Varn lighthouse keeper owns a grey cat called Moss.", source="cat")
+    third = cmem.consolidate(recipe=replace(FAST, max_stack=2), floors=OPEN)
+    v3 = reg.get("v0003")
+    assert third.training["lr"] == FAST.lr * FAST.continue_lr_scale and weights.read_bytes() == before
+    assert v3.manifest["stack"] == ["v0001"] and v3.manifest["parent"] == "v0002"
+    assert reg.rollback().name == "v0002"
+    # a broken adapter breaks the versions stacked on it; rollback skips them all
+    weights.unlink()
+    with pytest.raises(StoreError, match="v0002 is broken: adapter v0001 beneath it is broken.*rollback"):
+        reg.current()
+    assert reg.versions() == [] and reg.rollback() is None
 
 
 def test_good_exemplars_are_distilled_once_and_bad_ones_never(cmem):
@@ -372,13 +392,14 @@ def test_null_space_constraint_keeps_generic_outputs_while_items_still_move(tiny
         null_space_constraint(held, generic, 1.0)
 
 
-def test_router_gives_generic_prompts_the_base_model_and_facts_the_adapter(tiny_generator, tmp_path):
+def _adapter_trained_off_generic(tiny_generator):
+    """A tiny LoRA trained on 8 items under the null-space constraint of 24 generic prompts: (peft model,
+    generic prompts, items)."""
     import copy
 
     import torch
 
     from memory_llm.consolidate.recipe import Example, attach_lora, null_space_constraint, train
-    from memory_llm.consolidate.route import Router, calibrate, load_router
 
     g = torch.Generator().manual_seed(0)
     generic = [torch.randint(3, 9, (12,), generator=g).tolist() for _ in range(24)]
@@ -388,6 +409,15 @@ def test_router_gives_generic_prompts_the_base_model_and_facts_the_adapter(tiny_
     model = attach_lora(copy.deepcopy(tiny_generator.model), Recipe(rank=4, alpha=8))
     train(model, items, Recipe(epochs=6, batch_size=4, rank=4, alpha=8, lr=2e-2, locality_per_batch=0),
           constrain=null_space_constraint(model, generic, 0.99))
+    return model, generic, items
+
+
+def test_router_gives_generic_prompts_the_base_model_and_facts_the_adapter(tiny_generator, tmp_path):
+    import torch
+
+    from memory_llm.consolidate.route import Router, calibrate, load_router
+
+    model, generic, items = _adapter_trained_off_generic(tiny_generator)
     router = Router(model)
     generic_scores, item_scores = router.scores(generic[:12]), router.scores([e.ids for e in items])
     # a prompt's score does not depend on the padding side (training pads on the right, generation on the left)
@@ -433,6 +463,41 @@ def test_router_gives_generic_prompts_the_base_model_and_facts_the_adapter(tiny_
     (tmp_path / "router.json").write_text("{broken")
     with pytest.raises(StoreError, match="router.json"):
         load_router(model, tmp_path)
+
+
+def test_stacked_adapters_each_score_alone_and_a_prompt_gets_the_one_it_excites_most(tiny_generator, tmp_path):
+    import torch
+    from peft import PeftModel
+
+    from memory_llm.consolidate.route import Router, RouterStack, calibrate
+
+    model, generic, items = _adapter_trained_off_generic(tiny_generator)
+    model.save_pretrained(tmp_path)
+    rows = [generic[0], items[0].ids + [3, 3]]
+    alone = Router(model).scores([rows[1]])[0]
+    threshold = calibrate(Router(model).scores(generic[12:]), 2.0)
+
+    def logits(m):
+        with torch.inference_mode():
+            return m(input_ids=torch.tensor(rows)).logits
+    adapted = logits(model)
+    with model.disable_adapter():
+        base = logits(model)
+    # the same adapter twice, "b" with a higher threshold: on together they would double the update
+    stacked = PeftModel.from_pretrained(model.unload(), str(tmp_path), adapter_name="a")
+    stacked.load_adapter(str(tmp_path), adapter_name="b")
+    stacked.base_model.set_adapter(["a", "b"], inference_mode=True)
+    assert not torch.allclose(logits(stacked)[1], adapted[1], atol=1e-3)
+    a, b = Router(stacked, threshold, name="a"), Router(stacked, threshold * 1.5, name="b")
+    stack = RouterStack([b, a]).install()
+    out = logits(stacked)
+    assert stack.last_on == [False, True] and a.last_on == [False, True] and b.last_on == [False, False]
+    assert a.last[1] == pytest.approx(alone, rel=1e-4) == b.last[1]  # each scored with the other off
+    assert torch.equal(out[0], base[0]) and torch.allclose(out[1], adapted[1], atol=1e-5)
+    stack.veto = items[0].ids[2:4]
+    assert torch.equal(logits(stacked)[1], base[1]) and stack.last_on == [False, False]
+    stack.remove()
+    assert not torch.allclose(logits(stacked)[1], adapted[1], atol=1e-3)  # unrouted: both act
 
 
 def test_router_settings_read_as_they_were_made(tmp_path):

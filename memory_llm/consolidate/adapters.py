@@ -14,10 +14,10 @@ import shutil
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from memory_llm.consolidate.route import load_router, read_router
+from memory_llm.consolidate.route import RouterStack, load_router, read_router
 from memory_llm.errors import InputError, ModelError, StoreError
 
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -29,10 +29,17 @@ class AdapterVersion:
     name: str
     path: Path
     manifest: dict
+    below: list = field(default_factory=list)  # the earlier versions whose adapters serve beside this one's
+    # (manifest "stack": one adapter per consolidation round, oldest first; see run.py)
 
     @property
     def number(self) -> int:
         return int(self.name[1:])
+
+    @property
+    def stack(self) -> list["AdapterVersion"]:
+        """Every version whose adapter this version serves, oldest first, itself last."""
+        return self.below + [self]
 
 
 class AdapterRegistry:
@@ -70,7 +77,20 @@ class AdapterRegistry:
         problem = _files_problem(path)
         if problem:
             raise StoreError(f"adapter {path.name} is broken: {problem}")
-        return AdapterVersion(path.name, path, manifest)
+        return AdapterVersion(path.name, path, manifest, self._below(path, manifest.get("stack") or []))
+
+    def _below(self, path: Path, names) -> list[AdapterVersion]:
+        """The intact earlier versions a version stacks on; a missing or broken one breaks the version too."""
+        below = []
+        for name in names if isinstance(names, list) else [names]:
+            match = _VERSION.match(str(name))
+            if not match or int(match.group(1)) >= int(path.name[1:]) or not (path.parent / name).is_dir():
+                raise StoreError(f"adapter {path.name} is broken: adapter {str(name)[:40]!r} beneath it is missing")
+            try:
+                below.append(self._read(path.parent / name))
+            except StoreError:
+                raise StoreError(f"adapter {path.name} is broken: adapter {name} beneath it is broken") from None
+        return below
 
     def get(self, name: str) -> AdapterVersion:
         path = self.root / name
@@ -182,13 +202,31 @@ class AdapterRegistry:
 
 
 def attach(model, version: AdapterVersion):
-    """A base model with the version's adapter on top, in eval mode, and its router installed (None when the
-    version has none: then the adapter is always on). Returns (peft model, router)."""
+    """A base model with the version's adapters on top (its own and those it stacks on), in eval mode, and their
+    routers installed (None when no adapter has one: then the adapters are always on). Returns (peft model,
+    router): a Router for one adapter, a RouterStack for several."""
     from peft import PeftModel
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    peft_model = PeftModel.from_pretrained(base, str(version.path)).eval()
-    return peft_model, load_router(peft_model, version.path)
+    if not version.below:
+        peft_model = PeftModel.from_pretrained(base, str(version.path)).eval()
+        return peft_model, load_router(peft_model, version.path)
+    first = version.below[0]
+    peft_model = PeftModel.from_pretrained(base, str(first.path), adapter_name=first.name)
+    router = stack_on(peft_model, load_router(peft_model, first.path, name=first.name), version.stack[1:])
+    return peft_model.eval(), router
+
+
+def stack_on(peft_model, router, versions: list[AdapterVersion]):
+    """Load `versions`' adapters beside the ones peft_model has (whose router, or None, is given), make them all
+    active, and route them together: a RouterStack (None when no adapter has a router)."""
+    for v in versions:
+        peft_model.load_adapter(str(v.path), adapter_name=v.name)
+    names = list(peft_model.peft_config)
+    peft_model.base_model.set_adapter(names, inference_mode=True)
+    routers = ([router] if router is not None else []) + [
+        r for v in versions if (r := load_router(peft_model, v.path, name=v.name)) is not None]
+    return RouterStack(routers).install() if routers else None
 
 
 def _files_problem(path: Path) -> str | None:

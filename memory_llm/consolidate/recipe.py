@@ -62,6 +62,10 @@ class Recipe:
     route_per_form: bool = False  # raw text (no chat head) gets a threshold of its own, calibrated on the generic
     # prompts as raw text. Off: nothing served is raw (ask and the server are chat), and on the gate's raw cloze
     # items and raw FK probes it left the adapter off nearly everywhere (BENCHMARKS.md)
+    max_stack: int = 4  # adapters served side by side, one per round: a round trains a fresh adapter for its new
+    # memories and leaves the earlier ones as they are (each acts only where its router passes, see
+    # route.RouterStack); a round beyond this many continues the newest adapter instead; 1: every round continues
+    # one adapter. A full rebuild (--full, or after forgetting) starts one adapter again
     seed: int = 0
     target_modules: tuple = field(default=LORA_TARGETS)
 

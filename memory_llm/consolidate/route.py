@@ -12,6 +12,10 @@ prompt (per row of a batch) whether the adapter is on for the whole generation; 
 base model exactly. Chat prompts (`ask`'s form) and raw text score on different scales, so each form has its own
 threshold, calibrated on the same generic prompts in that form. Nothing outside the model is consulted: no
 index, no embedder.
+
+Adapters from several consolidation rounds can serve side by side (Recipe.max_stack), each with its own router:
+a RouterStack lets each score a prompt with only its own adapter acting, and gives the prompt the one adapter it
+excites most among those whose threshold it reaches.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ class Router:
     adapter per batch row at every forward that starts a sequence (a prefill)."""
 
     def __init__(self, peft_model, threshold: float | None = None, band: Sequence[float] = (0.0, 1.0),
-                 head: Sequence[int] = (), pool: str = "mean", raw_threshold: float | None = None):
+                 head: Sequence[int] = (), pool: str = "mean", raw_threshold: float | None = None,
+                 name: str | None = None):
         from peft.tuners.lora import LoraLayer
 
         if pool not in POOLS:
@@ -38,7 +43,7 @@ class Router:
         self.model, self.threshold, self.band, self.head = peft_model, threshold, tuple(band), list(head)
         self.pool = pool
         self.raw_threshold = raw_threshold  # for prompts without the chat head (None: `threshold` for all)
-        name = peft_model.active_adapter
+        name = name or peft_model.active_adapter  # the adapter this router scores and gates
         self.layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and name in m.lora_B]
         depth = {m: _layer_index(n) for n, m in peft_model.named_modules() if m in set(self.layers)}
         n = max((d for d in depth.values() if d is not None), default=0) + 1
@@ -123,14 +128,15 @@ class Router:
         return out
 
     # ---- gating -------------------------------------------------------------------------------------------
-    def install(self) -> "Router":
-        """Gate the adapter from now on (a threshold is required)."""
+    def install(self, route: bool = True) -> "Router":
+        """Gate the adapter from now on (a threshold is required). Without `route` only the gate is installed:
+        a RouterStack decides it."""
         if self.threshold is None:
             raise ValueError("a router needs a threshold before it gates")
         if self._hooks:
             return self
-        inner = self.model.get_base_model()
-        self._hooks = [inner.register_forward_pre_hook(self._route, with_kwargs=True)]
+        if route:
+            self._hooks = [self.model.get_base_model().register_forward_pre_hook(self._route, with_kwargs=True)]
         self._hooks += [m.lora_B[self._name].register_forward_hook(self._apply_gate) for m in self.layers]
         return self
 
@@ -145,24 +151,32 @@ class Router:
             return out
         return out * gate.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
 
-    def _route(self, mod, args, kwargs):
-        if self._busy:
-            return None
-        past = kwargs.get("past_key_values")
-        if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
-            return None  # a decoding step: keep the prefill's decision
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None or (self.layers and self.layers[0].disable_adapters):
-            self._gate = None
-            return None
-        import torch
+    @property
+    def disabled(self) -> bool:
+        """Whether the adapters are switched off (peft's disable_adapter)."""
+        return bool(self.layers) and self.layers[0].disable_adapters
 
-        self.last = self._score_rows(input_ids, kwargs.get("attention_mask"))
+    def _route(self, mod, args, kwargs):
+        if self._busy or _decoding(kwargs):  # a decoding step keeps the prefill's decision
+            return None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._gate = None if input_ids is None or self.disabled else \
+            self._gate_of(self.decide(input_ids, kwargs.get("attention_mask")), input_ids.device)
+        return None
+
+    def decide(self, input_ids, attention_mask=None) -> list[bool]:
+        """Score a batch's rows and decide which rows the adapter acts on (also kept in last, last_on)."""
+        self.last = self._score_rows(input_ids, attention_mask)
         rows = input_ids.tolist() if self.veto else [[]] * len(self.last)
         self.last_on = [s >= self.threshold_for(chat) and not _contains(row, self.veto)
                         for s, chat, row in zip(self.last, self.last_chat, rows)]
-        self._gate = torch.as_tensor([float(on) for on in self.last_on], device=input_ids.device)
-        return None
+        return self.last_on
+
+    @staticmethod
+    def _gate_of(on: Sequence[bool], device):
+        import torch
+
+        return torch.as_tensor([float(x) for x in on], device=device)
 
     # ---- persistence --------------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
@@ -174,6 +188,81 @@ class Router:
     def active(self) -> bool | None:
         """Whether the adapter acted on the last single prompt routed (None before any)."""
         return None if len(self.last_on) != 1 else self.last_on[0]
+
+
+class RouterStack:
+    """The routers of adapters stacked on one model (one adapter per consolidation round; run.py, Recipe.max_stack).
+    At a prefill each router scores the rows with only its own adapter acting, as it was calibrated; then each row
+    gets at most one adapter: of those whose threshold it reaches, the one it excites most (score ÷ threshold).
+    Quacks like a Router for its users (veto, active, last_on, remove)."""
+
+    def __init__(self, routers: Sequence[Router]):
+        if not routers:
+            raise ValueError("a router stack needs a router")
+        self.routers = list(routers)
+        self._hooks: list = []
+        self.last_on: list[bool] = []  # whether some adapter acted on each row of the last routed prefill
+        self.last: list[float] = []  # each row's best score ÷ threshold (0: no adapter acted)
+
+    @property
+    def veto(self) -> list[int]:
+        return self.routers[0].veto
+
+    @veto.setter
+    def veto(self, part: list[int]) -> None:
+        for r in self.routers:
+            r.veto = part
+
+    def install(self) -> "RouterStack":
+        for r in self.routers:
+            r.remove()
+            r.install(route=False)
+        if not self._hooks:
+            inner = self.routers[0].model.get_base_model()
+            self._hooks = [inner.register_forward_pre_hook(self._route, with_kwargs=True)]
+        return self
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for r in self.routers:
+            r.remove()
+
+    def _route(self, mod, args, kwargs):
+        if any(r._busy for r in self.routers) or _decoding(kwargs):
+            return None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None or self.routers[0].disabled:
+            for r in self.routers:
+                r._gate = None
+            return None
+        device, n = input_ids.device, input_ids.shape[0]
+        excitement = []
+        for r in self.routers:  # each scores with the others' adapters off
+            for other in self.routers:
+                other._gate = Router._gate_of([False] * n, device)
+            on = r.decide(input_ids, kwargs.get("attention_mask"))
+            excitement.append([s / max(r.threshold_for(c), 1e-12) if o else 0.0
+                               for s, c, o in zip(r.last, r.last_chat, on)])
+        best = [max(range(len(self.routers)), key=lambda k: excitement[k][i]) for i in range(n)]
+        self.last = [excitement[best[i]][i] for i in range(n)]
+        self.last_on = [x > 0 for x in self.last]
+        for k, r in enumerate(self.routers):
+            r.last_on = [on and best[i] == k for i, on in enumerate(r.last_on)]
+            r._gate = Router._gate_of(r.last_on, device)
+        return None
+
+    @property
+    def active(self) -> bool | None:
+        """Whether an adapter acted on the last single prompt routed (None before any)."""
+        return None if len(self.last_on) != 1 else self.last_on[0]
+
+
+def _decoding(kwargs) -> bool:
+    """Whether a forward continues a sequence (a decoding step with cached keys) rather than starting one."""
+    past = kwargs.get("past_key_values")
+    return past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0
 
 
 def read_router(directory: Path) -> dict | None:
@@ -197,16 +286,16 @@ def read_router(directory: Path) -> dict | None:
     return out
 
 
-def load_router(peft_model, directory: Path) -> Router | None:
-    """The stored router of an adapter directory, installed on peft_model; None when it has none. An unreadable
-    router.json is a StoreError."""
+def load_router(peft_model, directory: Path, name: str | None = None) -> Router | None:
+    """The stored router of an adapter directory (for peft_model's adapter `name`, default the active one),
+    installed; None when it has none. An unreadable router.json is a StoreError."""
     from memory_llm.errors import StoreError
 
     try:
         settings = read_router(directory)
     except ValueError as exc:
         raise StoreError(f"adapter {Path(directory).name} is broken: {exc}") from None
-    return None if settings is None else Router(peft_model, **settings).install()
+    return None if settings is None else Router(peft_model, name=name, **settings).install()
 
 
 def _contains(row: Sequence[int], part: Sequence[int]) -> bool:

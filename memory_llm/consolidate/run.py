@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator
 
-from memory_llm.consolidate.adapters import AdapterRegistry, attach
+from memory_llm.consolidate.adapters import AdapterRegistry, attach, stack_on
 from memory_llm.consolidate.gate import Floors, decide, item_accuracy, locality
 from memory_llm.consolidate.recipe import (
     Checkpoint,
@@ -173,6 +173,9 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         train_items += exemplar_items(new_ex)
         held_new = [i for i in items if i.held_out]
         old_items = store.items(keep_covered)
+        # a fresh adapter beside the current ones (stacked) needs no replay: the earlier adapters stay as they are
+        stacked = current is not None and not full and len(current.stack) < recipe.max_stack
+        below = [] if current is None or full else (current.stack if stacked else current.below)
         replay_items = [i for i in old_items if not i.held_out] + exemplar_items(old_ex)
         contexts = {i: mem.text for i, mem in store.get(sorted({it.memory_id for it in items + old_items})).items()}
         contexts.update(exemplar_contexts(new_ex + old_ex))
@@ -180,7 +183,8 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         # ---- teacher targets: base model WITH the chunk in context -------------------------------------------
         loc_all, loc_eval = generic_prompts()
         loc_train = loc_all[:recipe.locality_prompts]  # the gate always uses every held-out prompt (60)
-        replay_pick = _sample(replay_items, int(len(train_items) * recipe.replay_fraction), recipe.seed)
+        replay_pick = [] if stacked else _sample(replay_items, int(len(train_items) * recipe.replay_fraction),
+                                                 recipe.seed)
         # retention: what earlier rounds taught (their trained items), preferring items this round does not
         # replay, as the current adapter and the candidate answer them (their held-out items are too hard to
         # show a loss: on 10 FK documents both adapters scored 0.08 on them while FK recall fell by a third)
@@ -194,7 +198,7 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
             progress("prepare", 1, 1)
 
         # ---- train: LoRA student WITHOUT context (checkpointed: a killed or out-of-time run resumes) -------
-        init = str(current.path) if current is not None and not full else None
+        init = str(current.path) if current is not None and not full and not stacked else None
         model = attach_lora(gen.model, recipe, init_from=init)
         gen.model = model
         training_set = examples + replay + (loc if recipe.locality_weight > 0 else [])  # replay sampled above
@@ -213,9 +217,11 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
                            full=full)
         checkpoint.clear()
         sample = _sample(train_items, EVAL_SAMPLE, recipe.seed)  # reliability, and the router's diagnostic
-        router = fit_router(model, gen, calibration_prompts(recipe), sample, recipe.route_margin, recipe.route_band,
-                            recipe.route_pool, recipe.route_per_form) \
+        own_router = fit_router(model, gen, calibration_prompts(recipe), sample, recipe.route_margin,
+                                recipe.route_band, recipe.route_pool, recipe.route_per_form) \
             if recipe.route_margin else None
+        if below:  # the candidate serves the earlier rounds' adapters too (untouched, each with its router)
+            stack_on(model, own_router, below)
 
         # ---- evaluate the candidate ------------------------------------------------------------------------
         metrics = {
@@ -247,17 +253,17 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
 
         # ---- promote: write the version, then switch `current` atomically, then the ledger -----------------
         staged = registry.staging()
-        model.save_pretrained(staged)
-        if router is not None:
-            router.save(staged)
+        model.save_pretrained(staged, selected_adapters=["default"])  # its own adapter; the stack by name
+        if own_router is not None:
+            own_router.save(staged)
         covered_now = sorted(set(new) | set(keep_covered))
         version = registry.commit(staged, {
             "base_model": settings.model, "recipe": recipe.as_dict(), "metrics": summary.metrics,
             "memories": covered_now, "new_memories": new, "exemplars": sorted(e.id for e in new_ex + old_ex),
-            "parent": None if full or current is None else current.name,
+            "parent": None if full or current is None else current.name, "stack": [v.name for v in below],
             "full": full, "floors": floors.as_dict(), "training": stats,
-            "router": {"threshold": router.threshold, "raw_threshold": router.raw_threshold, "pool": router.pool,
-                       **router.details} if router is not None else None})
+            "router": {"threshold": own_router.threshold, "raw_threshold": own_router.raw_threshold,
+                       "pool": own_router.pool, **own_router.details} if own_router is not None else None})
         registry.promote(version.name)
         store.record_ledger(version.name, covered_now)
         m.reload_adapter()
