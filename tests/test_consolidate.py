@@ -118,21 +118,22 @@ def test_nothing_new_then_new_memory_builds_on_current(cmem):
     before = weights.read_bytes()
     second = run(cmem)
     assert second.version == "v0002" and not second.full
-    # a new round trains a fresh adapter (round 1's lr, no replay) beside v0001, which stays as it was
+    # a new round trains a fresh adapter (no replay; a lower lr than round 1's) beside v0001, which stays as it was
     reg = cmem.adapters
     v2 = reg.get("v0002")
-    assert second.training["lr"] == FAST.lr and weights.read_bytes() == before
+    assert second.training["lr"] == FAST.lr * FAST.later_lr_scale and weights.read_bytes() == before
+    assert reg.get("v0001").manifest["training"]["lr"] == FAST.lr
     assert v2.manifest["stack"] == ["v0001"] and [v.name for v in v2.stack] == ["v0001", "v0002"]
     assert v2.manifest["parent"] == "v0001" and len(v2.manifest["memories"]) == 3
     assert len(v2.manifest["new_memories"]) == 1
     # serving loads both adapters, routed together
     assert cmem.ask("When does the ferry leave?", max_new_tokens=4).adapter == "v0002"
     assert set(cmem.generator.model.peft_config) == {"v0001", "v0002"}
-    # past max_stack a round continues the newest adapter, at a lower lr (round 1's starts from LoRA B = 0)
+    # past max_stack a round continues the newest adapter (with replay)
     cmem.learn(text="The Varn lighthouse keeper owns a grey cat called Moss.", source="cat")
     third = cmem.consolidate(recipe=replace(FAST, max_stack=2), floors=OPEN)
     v3 = reg.get("v0003")
-    assert third.training["lr"] == FAST.lr * FAST.continue_lr_scale and weights.read_bytes() == before
+    assert third.training["lr"] == FAST.lr * FAST.later_lr_scale and weights.read_bytes() == before
     assert v3.manifest["stack"] == ["v0001"] and v3.manifest["parent"] == "v0002"
     assert reg.rollback().name == "v0002"
     # a broken adapter breaks the versions stacked on it; rollback skips them all

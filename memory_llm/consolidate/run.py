@@ -162,7 +162,8 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
                                " done (kept); run again to continue", memories=len(new), seconds=time.time() - start)
             batch = todo[b:b + SYNTH_BATCH]
             made = synthesize(gen, batch, rewrites=recipe.rewrites, questions=recipe.questions, seed=recipe.seed + b,
-                              cuts=recipe.cloze_cuts, answer_words=recipe.cloze_answer_words)
+                              cuts=recipe.cloze_cuts, answer_words=recipe.cloze_answer_words,
+                              held_out_rewrite=recipe.held_out_rewrite)
             for mem in batch:
                 store.add_items(mem.id, mem.namespace, made[mem.id])
             if progress:
@@ -207,7 +208,7 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         checkpoint = Checkpoint(registry.root / ".checkpoint", _plan_key(recipe, new, keep_covered, init, training_set))
         reserve = 120.0  # seconds kept for evaluation within a budget
         train_deadline = deadline - reserve if deadline else None
-        lr = recipe.lr * (recipe.continue_lr_scale if init else 1.0)
+        lr = recipe.lr * (recipe.later_lr_scale if current is not None else 1.0)
         stats = train(model, training_set, recipe, deadline=train_deadline, checkpoint=checkpoint, constrain=constrain,
                       progress=(lambda s, t, _: progress("train", s, t)) if progress else None, lr=lr)
         if stats["stopped_early"]:
@@ -267,7 +268,8 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         registry.promote(version.name)
         store.record_ledger(version.name, covered_now)
         m.reload_adapter()
-        summary.version, summary.message = version.name, f"promoted {version.name}"
+        summary.version, summary.message = version.name, f"promoted {version.name}" + (
+            f" (served beside {', '.join(v.name for v in below)})" if below else "")
         summary.seconds = time.time() - start
         return summary
 
