@@ -77,20 +77,24 @@ def tiny_tokenizer():
     return fast
 
 
-@pytest.fixture(scope="session")
-def tiny_generator():
+def tiny_model(tok):
+    """A 2-layer Llama built from a config (seeded: the same weights every time), in eval mode."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from memory_llm.generate import Generator
-
-    tok = tiny_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
-    model = LlamaForCausalLM(config).eval()
-    return Generator(model, tok, "tiny-llama")
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_generator():
+    from memory_llm.generate import Generator
+
+    tok = tiny_tokenizer()
+    return Generator(tiny_model(tok), tok, "tiny-llama")
 
 
 @pytest.fixture

@@ -395,10 +395,10 @@ def test_null_space_constraint_keeps_generic_outputs_while_items_still_move(tiny
 
 def _adapter_trained_off_generic(tiny_generator):
     """A tiny LoRA trained on 8 items under the null-space constraint of 24 generic prompts: (peft model,
-    generic prompts, items)."""
-    import copy
-
+    generic prompts, items). On a fresh copy of the tiny model: the shared one may carry an adapter from the
+    consolidation tests."""
     import torch
+    from conftest import tiny_model
 
     from memory_llm.consolidate.recipe import Example, attach_lora, null_space_constraint, train
 
@@ -406,8 +406,9 @@ def _adapter_trained_off_generic(tiny_generator):
     generic = [torch.randint(3, 9, (12,), generator=g).tolist() for _ in range(24)]
     items = [Example(torch.randint(40, 80, (10,), generator=g).tolist(), [4, 5, 6, 7], torch.full((4, 1), 7),
                      torch.ones((4, 1)), "item") for _ in range(8)]
+    base = tiny_model(tiny_generator.tokenizer)
     torch.manual_seed(1)
-    model = attach_lora(copy.deepcopy(tiny_generator.model), Recipe(rank=4, alpha=8))
+    model = attach_lora(base, Recipe(rank=4, alpha=8))
     train(model, items, Recipe(epochs=6, batch_size=4, rank=4, alpha=8, lr=2e-2, locality_per_batch=0),
           constrain=null_space_constraint(model, generic, 0.99))
     return model, generic, items
