@@ -4,8 +4,9 @@ With --refit, the same rows follow for the router refitted on the same adapter a
 (the shipped recipe's margin, band and pooling, with one threshold per prompt form); --band refits it on another band
 of layers. With --chat, the eval file's probes are also asked as chat questions
 (prepare_fictional_knowledge.chat_probes, `ask`'s form): base and rag once, closed at each row. Each row also
-has the gate's reliability on the trained items (run.py's sample). The refitted router is then tried with its chat
-threshold for raw prompts too (as the shipped recipe fits it: Recipe.route_per_form is off) (raw closed accuracy and reliability only: chat prompts route as before).
+has the gate's reliability on the trained items (run.py's sample). A router with a raw-text threshold is then
+tried with its chat threshold for raw prompts too, as the shipped recipe fits it (Recipe.route_per_form is off):
+raw closed accuracy and reliability only, since chat prompts route as before.
 
     MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/sweep_fk_threshold.py /tmp/bench-consolidation-XXXX/home \
         /tmp/bench-consolidation-XXXX/r1/eval.jsonl [--factors 1 0.75] [--refit] [--band 0.47 0.67] [--chat]

@@ -109,6 +109,7 @@ def mem(tmp_path, fake_embedder, tiny_generator):
 
     m = MemoryLLM(tmp_path / "home", embedder=fake_embedder, generator=tiny_generator, max_new_tokens=8)
     yield m
+    m.reload_adapter()  # the tiny generator is shared: an adapter this home attached must not reach other tests
     m.close()
 
 
