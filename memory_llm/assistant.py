@@ -58,6 +58,7 @@ class Answer:
     used_memory: bool
     adapter: str | None = None
     adapter_active: bool | None = None  # whether the adapter's router let it act on this question
+    adapter_used: str | None = None  # the adapter version that acted (of a stack, the one chosen; None: none)
     id: int | None = None  # in the answer log: `mllm feedback ID`
     prompt: "PromptChoice | None" = None
     session_id: str | None = None
@@ -70,7 +71,7 @@ class Answer:
     def as_dict(self) -> dict:
         return {"id": self.id, "answer": self.text, "question": self.question, "namespace": self.namespace,
                 "session_id": self.session_id, "model": self.model, "adapter": self.adapter,
-                "adapter_active": self.adapter_active, "used_memory": self.used_memory, **(self.prompt.as_dict() if self.prompt else {}),
+                "adapter_active": self.adapter_active, "adapter_used": self.adapter_used, "used_memory": self.used_memory, **(self.prompt.as_dict() if self.prompt else {}),
                 "retrieved_ids": [h.memory.id for h in self.sources], "remembered_ids": self.remembered,
                 "sources": [{"n": i, **h.as_dict()} for i, h in enumerate(self.sources, 1)],
                 "timings": {k: round(v, 4) for k, v in self.timings.items()}}
@@ -171,10 +172,10 @@ class MemoryLLM:
             if self._prompts is None:
                 from memory_llm.prompts import PromptLibrary
 
-                self._prompts = PromptLibrary(self.store, self._embed, self.settings)
+                self._prompts = PromptLibrary(self.store, self.embed_texts, self.settings)
             return self._prompts
 
-    def _embed(self, texts: list[str]) -> np.ndarray:
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Texts embedded by the home's embedder (questions, template descriptions, exemplar questions)."""
         self._bind_embedder()
         return self.embedder.encode(texts)
@@ -196,6 +197,7 @@ class MemoryLLM:
     def _attach_current_adapter(self) -> None:
         """Serve the promoted adapter (if any) on top of the base model; it records the base it was made for."""
         from memory_llm.consolidate.adapters import AdapterRegistry, attach
+        from memory_llm.consolidate.route import prompt_embedder
         from memory_llm.generate import sources_marker
 
         self._adapter_attached = True
@@ -204,7 +206,8 @@ class MemoryLLM:
         if current is None:
             return
         registry.check_base(current, self.settings.model)
-        self._generator.model, self._router = attach(self._generator.model, current)
+        self._generator.model, self._router = attach(
+            self._generator.model, current, embed=prompt_embedder(self._generator.tokenizer, self.embed_texts))
         if self._router is not None:  # on top of retrieved sources the adapter lowered accuracy (BENCHMARKS.md):
             # a prompt that carries sources gets the base model reading them
             self._router.veto = sources_marker(self._generator.tokenizer)
@@ -392,7 +395,7 @@ class MemoryLLM:
 
         def question_vectors() -> np.ndarray:
             if not vectors:
-                vectors.append(self._embed(queries))
+                vectors.append(self.embed_texts(queries))
             return vectors[0]
 
         t0 = time.perf_counter()
@@ -448,6 +451,9 @@ class MemoryLLM:
                             self.adapter_version, prompt=choice, session_id=session_id, remembered=list(remembered))
             if self.adapter_version is not None:
                 answer.adapter_active = self._router.active if self._router is not None else True
+                stacked = getattr(self._router, "last_adapter", None)
+                answer.adapter_used = (stacked[0] if stacked and len(stacked) == 1 else None) if stacked is not None \
+                    else (self.adapter_version if answer.adapter_active else None)
             if log:
                 answer.id = self.store.log_answer(
                     namespace=namespace, question=question, answer=answer.text, template=choice.name,

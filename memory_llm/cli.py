@@ -218,6 +218,8 @@ def ask(
         shots = f", {len(answer.prompt.exemplars)} exemplar(s)" if answer.prompt.exemplars else ""
         if answer.adapter:
             shots += f", adapter {answer.adapter} {'on' if answer.adapter_active else 'off (routed to the base)'}"
+            if answer.adapter_used and answer.adapter_used != answer.adapter:
+                shots += f" ({answer.adapter_used} beneath it acted)"
         typer.echo(f"\n(answer {answer.id}, template {answer.template}{shots}; "
                    f"mllm feedback {answer.id} --good | --bad | --correct \"...\")")
 

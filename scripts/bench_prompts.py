@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         lost = sum(x["correct"] and not y["correct"] for x, y in pairs)
         used = []
         for p in held:
-            choice = m.prompts.choose(lambda q=p["input"]: m._embed([q])[0], "default", "default", True,
+            choice = m.prompts.choose(lambda q=p["input"]: m.embed_texts([q])[0], "default", "default", True,
                                       m.generator.count_tokens)
             used.append(len(choice.exemplars))
         s = m.settings

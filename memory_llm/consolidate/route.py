@@ -13,19 +13,27 @@ base model exactly. Chat prompts (`ask`'s form) and raw text score on different 
 threshold, calibrated on the same generic prompts in that form. Nothing outside the model is consulted: no
 index, no embedder.
 
-Adapters from several consolidation rounds can serve side by side (Recipe.max_stack), each with its own router:
-a RouterStack lets each score a prompt with only its own adapter acting, and gives the prompt the one adapter it
-excites most among those whose threshold it reaches.
+Adapters from several consolidation rounds can serve side by side (Recipe.max_stack), each with its own router.
+The activation score tells memory prompts from generic ones but not one round's memories from another's (on
+Fictional Knowledge both rounds' adapters scored both rounds' probes alike; BENCHMARKS.md), so a RouterStack
+chooses the adapter by content: each adapter keeps the sentence embeddings of its trained prompts (keys.npy, the
+home's embedder), a prompt goes to the adapter holding its nearest key, and that adapter's own router decides
+whether it acts. Without keys (adapters made before them) or an embedder, the prompt gets the adapter it excites
+most (score ÷ threshold) among those whose threshold it reaches.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Sequence
 
+logger = logging.getLogger(__name__)
+
 ROUTER_FILE = "router.json"
+KEYS_FILE = "keys.npy"  # sentence embeddings of the adapter's trained prompts (RouterStack's choice)
 POOLS = ("mean", "max")  # how a prompt's per-token scores make its score
 
 
@@ -192,17 +200,30 @@ class Router:
 
 class RouterStack:
     """The routers of adapters stacked on one model (one adapter per consolidation round; run.py, Recipe.max_stack).
-    At a prefill each router scores the rows with only its own adapter acting, as it was calibrated; then each row
-    gets at most one adapter: of those whose threshold it reaches, the one it excites most (score ÷ threshold).
-    Quacks like a Router for its users (veto, active, last_on, remove)."""
+    At a prefill each row gets at most one adapter. With `keys` for every adapter and `embed` (token rows → unit
+    sentence embeddings; `prompt_embedder`), the row's adapter is the one holding the key nearest to it, and it acts
+    when its router, scoring with only that adapter acting (as it was calibrated), lets it. Otherwise each router
+    scores the rows alone and a row gets, of the adapters whose threshold it reaches, the one it excites most
+    (score ÷ threshold). Quacks like a Router for its users (veto, active, last_on, remove)."""
 
-    def __init__(self, routers: Sequence[Router]):
+    def __init__(self, routers: Sequence[Router], keys: Sequence | None = None, embed=None):
         if not routers:
             raise ValueError("a router stack needs a router")
         self.routers = list(routers)
+        if keys is not None and len(keys) != len(self.routers):
+            raise ValueError("a router stack needs one key set per router")
+        self.keys = None if keys is None or embed is None or any(k is None or not len(k) for k in keys) \
+            else [_unit(k) for k in keys]
+        self.embed = embed
         self._hooks: list = []
         self.last_on: list[bool] = []  # whether some adapter acted on each row of the last routed prefill
-        self.last: list[float] = []  # each row's best score ÷ threshold (0: no adapter acted)
+        self.last: list[float] = []  # each row's chosen adapter's score ÷ threshold (0: no adapter acted)
+        self.last_adapter: list[str | None] = []  # the adapter that acted on each row (None: the base model)
+
+    @property
+    def by_content(self) -> bool:
+        """Whether the adapter is chosen by the prompt's nearest key (else by activation)."""
+        return self.keys is not None
 
     @property
     def veto(self) -> list[int]:
@@ -229,6 +250,14 @@ class RouterStack:
         for r in self.routers:
             r.remove()
 
+    def nearest(self, rows: Sequence[Sequence[int]]) -> list[int]:
+        """Each row's adapter by content: the index of the router whose keys hold the row's nearest key."""
+        import numpy as np
+
+        queries = _unit(np.asarray(self.embed([list(r) for r in rows]), dtype=np.float32))
+        best = np.stack([(queries @ k.T).max(axis=1) for k in self.keys], axis=1)
+        return [int(i) for i in best.argmax(axis=1)]
+
     def _route(self, mod, args, kwargs):
         if any(r._busy for r in self.routers) or _decoding(kwargs):
             return None
@@ -237,19 +266,32 @@ class RouterStack:
             for r in self.routers:
                 r._gate = None
             return None
-        device, n = input_ids.device, input_ids.shape[0]
+        device, n, mask = input_ids.device, input_ids.shape[0], kwargs.get("attention_mask")
+        chosen = None
+        if self.by_content:
+            rows, masks = input_ids.tolist(), mask if mask is not None else [None] * n
+            try:
+                chosen = self.nearest([row[self.routers[0].own_tokens(row, m)[0]] for row, m in zip(rows, masks)])
+            except ValueError as exc:  # keys from another embedder (another width): choose by activation
+                logger.warning("adapter keys do not match the embedder (%s): choosing adapters by activation", exc)
+                self.keys = None
         excitement = []
-        for r in self.routers:  # each scores with the others' adapters off
+        for k, r in enumerate(self.routers):  # each scores with the others' adapters off
+            if chosen is not None and k not in chosen:  # no row chose it: not scored
+                r.last, r.last_on, r.last_chat = [0.0] * n, [False] * n, [False] * n
+                excitement.append([0.0] * n)
+                continue
             for other in self.routers:
                 other._gate = Router._gate_of([False] * n, device)
-            on = r.decide(input_ids, kwargs.get("attention_mask"))
-            excitement.append([s / max(r.threshold_for(c), 1e-12) if o else 0.0
-                               for s, c, o in zip(r.last, r.last_chat, on)])
+            on = r.decide(input_ids, mask)
+            excitement.append([s / max(r.threshold_for(c), 1e-12) if o and (chosen is None or chosen[i] == k) else 0.0
+                               for i, (s, c, o) in enumerate(zip(r.last, r.last_chat, on))])
         best = [max(range(len(self.routers)), key=lambda k: excitement[k][i]) for i in range(n)]
         self.last = [excitement[best[i]][i] for i in range(n)]
         self.last_on = [x > 0 for x in self.last]
+        self.last_adapter = [self.routers[best[i]]._name if on else None for i, on in enumerate(self.last_on)]
         for k, r in enumerate(self.routers):
-            r.last_on = [on and best[i] == k for i, on in enumerate(r.last_on)]
+            r.last_on = [on and best[i] == k for i, on in enumerate(self.last_on)]
             r._gate = Router._gate_of(r.last_on, device)
         return None
 
@@ -257,6 +299,51 @@ class RouterStack:
     def active(self) -> bool | None:
         """Whether an adapter acted on the last single prompt routed (None before any)."""
         return None if len(self.last_on) != 1 else self.last_on[0]
+
+
+def prompt_embedder(tokenizer, embed):
+    """Token rows (a prompt's own tokens) → unit sentence embeddings of their text, for RouterStack's choice: the
+    text is cut at the first special token (a chat turn's end), so a chat question embeds as the question alone,
+    as its key was made. `embed` is texts → vectors (the home's embedder)."""
+    special = set(tokenizer.all_special_ids)
+
+    def run(rows):
+        texts = []
+        for row in rows:
+            cut = next((i for i, t in enumerate(row) if t in special), len(row))
+            texts.append(tokenizer.decode(row[:cut]).strip())
+        return embed(texts)
+    return run
+
+
+def save_keys(directory: Path, keys) -> None:
+    """An adapter's keys (one row per trained prompt, unit length), float16."""
+    import numpy as np
+
+    np.save(Path(directory) / KEYS_FILE, _unit(np.asarray(keys, dtype=np.float32)).astype(np.float16))
+
+
+def read_keys(directory: Path):
+    """An adapter directory's keys (float32, n × dim), or None when it has none. Unreadable: a ValueError."""
+    import numpy as np
+
+    path = Path(directory) / KEYS_FILE
+    if not path.exists():
+        return None
+    try:
+        keys = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"{KEYS_FILE} unreadable ({type(exc).__name__})") from None
+    if keys.ndim != 2 or not np.isfinite(keys).all():
+        raise ValueError(f"{KEYS_FILE} is not a finite matrix")
+    return keys.astype(np.float32)
+
+
+def _unit(x):
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def _decoding(kwargs) -> bool:

@@ -28,7 +28,7 @@ from memory_llm.consolidate.recipe import (
     prepare_locality,
     train,
 )
-from memory_llm.consolidate.route import fit_router
+from memory_llm.consolidate.route import fit_router, prompt_embedder, save_keys
 from memory_llm.consolidate.synth import Item, synthesize
 from memory_llm.errors import MemoryLLMError, StoreError
 
@@ -221,8 +221,9 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         own_router = fit_router(model, gen, calibration_prompts(recipe), sample, recipe.route_margin,
                                 recipe.route_band, recipe.route_pool, recipe.route_per_form) \
             if recipe.route_margin else None
+        keys = m.embed_texts([it.prompt for it in train_items]) if own_router is not None else None
         if below:  # the candidate serves the earlier rounds' adapters too (untouched, each with its router)
-            stack_on(model, own_router, below)
+            stack_on(model, own_router, below, keys=keys, embed=prompt_embedder(gen.tokenizer, m.embed_texts))
 
         # ---- evaluate the candidate ------------------------------------------------------------------------
         metrics = {
@@ -238,7 +239,7 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
             progress("evaluate", 1, 1)
         current_metrics = None
         if current is not None:
-            current_metrics = _current_metrics(m.new_generator(), current, retention_items, loc_eval)
+            current_metrics = _current_metrics(m.new_generator(), current, retention_items, loc_eval, m.embed_texts)
 
         ok, reasons = decide(metrics, current_metrics, floors)
         if deadline and time.time() > deadline + reserve:
@@ -257,6 +258,7 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         model.save_pretrained(staged, selected_adapters=["default"])  # its own adapter; the stack by name
         if own_router is not None:
             own_router.save(staged)
+            save_keys(staged, keys)
         covered_now = sorted(set(new) | set(keep_covered))
         version = registry.commit(staged, {
             "base_model": settings.model, "recipe": recipe.as_dict(), "metrics": summary.metrics,
@@ -293,9 +295,9 @@ def _plan_key(recipe: Recipe, new: list[int], keep: list[int], init: str | None,
     return h.hexdigest()
 
 
-def _current_metrics(gen, current, retention_items, loc_eval) -> dict:
+def _current_metrics(gen, current, retention_items, loc_eval, embed) -> dict:
     """The current adapter on the same retention items and locality prompts (on a separate base copy)."""
-    gen.model, _ = attach(gen.model, current)
+    gen.model, _ = attach(gen.model, current, embed=prompt_embedder(gen.tokenizer, embed))
     out = {"retention": item_accuracy(gen, retention_items)}
     out["locality"] = locality(gen, loc_eval, gen.model.disable_adapter)["agreement"]
     return out
