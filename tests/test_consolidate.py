@@ -126,9 +126,14 @@ def test_nothing_new_then_new_memory_builds_on_current(cmem):
     assert v2.manifest["stack"] == ["v0001"] and [v.name for v in v2.stack] == ["v0001", "v0002"]
     assert v2.manifest["parent"] == "v0001" and len(v2.manifest["memories"]) == 3
     assert len(v2.manifest["new_memories"]) == 1
-    # serving loads both adapters, routed together
+    # serving loads both adapters, routed together; a prompt gets the adapter that learned what it is about
     assert cmem.ask("When does the ferry leave?", max_new_tokens=4).adapter == "v0002"
     assert set(cmem.generator.model.peft_config) == {"v0001", "v0002"}
+    assert all((reg.root / v / "keys.npy").exists() for v in ("v0001", "v0002"))
+    tok = cmem.generator.tokenizer
+    assert cmem._router.by_content and [cmem._router.routers[k]._name for k in cmem._router.nearest(
+        [tok(q)["input_ids"] for q in ("When does the ferry to Varn island leave", "Who built the lighthouse")])] \
+        == ["v0002", "v0001"]
     # past max_stack a round continues the newest adapter (with replay)
     cmem.learn(text="The Varn lighthouse keeper owns a grey cat called Moss.", source="cat")
     third = cmem.consolidate(recipe=replace(FAST, max_stack=2), floors=OPEN)
@@ -232,6 +237,9 @@ def test_corrupted_adapter_is_a_clear_error_and_rollback_works(cmem):
     assert any("v0001" in p and "router.json" in p for p in reg.problems())
     with pytest.raises(StoreError, match="v0001 is broken: router.json"):
         MemoryLLM(cmem.settings.home, generator=cmem.new_generator(), embedder=cmem.embedder).ask("x", max_new_tokens=2)
+    (reg.root / "v0001" / "router.json").unlink()
+    (reg.root / "v0001" / "keys.npy").write_bytes(b"\x93NUMPY garbage")  # so does a broken key file
+    assert any("v0001" in p and "keys.npy" in p for p in reg.problems())
 
 
 def test_adapter_for_another_base_is_refused(cmem):
@@ -500,6 +508,83 @@ def test_stacked_adapters_each_score_alone_and_a_prompt_gets_the_one_it_excites_
     assert torch.equal(logits(stacked)[1], base[1]) and stack.last_on == [False, False]
     stack.remove()
     assert not torch.allclose(logits(stacked)[1], adapted[1], atol=1e-3)  # unrouted: both act
+
+
+def test_stacked_adapters_are_chosen_by_the_nearest_key_and_act_only_where_their_router_lets_them(
+        tiny_generator, tmp_path):
+    import numpy as np
+    import torch
+    from peft import PeftModel
+
+    from memory_llm.consolidate.route import Router, RouterStack, _contains, calibrate
+
+    model, generic, items = _adapter_trained_off_generic(tiny_generator)
+    model.save_pretrained(tmp_path)
+    rows = [generic[0], items[0].ids + [3, 3], items[0].ids + [4, 4]]
+    threshold = calibrate(Router(model).scores(generic[12:]), 2.0)
+
+    def logits(m):
+        with torch.inference_mode():
+            return m(input_ids=torch.tensor(rows)).logits
+    adapted = logits(model)
+    with model.disable_adapter():
+        base = logits(model)
+    stacked = PeftModel.from_pretrained(model.unload(), str(tmp_path), adapter_name="a")
+    stacked.load_adapter(str(tmp_path), adapter_name="b")
+    stacked.base_model.set_adapter(["a", "b"], inference_mode=True)
+    a, b = Router(stacked, threshold, name="a"), Router(stacked, threshold, name="b")
+    # equal thresholds and scores: by activation the first router would take every row; by content the rows
+    # ending in 4 4 embed near b's key
+    embedded = []
+
+    def embed(token_rows, head):
+        embedded.extend(token_rows)
+        return np.array([[0.0, 2.0] if _contains(r, [4, 4]) else [3.0, 0.0] for r in token_rows])
+    stack = RouterStack([a, b], keys=[np.array([[1.0, 0.1]]), np.array([[0.1, 1.0], [-1.0, 0.0]])],
+                        embed=embed).install()
+    assert stack.by_content and stack.nearest([rows[2], rows[1]]) == [1, 0]
+    out = logits(stacked)
+    assert embedded[-3:] == rows  # the rows' own tokens (no chat head here)
+    assert stack.last_adapter == [None, "a", "b"] and stack.last_on == [False, True, True]
+    assert a.last_on == [False, True, False] and b.last_on == [False, False, True]
+    assert torch.equal(out[0], base[0])  # generic: nearest to a, below a's threshold → the base model
+    assert torch.allclose(out[1], adapted[1], atol=1e-5) and torch.allclose(out[2], adapted[2], atol=1e-5)
+    stack.remove()
+    # an adapter without keys (made before them): every adapter is chosen by activation
+    old = RouterStack([a, b], keys=[np.array([[1.0, 0.0]]), None], embed=embed).install()
+    logits(stacked)
+    assert not old.by_content and old.last_adapter == [None, "a", "a"]
+    old.remove()
+    with pytest.raises(ValueError, match="one key set per router"):
+        RouterStack([a, b], keys=[np.array([[1.0, 0.0]])], embed=embed)
+
+
+def test_prompt_embedder_embeds_a_chat_question_as_the_question(tiny_generator):
+    from memory_llm.consolidate.route import _common_prefix, prompt_embedder
+    from memory_llm.generate import build_messages
+
+    seen = []
+    run = prompt_embedder(tiny_generator.tokenizer, lambda texts: seen.extend(texts) or texts)
+    chats = [tiny_generator.chat_ids(build_messages(q))[0].tolist()
+             for q in ("Who founded Pelloria?", "Is the ferry late?")]
+    head = _common_prefix(chats)  # the chat template's shared head, as a router skips it
+    later = tiny_generator.chat_ids(build_messages("Is the ferry late?") + [
+        {"role": "assistant", "content": "No."}, {"role": "user", "content": "When does it leave?"}])[0].tolist()
+    run([row[len(head):] for row in chats + [later]] + [tiny_generator.tokenizer("Mars was")["input_ids"]], head)
+    assert seen == ["Who founded Pelloria?", "Is the ferry late?", "When does it leave?", "Mars was"]
+
+
+def test_adapter_keys_round_trip_and_a_broken_key_file_is_refused(tmp_path):
+    import numpy as np
+
+    from memory_llm.consolidate.route import read_keys, save_keys
+
+    assert read_keys(tmp_path) is None
+    save_keys(tmp_path, [[3.0, 4.0], [0.0, 2.0]])
+    assert np.allclose(read_keys(tmp_path), [[0.6, 0.8], [0.0, 1.0]], atol=1e-3)
+    (tmp_path / "keys.npy").write_bytes(b"not numpy")
+    with pytest.raises(ValueError, match="keys.npy unreadable"):
+        read_keys(tmp_path)
 
 
 def test_router_settings_read_as_they_were_made(tmp_path):

@@ -10,8 +10,8 @@ the update is near zero on generic inputs, so generic prompts score low and prom
 score high. A threshold, calibrated when the adapter is trained and stored beside it (router.json), decides per
 prompt (per row of a batch) whether the adapter is on for the whole generation; below it, the prompt gets the
 base model exactly. Chat prompts (`ask`'s form) and raw text score on different scales, so each form has its own
-threshold, calibrated on the same generic prompts in that form. Nothing outside the model is consulted: no
-index, no embedder.
+threshold, calibrated on the same generic prompts in that form. A lone adapter's router consults nothing outside
+the model: no index, no embedder.
 
 Adapters from several consolidation rounds can serve side by side (Recipe.max_stack), each with its own router.
 The activation score tells memory prompts from generic ones but not one round's memories from another's (on
@@ -200,8 +200,8 @@ class Router:
 
 class RouterStack:
     """The routers of adapters stacked on one model (one adapter per consolidation round; run.py, Recipe.max_stack).
-    At a prefill each row gets at most one adapter. With `keys` for every adapter and `embed` (token rows → unit
-    sentence embeddings; `prompt_embedder`), the row's adapter is the one holding the key nearest to it, and it acts
+    At a prefill each row gets at most one adapter. With `keys` for every adapter and `embed` ((token rows, chat
+    head) → sentence embeddings; `prompt_embedder`), the row's adapter is the one holding the key nearest to it, and it acts
     when its router, scoring with only that adapter acting (as it was calibrated), lets it. Otherwise each router
     scores the rows alone and a row gets, of the adapters whose threshold it reaches, the one it excites most
     (score ÷ threshold). Quacks like a Router for its users (veto, active, last_on, remove)."""
@@ -254,7 +254,7 @@ class RouterStack:
         """Each row's adapter by content: the index of the router whose keys hold the row's nearest key."""
         import numpy as np
 
-        queries = _unit(np.asarray(self.embed([list(r) for r in rows]), dtype=np.float32))
+        queries = _unit(np.asarray(self.embed([list(r) for r in rows], self.routers[0].head), dtype=np.float32))
         best = np.stack([(queries @ k.T).max(axis=1) for k in self.keys], axis=1)
         return [int(i) for i in best.argmax(axis=1)]
 
@@ -302,16 +302,26 @@ class RouterStack:
 
 
 def prompt_embedder(tokenizer, embed):
-    """Token rows (a prompt's own tokens) → unit sentence embeddings of their text, for RouterStack's choice: the
-    text is cut at the first special token (a chat turn's end), so a chat question embeds as the question alone,
-    as its key was made. `embed` is texts → vectors (the home's embedder)."""
+    """(token rows, chat head) → unit sentence embeddings of each row's question, for RouterStack's choice. A row is
+    a prompt's own tokens (after the chat head); its question is the text after the last user-turn marker (the
+    head's tail from its last special token: later turns of a conversation carry one) up to the next special token
+    (the turn's end), so a chat question embeds as the question alone, as its key was made, and raw text as itself.
+    `embed` is texts → vectors (the home's embedder)."""
     special = set(tokenizer.all_special_ids)
 
-    def run(rows):
+    def run(rows, head=()):
+        head = list(head)
+        last = max((i for i, t in enumerate(head) if t in special), default=None)
+        marker = head[last:] if last is not None else []
         texts = []
         for row in rows:
-            cut = next((i for i, t in enumerate(row) if t in special), len(row))
-            texts.append(tokenizer.decode(row[:cut]).strip())
+            row, start = list(row), 0
+            for i in range(len(row) - len(marker), -1, -1) if marker else ():
+                if row[i:i + len(marker)] == marker:
+                    start = i + len(marker)
+                    break
+            cut = next((i for i in range(start, len(row)) if row[i] in special), len(row))
+            texts.append(tokenizer.decode(row[start:cut]).strip())
         return embed(texts)
     return run
 
