@@ -620,3 +620,20 @@ def test_sources_marker_is_found_in_prompts_with_sources_only(tiny_generator):
     closed = tiny_generator.chat_ids(build_messages("Who founded Pelloria?"))
     assert marker and _contains(with_sources[0].tolist(), marker)
     assert not _contains(closed[0].tolist(), marker)
+
+
+def test_a_small_round_trains_at_least_min_steps_and_a_large_one_its_epochs():
+    from types import SimpleNamespace
+
+    from memory_llm.consolidate.recipe import plan_batches
+
+    def examples(n_items, n_loc=4):
+        return [SimpleNamespace(ids=[1] * (5 + i % 3), kind="item") for i in range(n_items)] + \
+            [SimpleNamespace(ids=[2] * 9, kind="locality") for _ in range(n_loc)]
+    recipe = Recipe(epochs=5, batch_size=8, locality_per_batch=2, min_steps=16)
+    small = plan_batches(examples(6), recipe)  # one batch of 6 items an epoch: 16 epochs
+    assert len(small) == 16 and all(len(b) == 8 for b in small)
+    assert sorted(i for b in small for i in b if i < 6) == sorted(list(range(6)) * 16)
+    large = plan_batches(examples(60), recipe)  # 10 batches an epoch: the recipe's 5 epochs
+    assert len(large) == 50 and sum(1 for b in large for i in b if i < 60) == 300
+    assert plan_batches(examples(0), recipe) == []
