@@ -34,8 +34,8 @@ class Recipe:
     later_lr_scale: float = 0.3  # lr × this in every round after the first (an adapter is current): on round 2's
     # documents lr 1e-2 diverged both continuing the adapter (loss 13 → 37) and in a fresh stacked one (16 → 47);
     # BENCHMARKS.md
-    epochs: int = 5  # with one cut per sentence and no rewrites: 6 epochs took closed gen to 1.04 × rag on 10 FK
-    # documents in 21.4 min (8 epochs with rewrites: 0.96 × in 35.1 min; BENCHMARKS.md)
+    epochs: int = 5  # with one cut per sentence and no rewrites, on 10 FK documents: 5 epochs closed gen 1.11 × rag
+    # in 20.5 min, 6 epochs 1.04 × in 21.4 min (8 epochs with rewrites: 0.96 × in 35.1 min; BENCHMARKS.md)
     batch_size: int = 8
     min_steps: int = 16  # a small round runs more epochs to train at least this many steps (one 3-sentence memory
     # makes one batch an epoch: 5 steps left the real-model e2e test's reliability at 0.4, under the 0.5 floor)
