@@ -312,7 +312,7 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_weights(tiny_ge
         ids = torch.randint(3, 60, (8 + n % 4,), generator=g).tolist()
         top = torch.randint(3, 60, (4, 5), generator=g)
         examples.append(Example(ids, [2, 3, 4, 5], top, torch.full((4, 5), 0.2), "item"))
-    recipe = Recipe(epochs=2, batch_size=4, rank=4, alpha=8, lr=1e-2)
+    recipe = Recipe(epochs=2, batch_size=4, rank=4, alpha=8, lr=1e-2, min_steps=0)
 
     def fresh():
         torch.manual_seed(1)
