@@ -152,7 +152,7 @@ def test_consolidate_and_adapters_commands(tmp_path, monkeypatch):
     from memory_llm.consolidate import run as runmod
     from memory_llm.consolidate.recipe import Recipe
 
-    monkeypatch.setattr(runmod, "Recipe", lambda: Recipe(epochs=1, rank=4, alpha=8, locality_prompts=4, questions=1))
+    monkeypatch.setattr(runmod, "Recipe", lambda: Recipe(epochs=1, rank=4, alpha=8, locality_prompts=4, questions=1, min_steps=0))
     nothing = mllm("consolidate", "--json")
     assert nothing.exit_code == 0 and json.loads(nothing.stdout)["status"] == "nothing-new"
     assert mllm("learn", "--text", "The lighthouse of Varn was built in 1820 by Lisbet Holm.").exit_code == 0
