@@ -451,9 +451,8 @@ class MemoryLLM:
                             self.adapter_version, prompt=choice, session_id=session_id, remembered=list(remembered))
             if self.adapter_version is not None:
                 answer.adapter_active = self._router.active if self._router is not None else True
-                stacked = getattr(self._router, "last_adapter", None)
-                answer.adapter_used = (stacked[0] if stacked and len(stacked) == 1 else None) if stacked is not None \
-                    else (self.adapter_version if answer.adapter_active else None)
+                answer.adapter_used = self._router.acted if hasattr(self._router, "acted") \
+                    else (self.adapter_version if answer.adapter_active else None)  # one adapter: this version
             if log:
                 answer.id = self.store.log_answer(
                     namespace=namespace, question=question, answer=answer.text, template=choice.name,

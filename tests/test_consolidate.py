@@ -475,17 +475,20 @@ def test_router_gives_generic_prompts_the_base_model_and_facts_the_adapter(tiny_
         load_router(model, tmp_path)
 
 
-def test_stacked_adapters_each_score_alone_and_a_prompt_gets_the_one_it_excites_most(tiny_generator, tmp_path):
+def _stacked_twice(tiny_generator, path, tails):
+    """An adapter trained off generic prompts, loaded twice on its base as "a" and "b" (both active), with rows
+    (a generic prompt, then a trained item's ids + each tail), a calibrated threshold, a logits function and the
+    rows' logits with the lone adapter and with none."""
+    from types import SimpleNamespace
+
     import torch
     from peft import PeftModel
 
-    from memory_llm.consolidate.route import Router, RouterStack, calibrate
+    from memory_llm.consolidate.route import Router, calibrate
 
     model, generic, items = _adapter_trained_off_generic(tiny_generator)
-    model.save_pretrained(tmp_path)
-    rows = [generic[0], items[0].ids + [3, 3]]
-    alone = Router(model).scores([rows[1]])[0]
-    threshold = calibrate(Router(model).scores(generic[12:]), 2.0)
+    model.save_pretrained(path)
+    rows = [generic[0]] + [items[0].ids + tail for tail in tails]
 
     def logits(m):
         with torch.inference_mode():
@@ -493,10 +496,24 @@ def test_stacked_adapters_each_score_alone_and_a_prompt_gets_the_one_it_excites_
     adapted = logits(model)
     with model.disable_adapter():
         base = logits(model)
+    t = SimpleNamespace(rows=rows, items=items, logits=logits, adapted=adapted, base=base,
+                        alone=Router(model).scores([rows[1]])[0],
+                        threshold=calibrate(Router(model).scores(generic[12:]), 2.0))
+    t.stacked = PeftModel.from_pretrained(model.unload(), str(path), adapter_name="a")
+    t.stacked.load_adapter(str(path), adapter_name="b")
+    t.stacked.base_model.set_adapter(["a", "b"], inference_mode=True)
+    return t
+
+
+def test_stacked_adapters_each_score_alone_and_a_prompt_gets_the_one_it_excites_most(tiny_generator, tmp_path):
+    import torch
+
+    from memory_llm.consolidate.route import Router, RouterStack
+
+    t = _stacked_twice(tiny_generator, tmp_path, [[3, 3]])
+    items, logits, adapted, base, alone, threshold = t.items, t.logits, t.adapted, t.base, t.alone, t.threshold
     # the same adapter twice, "b" with a higher threshold: on together they would double the update
-    stacked = PeftModel.from_pretrained(model.unload(), str(tmp_path), adapter_name="a")
-    stacked.load_adapter(str(tmp_path), adapter_name="b")
-    stacked.base_model.set_adapter(["a", "b"], inference_mode=True)
+    stacked = t.stacked
     assert not torch.allclose(logits(stacked)[1], adapted[1], atol=1e-3)
     a, b = Router(stacked, threshold, name="a"), Router(stacked, threshold * 1.5, name="b")
     stack = RouterStack([b, a]).install()
@@ -514,24 +531,11 @@ def test_stacked_adapters_are_chosen_by_the_nearest_key_and_act_only_where_their
         tiny_generator, tmp_path):
     import numpy as np
     import torch
-    from peft import PeftModel
 
-    from memory_llm.consolidate.route import Router, RouterStack, _contains, calibrate
+    from memory_llm.consolidate.route import Router, RouterStack, _contains
 
-    model, generic, items = _adapter_trained_off_generic(tiny_generator)
-    model.save_pretrained(tmp_path)
-    rows = [generic[0], items[0].ids + [3, 3], items[0].ids + [4, 4]]
-    threshold = calibrate(Router(model).scores(generic[12:]), 2.0)
-
-    def logits(m):
-        with torch.inference_mode():
-            return m(input_ids=torch.tensor(rows)).logits
-    adapted = logits(model)
-    with model.disable_adapter():
-        base = logits(model)
-    stacked = PeftModel.from_pretrained(model.unload(), str(tmp_path), adapter_name="a")
-    stacked.load_adapter(str(tmp_path), adapter_name="b")
-    stacked.base_model.set_adapter(["a", "b"], inference_mode=True)
+    t = _stacked_twice(tiny_generator, tmp_path, [[3, 3], [4, 4]])
+    rows, logits, adapted, base, threshold, stacked = t.rows, t.logits, t.adapted, t.base, t.threshold, t.stacked
     a, b = Router(stacked, threshold, name="a"), Router(stacked, threshold, name="b")
     # equal thresholds and scores: by activation the first router would take every row; by content the rows
     # ending in 4 4 embed near b's key

@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memory_llm.consolidate.route import RouterStack, load_router, read_keys, read_router
+from memory_llm.consolidate.route import RouterStack, check_keys, load_router, read_keys, read_router
 from memory_llm.errors import InputError, ModelError, StoreError
 
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -255,7 +255,7 @@ def _files_problem(path: Path) -> str | None:
         return "adapter_config.json is not a JSON object"
     try:
         read_router(path)
-        read_keys(path)
+        check_keys(path)
     except ValueError as exc:
         return str(exc)
     weights, legacy = path / WEIGHTS[0], path / WEIGHTS[1]

@@ -298,7 +298,8 @@ def plan_batches(examples: list[Example], recipe: Recipe) -> list[list[int]]:
     size = recipe.batch_size - per
     plan, cursor = [], 0
     rng.shuffle(loc_idx)
-    epochs = max(recipe.epochs, -(-recipe.min_steps // max(1, -(-len(train_idx) // size)))) if train_idx else 0
+    per_epoch = -(-len(train_idx) // size)  # batches an epoch (ceiling)
+    epochs = max(recipe.epochs, -(-recipe.min_steps // per_epoch)) if per_epoch else 0
     for _ in range(epochs):
         order = sorted(train_idx, key=lambda i: (len(examples[i].ids), rng.random()))
         batches = [order[i:i + size] for i in range(0, len(order), size)]

@@ -300,6 +300,11 @@ class RouterStack:
         """Whether an adapter acted on the last single prompt routed (None before any)."""
         return None if len(self.last_on) != 1 else self.last_on[0]
 
+    @property
+    def acted(self) -> str | None:
+        """The adapter that acted on the last single prompt routed (None: none, or before any)."""
+        return None if len(self.last_adapter) != 1 else self.last_adapter[0]
+
 
 def prompt_embedder(tokenizer, embed):
     """(token rows, chat head) → unit sentence embeddings of each row's question, for RouterStack's choice. A row is
@@ -315,11 +320,8 @@ def prompt_embedder(tokenizer, embed):
         marker = head[last:] if last is not None else []
         texts = []
         for row in rows:
-            row, start = list(row), 0
-            for i in range(len(row) - len(marker), -1, -1) if marker else ():
-                if row[i:i + len(marker)] == marker:
-                    start = i + len(marker)
-                    break
+            row = list(row)
+            start = max((i + len(marker) for i in _occurrences(row, marker)), default=0)
             cut = next((i for i in range(start, len(row)) if row[i] in special), len(row))
             texts.append(tokenizer.decode(row[start:cut]).strip())
         return embed(texts)
@@ -331,6 +333,22 @@ def save_keys(directory: Path, keys) -> None:
     import numpy as np
 
     np.save(Path(directory) / KEYS_FILE, _unit(np.asarray(keys, dtype=np.float32)).astype(np.float16))
+
+
+def check_keys(directory: Path) -> None:
+    """A ValueError when the directory's keys.npy (if any) is not a readable 2-D array (memory-mapped: only its
+    header is read; read_keys loads and checks the values when the adapter is attached)."""
+    import numpy as np
+
+    path = Path(directory) / KEYS_FILE
+    if not path.exists():
+        return
+    try:
+        keys = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"{KEYS_FILE} unreadable ({type(exc).__name__})") from None
+    if keys.ndim != 2:
+        raise ValueError(f"{KEYS_FILE} is not a matrix")
 
 
 def read_keys(directory: Path):
@@ -397,11 +415,13 @@ def load_router(peft_model, directory: Path, name: str | None = None) -> Router 
 
 def _contains(row: Sequence[int], part: Sequence[int]) -> bool:
     """Whether the token sequence `part` (non-empty) occurs in row."""
-    n = len(part)
-    if not n:
-        return False
-    first = part[0]
-    return any(row[i] == first and list(row[i:i + n]) == list(part) for i in range(len(row) - n + 1))
+    return next(_occurrences(row, part), None) is not None
+
+
+def _occurrences(row: Sequence[int], part: Sequence[int]):
+    """Where the token sequence `part` (non-empty; empty: nowhere) starts in row, in order."""
+    n, part = len(part), list(part)
+    return (i for i in range(len(row) - n + 1) if n and row[i] == part[0] and list(row[i:i + n]) == part)
 
 
 def _layer_index(name: str) -> int | None:
