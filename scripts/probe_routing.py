@@ -36,7 +36,7 @@ def main() -> None:
 
     from memory_llm import MemoryLLM
     from memory_llm.consolidate import recipe as R
-    from memory_llm.consolidate.route import _common_prefix
+    from memory_llm.consolidate.route import common_prefix
 
     m = MemoryLLM(args.work / "home")
     train_items, held, contexts, loc_train, loc_eval, general = lab_data(m)
@@ -64,7 +64,7 @@ def main() -> None:
             "trained": [R.student_prompt_ids(gen, it) for it in train_items],
             "held_out": [R.student_prompt_ids(gen, it) for it in held],
             "probes": [gen.tokenizer(q, add_special_tokens=False)["input_ids"] for q, _ in PROBES]}
-    prefix = _common_prefix(sets["generic_train"])  # the chat template's shared head: skipped when pooling
+    prefix = common_prefix(sets["generic_train"])  # the chat template's shared head: skipped when pooling
     layers = [mm for mm in model.modules() if isinstance(mm, LoraLayer) and "default" in mm.lora_B]
     index = {mm: int(n.split(".layers.")[1].split(".")[0]) for n, mm in model.named_modules() if mm in layers}
     n_layers = max(index.values()) + 1

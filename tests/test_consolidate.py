@@ -284,6 +284,28 @@ def test_position_logits_match_the_full_forward(tiny_generator):
             assert g.shape == full.shape and torch.allclose(g, full, atol=1e-4)
 
 
+def test_teacher_targets_run_a_shared_chunk_once_and_match_the_full_forward(tiny_generator):
+    import torch
+
+    from memory_llm.consolidate.recipe import _top_k_targets
+
+    chunk = [5, 9, 12, 7, 3, 22, 14]
+    seqs = [chunk + [4, 8, 15, 16], chunk + [4, 30, 31], chunk + [40, 41, 42, 43, 44], [6, 9, 12, 7, 50, 51]]
+    spans = [(9, 11), (8, 10), (7, 12), (3, 6)]
+    groups = ["a", "a", "a", "b"]
+    forwards = []
+    hook = tiny_generator.model.register_forward_pre_hook(lambda mod, args, kw: forwards.append(kw["input_ids"].shape),
+                                                          with_kwargs=True)
+    try:
+        shared = _top_k_targets(tiny_generator.model, seqs, spans, k=5, temperature=2.0, groups=groups)
+    finally:
+        hook.remove()
+    plain = _top_k_targets(tiny_generator.model, seqs, spans, k=5, temperature=2.0)
+    assert (1, 7) in forwards and (3, 5) in forwards  # the chunk once, then the three items' own tokens
+    for (js, ps), (jp, pp) in zip(shared, plain):
+        assert torch.equal(js, jp) and torch.allclose(ps, pp, atol=1e-4)
+
+
 def test_logits_by_kind_match_one_padded_forward(tiny_generator):
     import torch
 
@@ -354,6 +376,44 @@ def test_locality_of_the_base_model_against_itself_is_perfect(tiny_generator):
     prompts = ["Name a colour.", "What is two plus two?", "Say hello.", "Describe rain in a sentence."]
     assert locality(tiny_generator, prompts, contextlib.nullcontext, tokens=12, strict_tokens=8) == \
         {"agreement": 1.0, "strict": 1.0}
+
+
+def test_batched_locality_matches_its_definitions_one_prompt_at_a_time():
+    """agreement: the candidate's teacher-forced greedy tokens on the base's continuation, one prompt at a time;
+    strict: the first tokens of the candidate's own greedy output are the base's."""
+    import torch
+
+    from conftest import tiny_model, tiny_tokenizer
+
+    from memory_llm.consolidate.gate import locality
+    from memory_llm.consolidate.recipe import attach_lora, closed_prompt_ids
+    from memory_llm.generate import Generator
+
+    tok = tiny_tokenizer()
+    gen = Generator(tiny_model(tok), tok, "tiny-llama")
+    model = attach_lora(gen.model, Recipe(rank=4, alpha=8))
+    gen.model = model
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    prompts = ["Name a colour.", "What is two plus two?", "Say hello.", "Describe rain in a sentence.", "Hi",
+               "Count to three, please.", "Why is the sky blue?", "Tell me a word.", "Spell cat.", "Go on."]
+    got = locality(gen, prompts, model.disable_adapter, tokens=12, strict_tokens=6, batch_size=4)
+    agree = total = strict = 0
+    for text in prompts:
+        p = closed_prompt_ids(gen, text)
+        with model.disable_adapter():
+            b = gen.generate_batch([p], 12, return_ids=True)[0]
+        out = gen.generate_batch([p], 6, return_ids=True)[0]
+        strict += int(out == b[:6])
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([p + b])).logits[0, len(p) - 1:len(p) + len(b) - 1]
+        agree += sum(int(x == y) for x, y in zip(logits.argmax(-1).tolist(), b))
+        total += len(b)
+    assert got == {"agreement": agree / total, "strict": strict / len(prompts)}
+    assert 0 < got["strict"] < 1 and 0 < got["agreement"] < 1  # the perturbation tells the two apart somewhere
 
 
 def test_null_space_constraint_keeps_generic_outputs_while_items_still_move(tiny_generator):
@@ -564,14 +624,14 @@ def test_stacked_adapters_are_chosen_by_the_nearest_key_and_act_only_where_their
 
 
 def test_prompt_embedder_embeds_a_chat_question_as_the_question(tiny_generator):
-    from memory_llm.consolidate.route import _common_prefix, prompt_embedder
+    from memory_llm.consolidate.route import common_prefix, prompt_embedder
     from memory_llm.generate import build_messages
 
     seen = []
     run = prompt_embedder(tiny_generator.tokenizer, lambda texts: seen.extend(texts) or texts)
     chats = [tiny_generator.chat_ids(build_messages(q))[0].tolist()
              for q in ("Who founded Pelloria?", "Is the ferry late?")]
-    head = _common_prefix(chats)  # the chat template's shared head, as a router skips it
+    head = common_prefix(chats)  # the chat template's shared head, as a router skips it
     later = tiny_generator.chat_ids(build_messages("Is the ferry late?") + [
         {"role": "assistant", "content": "No."}, {"role": "user", "content": "When does it leave?"}])[0].tolist()
     run([row[len(head):] for row in chats + [later]] + [tiny_generator.tokenizer("Mars was")["input_ids"]], head)
@@ -641,3 +701,44 @@ def test_a_small_round_trains_at_least_min_steps_and_a_large_one_its_epochs():
     large = plan_batches(examples(60), recipe)  # 10 batches an epoch: the recipe's 5 epochs
     assert len(large) == 50 and sum(1 for b in large for i in b if i < 60) == 300
     assert plan_batches(examples(0), recipe) == []
+
+
+def _fact_examples(n: int = 8):
+    import torch
+
+    from memory_llm.consolidate.recipe import Example
+
+    g = torch.Generator().manual_seed(0)
+    return [Example(torch.randint(40, 80, (10,), generator=g).tolist(), [4, 5, 6, 7], torch.full((4, 1), 7),
+                    torch.ones((4, 1)), "item") for _ in range(n)]
+
+
+def test_training_that_diverges_stops_before_its_update_and_says_so(tiny_generator):
+    import copy
+    import math
+
+    from memory_llm.consolidate.recipe import _diverging, attach_lora, train
+
+    assert _diverging([3.0, float("nan")], 4, 1.5) and not _diverging([3.0] * 7 + [9.0], 4, 1.5)
+    assert _diverging([3.0] * 4 + [5.0] * 4, 4, 1.5) and not _diverging([3.0] * 4 + [4.0] * 4, 4, 1.5)
+    recipe = Recipe(epochs=8, batch_size=4, rank=4, alpha=8, locality_per_batch=0, min_steps=0)
+    stats = {}
+    for lr in (2e-2, 1e30):  # a finite rise is hard to provoke in a tiny model (clipped Adam); overflow is not
+        model = attach_lora(copy.deepcopy(tiny_generator.model), recipe)
+        stats[lr] = train(model, _fact_examples(), recipe, lr=lr)
+    assert not stats[2e-2]["diverged"] and stats[2e-2]["steps"] == stats[2e-2]["planned_steps"] == 16
+    assert stats[2e-2]["loss_last"] < stats[2e-2]["loss_first"]
+    wild = stats[1e30]
+    assert wild["diverged"] and wild["steps"] < wild["planned_steps"]
+    assert not math.isfinite(wild["loss_curve"][-1]) or wild["loss_curve"][-1] > 1.5 * wild["loss_curve"][0]
+
+
+def test_a_round_that_keeps_diverging_is_retried_at_half_the_rate_then_rejected(cmem):
+    run(cmem)
+    cmem.learn(text="The Varn ferry leaves at dawn and returns at dusk.", source="ferry")
+    wild = replace(FAST, lr=1e30, later_lr_scale=1.0, diverge_retries=1, epochs=4, min_steps=0)
+    summary = cmem.consolidate(recipe=wild, floors=OPEN)
+    assert summary.status == "rejected" and summary.exit_code == 3 and "diverged 2 times" in summary.message
+    assert summary.training["retries"] == 1 and summary.training["lr"] == 5e29
+    assert cmem.adapters.current_name() == "v0001" and [v.name for v in cmem.adapters.versions()] == ["v0001"]
+    assert not (cmem.adapters.root / ".checkpoint").exists()

@@ -61,7 +61,9 @@ def item_accuracy(generator, items: Sequence[Item], batch_size: int = 8) -> floa
 
 def locality(generator, prompts: Sequence[str], base_context, tokens: int = 32, strict_tokens: int = 16,
              batch_size: int = 8) -> dict:
-    """Teacher-forced agreement with the base model on generic prompts.
+    """Teacher-forced agreement with the base model on generic prompts, and the strict share: prompts whose
+    first `strict_tokens` greedy tokens are the base model's (all of them predicted under teacher forcing, the
+    end of sequence included where the base stops sooner: the same thing as identical greedy outputs).
 
     base_context: a context manager under which generator.model behaves as the base (peft's
     disable_adapter()); the current weights are the adapted ones.
@@ -73,26 +75,43 @@ def locality(generator, prompts: Sequence[str], base_context, tokens: int = 32, 
         base_ids = []
         for i in range(0, len(prompt_ids), batch_size):
             base_ids += generator.generate_batch(prompt_ids[i:i + batch_size], tokens, return_ids=True)
-    agree = total = 0
-    device = generator.device
-    for p, b in zip(prompt_ids, base_ids):
-        if not b:
-            continue
-        with torch.inference_mode():  # the prompt, then the continuation on its cache: as generation runs it (a
-            # routed adapter decides on the prompt alone, route.py)
-            first = generator.model(input_ids=torch.as_tensor([p], device=device), use_cache=True)
-            pred = [int(first.logits[0, -1].argmax())]
-            if len(b) > 1:
-                rest = generator.model(input_ids=torch.as_tensor([b[:-1]], device=device),
-                                       past_key_values=first.past_key_values, use_cache=True)
-                pred += rest.logits[0].argmax(-1).tolist()
-        agree += sum(int(x == y) for x, y in zip(pred, b))
-        total += len(b)
-    strict = 0
+    stop = {generator.tokenizer.eos_token_id, generator.tokenizer.pad_token_id}
+    agree = total = strict = 0
     for i in range(0, len(prompt_ids), batch_size):
-        outs = generator.generate_batch(prompt_ids[i:i + batch_size], strict_tokens, return_ids=True)
-        strict += sum(int(o == b[:strict_tokens]) for o, b in zip(outs, base_ids[i:i + batch_size]))
+        conts = base_ids[i:i + batch_size]
+        preds = _forced_greedy(generator, prompt_ids[i:i + batch_size], conts)
+        for pred, b in zip(preds, conts):
+            agree += sum(int(x == y) for x, y in zip(pred, b))
+            total += len(b)
+            n = min(len(b), strict_tokens)
+            strict += int(pred[:n] == b[:n] and (n == strict_tokens or pred[n] in stop))
     return {"agreement": agree / total if total else 1.0, "strict": strict / len(prompts) if prompts else 1.0}
+
+
+def _forced_greedy(generator, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[int]]:
+    """The model's greedy prediction at every position of each continuation, teacher-forced, plus the one after
+    it: the prompts first (left-padded, as generation runs them: a routed adapter decides on the prompt), then
+    the continuations on their cache."""
+    import torch
+
+    n, width, cont_width = len(prompts), max(len(p) for p in prompts), max(len(c) for c in continuations)
+    ids = torch.full((n, width + cont_width), generator.tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, (p, c) in enumerate(zip(prompts, continuations)):
+        ids[r, width - len(p):width + len(c)] = torch.as_tensor(p + c, dtype=torch.long)
+        mask[r, width - len(p):width + len(c)] = 1
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    device = generator.device
+    with torch.inference_mode():
+        first = generator.model(input_ids=ids[:, :width].to(device), attention_mask=mask[:, :width].to(device),
+                                position_ids=position[:, :width].to(device), use_cache=True)
+        preds = first.logits[:, -1].argmax(-1).unsqueeze(1)
+        if cont_width:
+            rest = generator.model(input_ids=ids[:, width:].to(device), attention_mask=mask.to(device),
+                                   position_ids=position[:, width:].to(device),
+                                   past_key_values=first.past_key_values, use_cache=True)
+            preds = torch.cat([preds, rest.logits.argmax(-1)], dim=1)
+    return [row[:len(c) + 1] for row, c in zip(preds.tolist(), continuations)]
 
 
 def decide(candidate: dict, current: dict | None, floors: Floors) -> tuple[bool, list[str]]:

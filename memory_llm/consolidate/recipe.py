@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from memory_llm.consolidate.route import common_prefix
 from memory_llm.consolidate.synth import Item
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,10 @@ class Recipe:
     # memories and leaves the earlier ones as they are (each acts only where its router passes, see
     # route.RouterStack); a round beyond this many continues the newest adapter instead; 1: every round continues
     # one adapter. A full rebuild (--full, or after forgetting) starts one adapter again
+    diverge_ratio: float = 1.5  # training stops as diverged when the mean loss over the last tenth of the steps
+    # run exceeds the first tenth's by this factor (or a loss is not finite); run.py retries at half the lr. On
+    # round 2's documents lr 1e-2 went 13 → 37 and 16 → 47 (BENCHMARKS.md); healthy runs fall 3-4×
+    diverge_retries: int = 2  # retries at half the learning rate each after a diverged run; 0: none
     seed: int = 0
     target_modules: tuple = field(default=LORA_TARGETS)
 
@@ -139,10 +145,13 @@ def _pad(sequences: list[list[int]]):
     return ids, mask
 
 
-def position_logits(model, sequences: list[list[int]], positions: list[list[int]]) -> list:
+def position_logits(model, sequences: list[list[int]], positions: list[list[int]], prefix: Sequence[int] = ()) -> list:
     """Logits at the given positions of each sequence, one forward for the batch. The vocabulary projection
     runs only at those positions (transformers' boolean `logits_to_keep`), not at every token: most of a
-    training sequence is prompt, and the projection onto a 49k vocabulary is a large share of the work."""
+    training sequence is prompt, and the projection onto a 49k vocabulary is a large share of the work.
+
+    prefix: tokens that come before every sequence (positions count from the sequence's start, after it); they
+    run once, and their cache serves every row (the teacher's memory chunk is shared by all of its items)."""
     import torch
 
     # the mask yields positions in ascending order per row; callers pass ascending ranges, so a split suffices
@@ -152,22 +161,41 @@ def position_logits(model, sequences: list[list[int]], positions: list[list[int]
     for r, pos in enumerate(positions):
         keep[r, pos] = True
     device = next(model.parameters()).device
-    flat = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device)).logits
+    past = None
+    if len(prefix):
+        past = model(input_ids=torch.as_tensor([list(prefix)], device=device), use_cache=True).past_key_values
+        past.batch_repeat_interleave(len(sequences))
+        mask = torch.cat([torch.ones((len(sequences), len(prefix)), dtype=mask.dtype), mask], dim=1)
+    flat = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device),
+                 past_key_values=past, use_cache=past is not None).logits
     flat = flat.reshape(-1, flat.shape[-1])  # rows in order, positions ascending within a row
     return list(torch.split(flat, [len(p) for p in positions]))
 
 
 def _top_k_targets(model, sequences: list[list[int]], spans: list[tuple[int, int]], k: int, temperature: float,
-                   batch_size: int = 8):
-    """Teacher top-k probabilities at the positions span=(start, end) of each sequence."""
+                   batch_size: int = 8, groups: Sequence | None = None):
+    """Teacher top-k probabilities at the positions span=(start, end) of each sequence.
+
+    groups: a key per sequence; sequences of one key are batched together and the tokens they share ahead of
+    every span (the memory chunk in context) run once per batch. None: batches by length."""
     import torch
 
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    if groups is None:
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    else:
+        by_key: dict = {}
+        for i, key in enumerate(groups):
+            by_key.setdefault(key, []).append(i)
+        batches = [idx[b:b + batch_size] for idx in by_key.values() for b in range(0, len(idx), batch_size)]
     results: dict[int, tuple] = {}
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
+    for idx in batches:
+        shared = 0 if groups is None else \
+            min(len(common_prefix([sequences[i] for i in idx])), *(spans[i][0] for i in idx))
         with torch.inference_mode():
-            logits = position_logits(model, [sequences[i] for i in idx], [list(range(*spans[i])) for i in idx])
+            logits = position_logits(model, [sequences[i][shared:] for i in idx],
+                                     [list(range(spans[i][0] - shared, spans[i][1] - shared)) for i in idx],
+                                     prefix=sequences[idx[0]][:shared])
         for i, lg in zip(idx, logits):
             probs = torch.softmax(lg.float() / temperature, dim=-1)
             p, j = probs.topk(k, dim=-1)
@@ -177,7 +205,8 @@ def _top_k_targets(model, sequences: list[list[int]], spans: list[tuple[int, int
 
 def prepare_items(generator, items: Sequence[Item], contexts: dict[int, str], recipe: Recipe,
                   progress: Callable[[int], None] | None = None) -> list[Example]:
-    """Teacher targets for items: the base model with the memory chunk in context, teacher-forced on the answer."""
+    """Teacher targets for items: the base model with the memory chunk in context, teacher-forced on the answer.
+    A memory's items of one kind share their prompt up to the item (the chunk), which runs once per batch."""
     students, teachers, spans, student_pos = [], [], [], []
     for item in items:
         s_prompt, t_prompt, ans = student_prompt_ids(generator, item), \
@@ -186,7 +215,8 @@ def prepare_items(generator, items: Sequence[Item], contexts: dict[int, str], re
         student_pos.append(list(range(len(s_prompt) - 1, len(s_prompt) + len(ans) - 1)))
         teachers.append(t_prompt + ans)
         spans.append((len(t_prompt) - 1, len(t_prompt) + len(ans) - 1))
-    targets = _top_k_targets(generator.model, teachers, spans, recipe.top_k, recipe.temperature)
+    targets = _top_k_targets(generator.model, teachers, spans, recipe.top_k, recipe.temperature,
+                             groups=[(item.memory_id, item.kind) for item in items])
     if progress:
         progress(len(items))
     return [Example(s, pos, j, p, "item") for s, pos, (j, p) in zip(students, student_pos, targets)]
@@ -317,8 +347,10 @@ def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: floa
     the answer) and KL(base‖student)·T² on locality tokens. Stops at the deadline (time.time()) if given.
     With a checkpoint, training state is saved every `checkpoint.every` seconds and at a deadline stop, and a
     run with the same plan resumes from it. `constrain` runs after every optimizer step (null_space_constraint).
-    `lr` overrides recipe.lr (run.py scales it when continuing an adapter). The stats include the loss curve:
-    the mean loss over each tenth of the planned steps run here."""
+    `lr` overrides recipe.lr (run.py scales it when continuing an adapter). A loss that is not finite, or a tenth
+    of the steps whose mean loss is `recipe.diverge_ratio` × the first tenth's, stops the loop with
+    `diverged` set (before the update). The stats include the loss curve: the mean loss over each tenth of the
+    planned steps run here."""
     import torch
 
     torch.manual_seed(recipe.seed)
@@ -333,13 +365,18 @@ def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: floa
     step = checkpoint.restore(peft_model, opt, sched) if checkpoint else 0
     resumed_at = step
     peft_model.train()
-    tokens, started, stopped_early, saved_at = 0, time.perf_counter(), False, time.time()
+    tokens, started, stopped_early, diverged, saved_at = 0, time.perf_counter(), False, False, time.time()
     losses: list[float] = []
+    window = max(4, total // 10)
     for batch in plan[step:]:
         if deadline is not None and time.time() > deadline:
             stopped_early = True
             break
         loss = _batch_loss(peft_model, [examples[i] for i in batch], recipe, device)
+        losses.append(loss.item())
+        if _diverging(losses, window, recipe.diverge_ratio):
+            diverged = True
+            break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -349,7 +386,6 @@ def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: floa
         sched.step()
         step += 1
         tokens += sum(len(examples[i].ids) for i in batch)
-        losses.append(loss.item())
         if progress:
             progress(step, total, {"loss": losses[-1]})
         if checkpoint and step < total and time.time() - saved_at >= checkpoint.every:
@@ -361,9 +397,18 @@ def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: floa
     seconds = time.perf_counter() - started
     return {"steps": step, "planned_steps": total, "resumed_at": resumed_at, "tokens": tokens,
             "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
-            "stopped_early": stopped_early, "lr": lr, "loss_curve": loss_curve(losses, resumed_at, total),
+            "stopped_early": stopped_early, "diverged": diverged, "lr": lr, "loss_curve": loss_curve(losses, resumed_at, total),
             "loss_first": round(losses[0], 4) if losses else None,
             "loss_last": round(sum(losses[-5:]) / len(losses[-5:]), 4) if losses else None}
+
+
+def _diverging(losses: list[float], window: int, ratio: float) -> bool:
+    """A loss that is not finite, or the last `window` losses' mean above `ratio` × the first window's."""
+    if not math.isfinite(losses[-1]):
+        return True
+    if len(losses) < 2 * window:
+        return False
+    return sum(losses[-window:]) > ratio * sum(losses[:window])
 
 
 def loss_curve(losses: list[float], first_step: int, total: int, points: int = 10) -> list[float]:

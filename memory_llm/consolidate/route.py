@@ -447,7 +447,7 @@ def fit_router(peft_model, generator, generic: Sequence[str], items, margin: flo
 
     chats = [closed_prompt_ids(generator, p) for p in generic]
     raws = [generator.tokenizer(p, add_special_tokens=False)["input_ids"] for p in generic] if per_form else []
-    router = Router(peft_model, band=band, head=_common_prefix(chats), pool=pool)
+    router = Router(peft_model, band=band, head=common_prefix(chats), pool=pool)
     negatives, raw_negatives = router.scores(chats), router.scores(raws)
     router.threshold = calibrate(negatives, margin)
     router.raw_threshold = calibrate(raw_negatives, margin) if per_form else None
@@ -460,7 +460,7 @@ def fit_router(peft_model, generator, generic: Sequence[str], items, margin: flo
     return router.install()
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+def common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
     """The longest head all sequences share (the chat template's system turn and user marker)."""
     if not seqs:
         return []

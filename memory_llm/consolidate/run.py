@@ -205,17 +205,35 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         training_set = examples + replay + (loc if recipe.locality_weight > 0 else [])  # replay sampled above
         constrain = null_space_constraint(model, [e.ids for e in loc], recipe.null_space_energy) \
             if recipe.null_space_energy and loc else None
-        checkpoint = Checkpoint(registry.root / ".checkpoint", _plan_key(recipe, new, keep_covered, init, training_set))
         reserve = 120.0  # seconds kept for evaluation within a budget
         train_deadline = deadline - reserve if deadline else None
         lr = recipe.lr * (recipe.later_lr_scale if current is not None else 1.0)
-        stats = train(model, training_set, recipe, deadline=train_deadline, checkpoint=checkpoint, constrain=constrain,
-                      progress=(lambda s, t, _: progress("train", s, t)) if progress else None, lr=lr)
+        start_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        for retry in range(recipe.diverge_retries + 1):  # a diverged run starts again at half the learning rate
+            checkpoint = Checkpoint(registry.root / ".checkpoint",
+                                    _plan_key(recipe, new, keep_covered, init, training_set, lr))
+            stats = train(model, training_set, recipe, deadline=train_deadline, checkpoint=checkpoint,
+                          constrain=constrain, progress=(lambda s, t, _: progress("train", s, t)) if progress else None,
+                          lr=lr)
+            stats["retries"] = retry
+            if not stats["diverged"] or retry == recipe.diverge_retries:
+                break
+            logger.warning("training diverged at lr %g (mean loss %.2f in the first steps, %.2f at step %d): "
+                           "starting again at lr %g", lr, stats["loss_curve"][0], stats["loss_curve"][-1],
+                           stats["steps"], lr / 2)
+            checkpoint.clear()
+            _restore(model, start_weights)
+            lr /= 2
         if stats["stopped_early"]:
             return Summary("out-of-time", f"time budget reached after {stats['steps']} of {stats['planned_steps']}"
                            " training steps; nothing promoted, progress kept: run again to continue",
                            memories=len(new), items=len(train_items), training=stats, seconds=time.time() - start,
                            full=full)
+        if stats["diverged"]:
+            checkpoint.clear()
+            return Summary("rejected", f"training diverged {retry + 1} times (last at lr {lr:g}); nothing promoted,"
+                           " the current adapter stays", memories=len(new), items=len(train_items), training=stats,
+                           reasons=["failed: training diverged"], seconds=time.time() - start, full=full)
         checkpoint.clear()
         sample = _sample(train_items, EVAL_SAMPLE, recipe.seed)  # reliability, and the router's diagnostic
         own_router = fit_router(model, gen, calibration_prompts(recipe), sample, recipe.route_margin,
@@ -287,12 +305,23 @@ def exemplar_contexts(exemplars) -> dict[int, str]:
     return {-e.id: f"Question: {e.question}\nAnswer: {e.answer}" for e in exemplars}
 
 
-def _plan_key(recipe: Recipe, new: list[int], keep: list[int], init: str | None, examples: list) -> str:
-    """What a training checkpoint belongs to: the same memories, parent, recipe and training sequences."""
-    h = hashlib.sha256(json.dumps([recipe.as_dict(), new, keep, init and Path(init).name], sort_keys=True).encode())
+def _plan_key(recipe: Recipe, new: list[int], keep: list[int], init: str | None, examples: list, lr: float) -> str:
+    """What a training checkpoint belongs to: the same memories, parent, recipe, learning rate and sequences."""
+    h = hashlib.sha256(json.dumps([recipe.as_dict(), new, keep, init and Path(init).name, lr],
+                                  sort_keys=True).encode())
     for e in examples:
         h.update(json.dumps([e.kind, e.ids, e.positions]).encode())
     return h.hexdigest()
+
+
+def _restore(model, weights: dict) -> None:
+    """Put the trainable weights back as they were (a diverged run starts again from them)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in weights:
+                p.copy_(weights[name])
 
 
 def _current_metrics(gen, current, retention_items, loc_eval, embed) -> dict:
