@@ -397,7 +397,8 @@ def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: floa
     seconds = time.perf_counter() - started
     return {"steps": step, "planned_steps": total, "resumed_at": resumed_at, "tokens": tokens,
             "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
-            "stopped_early": stopped_early, "diverged": diverged, "lr": lr, "loss_curve": loss_curve(losses, resumed_at, total),
+            "stopped_early": stopped_early, "diverged": diverged, "lr": lr,
+            "loss_curve": loss_curve(losses, resumed_at, total),
             "loss_first": round(losses[0], 4) if losses else None,
             "loss_last": round(sum(losses[-5:]) / len(losses[-5:]), 4) if losses else None}
 
