@@ -373,8 +373,8 @@ def consolidate(
 ) -> None:
     """Distil new memories into the model's weights (a LoRA adapter), gated and versioned.
 
-    Exit codes: 0 promoted / nothing new / dry run; 3 candidate rejected by the gate (current adapter kept);
-    4 time budget reached (partial work kept); 75 another consolidation is running; 1 error.
+    Exit codes: 0 promoted / nothing new / dry run; 3 candidate rejected by the gate, or training diverged
+    (current adapter kept); 4 time budget reached (partial work kept); 75 another consolidation is running; 1 error.
     """
     with handled():
         from memory_llm.consolidate.run import EXIT_LOCKED, ConsolidationLocked

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Nightly consolidation, for cron or a systemd timer. Exit codes (from `mllm consolidate`):
-#   0 promoted / nothing new     3 candidate rejected by the gate (current adapter kept)
+#   0 promoted / nothing new     3 candidate rejected by the gate or training diverged (current adapter kept)
 #   4 time budget reached (partial work kept; the next night continues)
 #   75 another consolidation is running (EX_TEMPFAIL: retry later)    1 error
 #

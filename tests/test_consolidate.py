@@ -385,7 +385,7 @@ def test_batched_locality_matches_its_definitions_one_prompt_at_a_time():
 
     from conftest import tiny_model, tiny_tokenizer
 
-    from memory_llm.consolidate.gate import locality
+    from memory_llm.consolidate.gate import base_continuations, locality
     from memory_llm.consolidate.recipe import attach_lora, closed_prompt_ids
     from memory_llm.generate import Generator
 
@@ -413,6 +413,8 @@ def test_batched_locality_matches_its_definitions_one_prompt_at_a_time():
         agree += sum(int(x == y) for x, y in zip(logits.argmax(-1).tolist(), b))
         total += len(b)
     assert got == {"agreement": agree / total, "strict": strict / len(prompts)}
+    base = base_continuations(gen, prompts, model.disable_adapter, tokens=12)  # made once, for several adapters
+    assert locality(gen, prompts, strict_tokens=6, batch_size=4, base_ids=base) == got
     assert 0 < got["strict"] < 1 and 0 < got["agreement"] < 1  # the perturbation tells the two apart somewhere
 
 

@@ -59,22 +59,29 @@ def item_accuracy(generator, items: Sequence[Item], batch_size: int = 8) -> floa
     return correct / len(items)
 
 
-def locality(generator, prompts: Sequence[str], base_context, tokens: int = 32, strict_tokens: int = 16,
-             batch_size: int = 8) -> dict:
+def base_continuations(generator, prompts: Sequence[str], base_context, tokens: int = 32,
+                       batch_size: int = 8) -> list[list[int]]:
+    """The base model's greedy continuations of the prompts (as `ask` puts them without retrieval), as token ids:
+    its own tokens (decoding and re-tokenizing text would change some). base_context: see `locality`."""
+    prompt_ids = [closed_prompt_ids(generator, p) for p in prompts]
+    with base_context():
+        return [ids for i in range(0, len(prompt_ids), batch_size)
+                for ids in generator.generate_batch(prompt_ids[i:i + batch_size], tokens, return_ids=True)]
+
+
+def locality(generator, prompts: Sequence[str], base_context=None, tokens: int = 32, strict_tokens: int = 16,
+             batch_size: int = 8, base_ids: list[list[int]] | None = None) -> dict:
     """Teacher-forced agreement with the base model on generic prompts, and the strict share: prompts whose
     first `strict_tokens` greedy tokens are the base model's (all of them predicted under teacher forcing, the
     end of sequence included where the base stops sooner: the same thing as identical greedy outputs).
 
     base_context: a context manager under which generator.model behaves as the base (peft's
-    disable_adapter()); the current weights are the adapted ones.
+    disable_adapter()); the current weights are the adapted ones. base_ids: the base continuations, when
+    already made (`base_continuations`; one set serves every adapter compared on the same prompts).
     """
-    import torch
-
     prompt_ids = [closed_prompt_ids(generator, p) for p in prompts]
-    with base_context():  # the base model's own tokens (decoding and re-tokenizing text would change some)
-        base_ids = []
-        for i in range(0, len(prompt_ids), batch_size):
-            base_ids += generator.generate_batch(prompt_ids[i:i + batch_size], tokens, return_ids=True)
+    if base_ids is None:
+        base_ids = base_continuations(generator, prompts, base_context, tokens, batch_size)
     stop = {generator.tokenizer.eos_token_id, generator.tokenizer.pad_token_id}
     agree = total = strict = 0
     for i in range(0, len(prompt_ids), batch_size):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from memory_llm.consolidate.adapters import AdapterRegistry, attach, stack_on
-from memory_llm.consolidate.gate import Floors, decide, item_accuracy, locality
+from memory_llm.consolidate.gate import Floors, base_continuations, decide, item_accuracy, locality
 from memory_llm.consolidate.recipe import (
     Checkpoint,
     Recipe,
@@ -251,13 +251,15 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         }
         with model.disable_adapter():
             metrics["base_reliability"] = item_accuracy(gen, sample)
+        loc_base = base_continuations(gen, loc_eval, model.disable_adapter)  # serves the current adapter's too
         metrics.update({f"locality_{k}" if k != "agreement" else "locality": v
-                        for k, v in locality(gen, loc_eval, model.disable_adapter).items()})
+                        for k, v in locality(gen, loc_eval, base_ids=loc_base).items()})
         if progress:
             progress("evaluate", 1, 1)
         current_metrics = None
         if current is not None:
-            current_metrics = _current_metrics(m.new_generator(), current, retention_items, loc_eval, m.embed_texts)
+            current_metrics = _current_metrics(m.new_generator(), current, retention_items, loc_eval, loc_base,
+                                               m.embed_texts)
 
         ok, reasons = decide(metrics, current_metrics, floors)
         if deadline and time.time() > deadline + reserve:
@@ -324,11 +326,11 @@ def _restore(model, weights: dict) -> None:
                 p.copy_(weights[name])
 
 
-def _current_metrics(gen, current, retention_items, loc_eval, embed) -> dict:
+def _current_metrics(gen, current, retention_items, loc_eval, loc_base, embed) -> dict:
     """The current adapter on the same retention items and locality prompts (on a separate base copy)."""
     gen.model, _ = attach(gen.model, current, embed=prompt_embedder(gen.tokenizer, embed))
     out = {"retention": item_accuracy(gen, retention_items)}
-    out["locality"] = locality(gen, loc_eval, gen.model.disable_adapter)["agreement"]
+    out["locality"] = locality(gen, loc_eval, base_ids=loc_base)["agreement"]
     return out
 
 
