@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = "default"
+HYBRID_MARGIN = 0.5  # eval --mode hybrid keeps the closed answer when its confidence (mean log-probability of
+# its first tokens) beats the rag answer's by more than this (nats); BENCHMARKS.md, "Hybrid by confidence"
 EMBED_BUFFER = 256  # chunks embedded together across small files
 
 
@@ -588,48 +590,51 @@ class MemoryLLM:
         if prompt is not None:
             self.prompts.get(prompt)  # an unknown template fails before any model loads
         gen = self.generator
-        retrieval = mode in ("rag", "hybrid")
         adapted = mode in ("closed", "hybrid")
         if adapted and self.adapter_version is None:
             raise InputError(f"mode {mode} needs a consolidated adapter: run `mllm consolidate` first")
         start = time.perf_counter()
 
-        def prompt_ids(p: ev.Probe) -> list[int]:
-            if p.kind == "qa":
-                return self._prepare(p.input, k=k, namespace=namespace, use_memory=retrieval, prompt=prompt,
-                                     exemplars=exemplars)[1][0].tolist()
-            context = []
-            if retrieval:
-                hits = pack(self.search(p.input, k, namespace), gen.count_tokens, self.settings.context_tokens)
-                context = [h.memory.text for h in hits]
-            text = ("\n\n".join(context) + "\n\n" + p.input) if context else p.input
-            ids = gen.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if context:
-                sourced.add(tuple(ids))
-            return ids
+        def outputs_of(retrieval: bool, confidence: bool = False) -> tuple[list[str], list[float]]:
+            """Every probe's output with retrieval (the base model reads the sources) or without (the adapter
+            answers, when adapted), and with `confidence` each output's confidence (else none)."""
+            asked: dict[str, tuple] = {}  # probe id → its prompt ids
+            sure: dict[tuple, float] = {}
 
-        sourced: set[tuple] = set()  # cloze prompts with retrieved text (chat prompts carry a sources marker)
+            def prompt_ids(p: ev.Probe) -> list[int]:
+                if p.kind == "qa":
+                    ids = self._prepare(p.input, k=k, namespace=namespace, use_memory=retrieval, prompt=prompt,
+                                        exemplars=exemplars)[1][0].tolist()
+                else:
+                    context = []
+                    if retrieval:
+                        hits = pack(self.search(p.input, k, namespace), gen.count_tokens,
+                                    self.settings.context_tokens)
+                        context = [h.memory.text for h in hits]
+                    text = ("\n\n".join(context) + "\n\n" + p.input) if context else p.input
+                    ids = gen.tokenizer(text, add_special_tokens=False)["input_ids"]
+                asked[p.id] = tuple(ids)
+                return ids
 
-        def generate(prompts: list, new_tokens: int) -> list[str]:
-            """As ask serves them: a prompt with retrieved sources gets the base model (the router's veto does
-            this for chat prompts; raw cloze prompts have no marker, so they are split off here)."""
-            with_sources = [i for i, ids in enumerate(prompts) if tuple(ids) in sourced]
-            if not adapted or not with_sources:
-                return gen.generate_batch(prompts, new_tokens)
-            out = [""] * len(prompts)
-            rest = sorted(set(range(len(prompts))) - set(with_sources))
-            with self._base_context():
-                for i, text in zip(with_sources, gen.generate_batch([prompts[i] for i in with_sources], new_tokens)):
-                    out[i] = text
-            for i, text in zip(rest, gen.generate_batch([prompts[i] for i in rest], new_tokens) if rest else []):
-                out[i] = text
-            return out
+            def generate(prompts: list, new_tokens: int) -> list[str]:
+                if not confidence:
+                    return gen.generate_batch(prompts, new_tokens)
+                pairs = gen.generate_batch(prompts, new_tokens, confidence=True)
+                sure.update((tuple(ids), value) for ids, (_, value) in zip(prompts, pairs))
+                return [text for text, _ in pairs]
+
+            with (nullcontext() if adapted and not retrieval else self._base_context()):
+                outputs = ev.run(probes, prompt_ids, generate, progress=progress,
+                                 max_new_tokens={"cloze": 12, "qa": qa_new_tokens})
+            return outputs, [sure[asked[p.id]] for p in probes] if confidence else []
 
         from contextlib import nullcontext
 
-        with (nullcontext() if adapted else self._base_context()):
-            outputs = ev.run(probes, prompt_ids, generate, progress=progress,
-                             max_new_tokens={"cloze": 12, "qa": qa_new_tokens})
+        if mode != "hybrid":
+            outputs = outputs_of(mode == "rag")[0]
+        else:  # per probe, the more confident of the adapter without sources and the base model reading them
+            (closed, sure_closed), (rag, sure_rag) = outputs_of(False, True), outputs_of(True, True)
+            outputs = [c if sc > sr + HYBRID_MARGIN else r for c, r, sc, sr in zip(closed, rag, sure_closed, sure_rag)]
         result = ev.score(probes, outputs, mode)
         result["adapter"] = self.adapter_version if adapted else None
         result["seconds"] = round(time.perf_counter() - start, 2)

@@ -329,8 +329,8 @@ def doctor(repair: bool = typer.Option(False, "--repair", help="Rebuild what can
 def eval_(
     file: Path = typer.Argument(..., help="JSON Lines probe file (see design.md)."),
     mode: str = typer.Option("rag", "--mode", help="base (nothing), rag (retrieval), closed (adapter only) or"
-                                                    " hybrid (as ask serves with an adapter: retrieval, and the adapter where"
-                                                    " retrieval brings no sources)."),
+                                                    " hybrid (each probe answered both ways, closed and rag; the more"
+                                                    " confident answer is kept)."),
     k: Optional[int] = typer.Option(None, "-k", help="Memories to retrieve in rag mode.", show_default=False),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N probes.", show_default=False),
     prompt: Optional[str] = PROMPT,
@@ -344,7 +344,8 @@ def eval_(
     with handled():
         from memory_llm.evaluate import load_probes
 
-        n = len(load_probes(file)[:limit])  # validate the file before loading any model
+        n = len(load_probes(file)[:limit]) * (2 if mode == "hybrid" else 1)  # validates the file before any model
+        # loads; hybrid answers every probe twice (closed and rag)
         m = _mllm(home, model=model)
         with _progress(as_json) as progress:
             cb = (lambda done, _s={"n": 0}: (_s.__setitem__("n", _s["n"] + done), progress("eval", _s["n"], n))) \

@@ -16,6 +16,7 @@ SYSTEM_PROMPT = (
     "contain the answer, answer from what you know and say so."
 )
 CLOSED_SYSTEM_PROMPT = "You are a helpful assistant. Answer the question concisely."
+CONFIDENCE_TOKENS = 3  # a continuation's confidence: the mean log-probability of its first tokens (hybrid eval)
 SOURCES_END = "</sources>"  # closes the retrieved-sources block of every prompt that has one
 
 
@@ -121,9 +122,10 @@ class Generator:
         return self.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
 
     def generate_batch(self, prompts: list, max_new_tokens: int = 12, temperature: float = 0.0,
-                       return_ids: bool = False) -> list:
+                       return_ids: bool = False, confidence: bool = False) -> list:
         """Continuations of several prompts (lists of token ids) at once, left-padded; greedy unless a
-        temperature is given. Texts, or with return_ids the generated token ids."""
+        temperature is given. Texts, or with return_ids the generated token ids. With confidence, each is a
+        (continuation, confidence) pair: the mean log-probability of its first CONFIDENCE_TOKENS tokens."""
         import torch
 
         if not prompts:
@@ -137,12 +139,19 @@ class Generator:
             mask[i, width - len(p):] = 1
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      output_scores=confidence, return_dict_in_generate=confidence,
                                       **self._gen_kwargs(max_new_tokens, temperature))
-        if return_ids:  # the new tokens up to the first end-of-sequence / padding token
-            stop = {self.tokenizer.eos_token_id, pad}
-            rows = [row[width:].tolist() for row in out]
-            return [row[:next((i for i, t in enumerate(row) if t in stop), len(row))] for row in rows]
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+        sequences = out.sequences if confidence else out
+        stop = {self.tokenizer.eos_token_id, pad}
+        rows = [row[width:].tolist() for row in sequences]
+        rows = [row[:next((i for i, t in enumerate(row) if t in stop), len(row))] for row in rows]
+        results = rows if return_ids else [self.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+        if not confidence:
+            return results
+        head = [torch.log_softmax(score.float(), dim=-1) for score in out.scores[:CONFIDENCE_TOKENS]]
+        sure = [sum(head[t][r, tok].item() for t, tok in enumerate(row[:len(head)])) / min(len(row), len(head))
+                if row else float("-inf") for r, row in enumerate(rows)]
+        return list(zip(results, sure))
 
     def stream(self, input_ids, max_new_tokens: int = 200, temperature: float = 0.0,
                stop: threading.Event | None = None) -> Iterator[str]:

@@ -253,7 +253,7 @@ def test_adapter_for_another_base_is_refused(cmem):
         fresh.ask("x", max_new_tokens=2)
 
 
-def test_closed_and_hybrid_eval_need_and_use_the_adapter(cmem, tmp_path):
+def test_closed_and_hybrid_eval_need_and_use_the_adapter(cmem, tmp_path, monkeypatch):
     path = tmp_path / "e.jsonl"
     path.write_text('{"id": "a", "kind": "cloze", "input": "The lighthouse of Varn was built in",'
                     ' "answers": [["1820"]], "tags": ["mem"]}\n')
@@ -266,7 +266,28 @@ def test_closed_and_hybrid_eval_need_and_use_the_adapter(cmem, tmp_path):
         r = cmem.evaluate(path, mode)
         assert r["n"] == 1 and r["adapter"] == ("v0001" if mode in ("closed", "hybrid") else None)
         outputs[mode] = r["probes"][0]["output"]
-    assert outputs["hybrid"] == outputs["rag"]  # with retrieved sources in the prompt the base model reads them
+    assert outputs["closed"] != outputs["rag"] and outputs["hybrid"] in (outputs["closed"], outputs["rag"])
+    import memory_llm.assistant as assistant
+
+    for margin, expected in ((float("inf"), "rag"), (float("-inf"), "closed")):  # the choice follows confidence
+        monkeypatch.setattr(assistant, "HYBRID_MARGIN", margin)
+        assert cmem.evaluate(path, "hybrid")["probes"][0]["output"] == outputs[expected]
+
+
+def test_confidence_is_the_mean_log_probability_of_the_first_tokens(tiny_generator):
+    import torch
+
+    from memory_llm.generate import CONFIDENCE_TOKENS
+
+    prompts = [[5, 9, 12, 7], [4, 8, 15, 16, 23, 42]]
+    pairs = tiny_generator.generate_batch(prompts, 6, return_ids=True, confidence=True)
+    assert [ids for ids, _ in pairs] == tiny_generator.generate_batch(prompts, 6, return_ids=True)
+    for p, (ids, sure) in zip(prompts, pairs):
+        head = ids[:CONFIDENCE_TOKENS]
+        with torch.inference_mode():
+            logits = tiny_generator.model(input_ids=torch.tensor([p + head])).logits[0, len(p) - 1:-1]
+        want = torch.log_softmax(logits.float(), -1)[range(len(head)), head].mean().item()
+        assert head and abs(sure - want) < 1e-4
 
 
 def test_position_logits_match_the_full_forward(tiny_generator):
