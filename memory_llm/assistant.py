@@ -594,6 +594,7 @@ class MemoryLLM:
         if adapted and self.adapter_version is None:
             raise InputError(f"mode {mode} needs a consolidated adapter: run `mllm consolidate` first")
         start = time.perf_counter()
+        from contextlib import nullcontext
 
         def outputs_of(retrieval: bool, confidence: bool = False) -> tuple[list[str], list[float]]:
             """Every probe's output with retrieval (the base model reads the sources) or without (the adapter
@@ -627,8 +628,6 @@ class MemoryLLM:
                 outputs = ev.run(probes, prompt_ids, generate, progress=progress,
                                  max_new_tokens={"cloze": 12, "qa": qa_new_tokens})
             return outputs, [sure[asked[p.id]] for p in probes] if confidence else []
-
-        from contextlib import nullcontext
 
         if mode != "hybrid":
             outputs = outputs_of(mode == "rag")[0]

@@ -209,9 +209,9 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         train_deadline = deadline - reserve if deadline else None
         lr = recipe.lr * (recipe.later_lr_scale if current is not None else 1.0)
         start_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        plan = _plan_key(recipe, new, keep_covered, init, training_set)
         for retry in range(recipe.diverge_retries + 1):  # a diverged run starts again at half the learning rate
-            checkpoint = Checkpoint(registry.root / ".checkpoint",
-                                    _plan_key(recipe, new, keep_covered, init, training_set, lr))
+            checkpoint = Checkpoint(registry.root / ".checkpoint", f"{plan}@lr={lr!r}")
             stats = train(model, training_set, recipe, deadline=train_deadline, checkpoint=checkpoint,
                           constrain=constrain, progress=(lambda s, t, _: progress("train", s, t)) if progress else None,
                           lr=lr)
@@ -222,7 +222,7 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
                            "starting again at lr %g", lr, stats["loss_curve"][0], stats["loss_curve"][-1],
                            stats["steps"], lr / 2)
             checkpoint.clear()
-            _restore(model, start_weights)
+            model.load_state_dict(start_weights, strict=False)
             lr /= 2
         if stats["stopped_early"]:
             return Summary("out-of-time", f"time budget reached after {stats['steps']} of {stats['planned_steps']}"
@@ -307,23 +307,13 @@ def exemplar_contexts(exemplars) -> dict[int, str]:
     return {-e.id: f"Question: {e.question}\nAnswer: {e.answer}" for e in exemplars}
 
 
-def _plan_key(recipe: Recipe, new: list[int], keep: list[int], init: str | None, examples: list, lr: float) -> str:
-    """What a training checkpoint belongs to: the same memories, parent, recipe, learning rate and sequences."""
-    h = hashlib.sha256(json.dumps([recipe.as_dict(), new, keep, init and Path(init).name, lr],
-                                  sort_keys=True).encode())
+def _plan_key(recipe: Recipe, new: list[int], keep: list[int], init: str | None, examples: list) -> str:
+    """What a training checkpoint belongs to: the same memories, parent, recipe and training sequences (run.py
+    adds the learning rate)."""
+    h = hashlib.sha256(json.dumps([recipe.as_dict(), new, keep, init and Path(init).name], sort_keys=True).encode())
     for e in examples:
         h.update(json.dumps([e.kind, e.ids, e.positions]).encode())
     return h.hexdigest()
-
-
-def _restore(model, weights: dict) -> None:
-    """Put the trainable weights back as they were (a diverged run starts again from them)."""
-    import torch
-
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in weights:
-                p.copy_(weights[name])
 
 
 def _current_metrics(gen, current, retention_items, loc_eval, loc_base, embed) -> dict:
