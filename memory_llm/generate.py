@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import re
 import threading
@@ -63,6 +65,46 @@ def sources_marker(tokenizer) -> list[int]:
     """The token ids that close a retrieved-sources block inside a prompt (it always follows a newline)."""
     return tokenizer("\n" + SOURCES_END, add_special_tokens=False)["input_ids"][1:] or \
         tokenizer(SOURCES_END, add_special_tokens=False)["input_ids"]
+
+
+def _cache_type():
+    from transformers import Cache
+
+    return Cache
+
+
+def continues_sequence(args, kwargs) -> bool:
+    """Whether a model forward continues a sequence held in a cache (a decoding step, or tokens after a cached
+    prefix) rather than starting one. Read from the arguments by type, not by keyword name (transformers 5.24
+    renamed `past_key_values` to `cache`): a cache object that already holds tokens, or, without one, an
+    attention mask longer than the new tokens (it covers the cached ones too)."""
+    cache = _cache_type()
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, cache):
+            return value.get_seq_length() > 0
+    ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
+    return ids is not None and mask is not None and mask.shape[-1] > ids.shape[-1]
+
+
+def cache_kwargs(model, cache) -> dict:
+    """The keyword argument that hands `cache` to a model's forward: `cache` from transformers 5.24 on,
+    `past_key_values` before; read from the signature of the model's own forward (under any peft wrapper)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {_cache_keyword(type(inner)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_type) -> str:
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The cache object a model forward returned (found by type, whatever the output names it)."""
+    cache = _cache_type()
+    found = next((v for v in output.values() if isinstance(v, cache)), None)
+    if found is None:
+        raise ValueError("the model returned no cache (was use_cache=True passed?)")
+    return found
 
 
 def fill(text: str, **slots: str) -> str:

@@ -136,6 +136,22 @@ def test_help_lists_commands():
         assert cmd in out
 
 
+def test_version_and_doctor_name_the_model_libraries_in_use():
+    from importlib import metadata
+
+    import memory_llm
+
+    out = mllm("--version")
+    line = out.stdout.strip()
+    assert out.exit_code == 0 and line.startswith(f"memory-llm {memory_llm.__version__} (")
+    for name in ("torch", "transformers", "peft", "sentence-transformers"):
+        assert f"{name} {metadata.version(name)}" in line
+    assert f"faiss {metadata.version('faiss-cpu')}" in line
+    report = json.loads(mllm("doctor", "--json").stdout)
+    assert report["versions"]["transformers"] == metadata.version("transformers") and report["healthy"]
+    assert mllm("doctor").stdout.splitlines()[0] == line
+
+
 def test_doctor_finds_and_repairs_a_broken_index(tmp_path):
     assert mllm("learn", "--text", "Owls hunt at night in the forest.").exit_code == 0
     healthy = json.loads(mllm("doctor", "--json").stdout)

@@ -305,28 +305,6 @@ def test_position_logits_match_the_full_forward(tiny_generator):
             assert g.shape == full.shape and torch.allclose(g, full, atol=1e-4)
 
 
-def test_teacher_targets_run_a_shared_chunk_once_and_match_the_full_forward(tiny_generator):
-    import torch
-
-    from memory_llm.consolidate.recipe import _top_k_targets
-
-    chunk = [5, 9, 12, 7, 3, 22, 14]
-    seqs = [chunk + [4, 8, 15, 16], chunk + [4, 30, 31], chunk + [40, 41, 42, 43, 44], [6, 9, 12, 7, 50, 51]]
-    spans = [(9, 11), (8, 10), (7, 12), (3, 6)]
-    groups = ["a", "a", "a", "b"]
-    forwards = []
-    hook = tiny_generator.model.register_forward_pre_hook(lambda mod, args, kw: forwards.append(kw["input_ids"].shape),
-                                                          with_kwargs=True)
-    try:
-        shared = _top_k_targets(tiny_generator.model, seqs, spans, k=5, temperature=2.0, groups=groups)
-    finally:
-        hook.remove()
-    plain = _top_k_targets(tiny_generator.model, seqs, spans, k=5, temperature=2.0)
-    assert (1, 7) in forwards and (3, 5) in forwards  # the chunk once, then the three items' own tokens
-    for (js, ps), (jp, pp) in zip(shared, plain):
-        assert torch.equal(js, jp) and torch.allclose(ps, pp, atol=1e-4)
-
-
 def test_logits_by_kind_match_one_padded_forward(tiny_generator):
     import torch
 
@@ -397,46 +375,6 @@ def test_locality_of_the_base_model_against_itself_is_perfect(tiny_generator):
     prompts = ["Name a colour.", "What is two plus two?", "Say hello.", "Describe rain in a sentence."]
     assert locality(tiny_generator, prompts, contextlib.nullcontext, tokens=12, strict_tokens=8) == \
         {"agreement": 1.0, "strict": 1.0}
-
-
-def test_batched_locality_matches_its_definitions_one_prompt_at_a_time():
-    """agreement: the candidate's teacher-forced greedy tokens on the base's continuation, one prompt at a time;
-    strict: the first tokens of the candidate's own greedy output are the base's."""
-    import torch
-
-    from conftest import tiny_model, tiny_tokenizer
-
-    from memory_llm.consolidate.gate import base_continuations, locality
-    from memory_llm.consolidate.recipe import attach_lora, closed_prompt_ids
-    from memory_llm.generate import Generator
-
-    tok = tiny_tokenizer()
-    gen = Generator(tiny_model(tok), tok, "tiny-llama")
-    model = attach_lora(gen.model, Recipe(rank=4, alpha=8))
-    gen.model = model
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    prompts = ["Name a colour.", "What is two plus two?", "Say hello.", "Describe rain in a sentence.", "Hi",
-               "Count to three, please.", "Why is the sky blue?", "Tell me a word.", "Spell cat.", "Go on."]
-    got = locality(gen, prompts, model.disable_adapter, tokens=12, strict_tokens=6, batch_size=4)
-    agree = total = strict = 0
-    for text in prompts:
-        p = closed_prompt_ids(gen, text)
-        with model.disable_adapter():
-            b = gen.generate_batch([p], 12, return_ids=True)[0]
-        out = gen.generate_batch([p], 6, return_ids=True)[0]
-        strict += int(out == b[:6])
-        with torch.inference_mode():
-            logits = model(input_ids=torch.tensor([p + b])).logits[0, len(p) - 1:len(p) + len(b) - 1]
-        agree += sum(int(x == y) for x, y in zip(logits.argmax(-1).tolist(), b))
-        total += len(b)
-    assert got == {"agreement": agree / total, "strict": strict / len(prompts)}
-    base = base_continuations(gen, prompts, model.disable_adapter, tokens=12)  # made once, for several adapters
-    assert locality(gen, prompts, strict_tokens=6, batch_size=4, base_ids=base) == got
-    assert 0 < got["strict"] < 1 and 0 < got["agreement"] < 1  # the perturbation tells the two apart somewhere
 
 
 def test_null_space_constraint_keeps_generic_outputs_while_items_still_move(tiny_generator):

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from memory_llm.consolidate.recipe import closed_prompt_ids, student_prompt_ids
 from memory_llm.consolidate.synth import Item
+from memory_llm.generate import cache_kwargs, output_cache
 
 _WORD = re.compile(r"\w+")
 
@@ -115,8 +116,8 @@ def _forced_greedy(generator, prompts: list[list[int]], continuations: list[list
         preds = first.logits[:, -1].argmax(-1).unsqueeze(1)
         if cont_width:
             rest = generator.model(input_ids=ids[:, width:].to(device), attention_mask=mask.to(device),
-                                   position_ids=position[:, width:].to(device),
-                                   past_key_values=first.past_key_values, use_cache=True)
+                                   position_ids=position[:, width:].to(device), use_cache=True,
+                                   **cache_kwargs(generator.model, output_cache(first)))
             preds = torch.cat([preds, rest.logits.argmax(-1)], dim=1)
     return [row[:len(c) + 1] for row, c in zip(preds.tolist(), continuations)]
 

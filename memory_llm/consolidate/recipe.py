@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 from memory_llm.consolidate.route import common_prefix
 from memory_llm.consolidate.synth import Item
+from memory_llm.generate import cache_kwargs, output_cache
 
 logger = logging.getLogger(__name__)
 
@@ -161,13 +162,14 @@ def position_logits(model, sequences: list[list[int]], positions: list[list[int]
     for r, pos in enumerate(positions):
         keep[r, pos] = True
     device = next(model.parameters()).device
-    past = None
+    cached = {}
     if len(prefix):
-        past = model(input_ids=torch.as_tensor([list(prefix)], device=device), use_cache=True).past_key_values
+        past = output_cache(model(input_ids=torch.as_tensor([list(prefix)], device=device), use_cache=True))
         past.batch_repeat_interleave(len(sequences))
         mask = torch.cat([torch.ones((len(sequences), len(prefix)), dtype=mask.dtype), mask], dim=1)
+        cached = {**cache_kwargs(model, past), "use_cache": True}
     flat = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device),
-                 past_key_values=past, use_cache=past is not None).logits
+                 **cached).logits
     flat = flat.reshape(-1, flat.shape[-1])  # rows in order, positions ascending within a row
     return list(torch.split(flat, [len(p) for p in positions]))
 

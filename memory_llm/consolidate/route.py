@@ -30,6 +30,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from memory_llm.generate import continues_sequence
+
 logger = logging.getLogger(__name__)
 
 ROUTER_FILE = "router.json"
@@ -165,7 +167,7 @@ class Router:
         return bool(self.layers) and self.layers[0].disable_adapters
 
     def _route(self, mod, args, kwargs):
-        if self._busy or _decoding(kwargs):  # a decoding step keeps the prefill's decision
+        if self._busy or continues_sequence(args, kwargs):  # a decoding step keeps the prefill's decision
             return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._gate = None if input_ids is None or self.disabled else \
@@ -259,7 +261,7 @@ class RouterStack:
         return [int(i) for i in best.argmax(axis=1)]
 
     def _route(self, mod, args, kwargs):
-        if any(r._busy for r in self.routers) or _decoding(kwargs):
+        if any(r._busy for r in self.routers) or continues_sequence(args, kwargs):
             return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None or self.routers[0].disabled:
@@ -372,12 +374,6 @@ def _unit(x):
 
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def _decoding(kwargs) -> bool:
-    """Whether a forward continues a sequence (a decoding step with cached keys) rather than starting one."""
-    past = kwargs.get("past_key_values")
-    return past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0
 
 
 def read_router(directory: Path) -> dict | None:
