@@ -46,11 +46,11 @@ $(LATEST)/.installed: FORCE
 
 test-latest: $(LATEST)/.installed
 	$(LATEST)/bin/python -m pytest -q -m "not e2e"
-	@$(LATEST)/bin/python scripts/lockfile.py $(LOCK) $(LATEST)
+	@$(LATEST)/bin/python scripts/lockfile.py $(LOCK)
 
 lock: $(LATEST)/.installed
 	$(LATEST)/bin/python -m pytest -q
-	$(LATEST)/bin/python scripts/lockfile.py $(LOCK) $(LATEST) --write
+	$(LATEST)/bin/python scripts/lockfile.py $(LOCK) --write
 	rm -rf $(LATEST)
 
 clean:
