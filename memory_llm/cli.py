@@ -70,7 +70,7 @@ def _quiet_libraries() -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         root.addHandler(handler)
-    root.setLevel(logging.DEBUG if os.environ.get("MLLM_DEBUG") else logging.WARNING)
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
     for name in ("transformers", "sentence_transformers", "huggingface_hub", "faiss", "pypdf"):
         logging.getLogger(name).setLevel(logging.WARNING if debug else logging.ERROR)
 
