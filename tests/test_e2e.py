@@ -22,7 +22,8 @@ def test_help_does_not_import_torch():
     assert help_out.returncode == 0 and "learn" in help_out.stdout
     code = "import sys; from memory_llm.versions import describe; describe(); print([m for m in ('torch', " \
            "'transformers', 'peft', 'faiss', 'sentence_transformers') if m in sys.modules])"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]"
     version = run_cli("--version")
     assert version.returncode == 0 and "transformers " in version.stdout and not version.stderr
 
