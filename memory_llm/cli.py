@@ -341,7 +341,7 @@ def doctor(repair: bool = typer.Option(False, "--repair", help="Rebuild what can
         if as_json:
             _print_json(report)
         else:
-            typer.echo(describe())
+            typer.echo(describe(report["versions"]))
             for line in report["repaired"]:
                 typer.echo(f"repaired: {line}")
             for c in report["checks"]:

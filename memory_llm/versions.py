@@ -20,9 +20,9 @@ def versions() -> dict[str, str | None]:
             **{name: _installed(dists) for name, dists in LIBRARIES.items()}}
 
 
-def describe() -> str:
-    """One line: "memory-llm 0.1.0 (python 3.11.7, torch 2.13.0+cpu, ...)"."""
-    v = versions()
+def describe(v: dict[str, str | None] | None = None) -> str:
+    """One line: "memory-llm 0.1.0 (python 3.11.7, torch 2.13.0+cpu, ...)", of `versions()` unless given."""
+    v = v or versions()
     rest = ", ".join(f"{name} {version or 'not installed'}" for name, version in v.items() if name != "memory-llm")
     return f"memory-llm {v['memory-llm']} ({rest})"
 

@@ -5,6 +5,7 @@ cache keyword (`past_key_values` → `cache`): routed adapters then acted on the
 did not notice. `make test-latest` runs these (with the rest of the fast suite) on the newest releases."""
 
 import logging
+import warnings
 
 import pytest
 import torch
@@ -36,7 +37,8 @@ def no_deprecation_notices():
     hf.addHandler(handler)
     hf.setLevel(logging.WARNING)
     try:
-        with _recorded_warnings() as caught:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             yield
     finally:
         hf.removeHandler(handler)
@@ -51,18 +53,6 @@ def no_deprecation_notices():
 NOT_OURS = {
     "`is_gradient_checkpointing` is deprecated": "peft 0.21.2 reads it on transformers 5.24 (PeftModel.__init__)",
 }
-
-
-def _recorded_warnings():
-    import warnings
-
-    class Recorded(warnings.catch_warnings):
-        def __enter__(self):
-            got = super().__enter__()
-            warnings.simplefilter("always")
-            return got
-
-    return Recorded(record=True)
 
 
 def _from_library(filename: str) -> bool:
@@ -99,10 +89,10 @@ def _only(model, name):
     return ctx()
 
 
-def _acting_rows(model, routers):
-    """For each router, per forward of the model, which batch rows its adapter changed (its gated LoRA output in
-    the last layer is non-zero), recorded after the gate; forwards nested in another (the routers' scoring) are
-    not counted. Returns (one list per router, a function that removes the hooks)."""
+def _acting_rows(model, routers, names):
+    """For each router (of adapter names[k]), per forward of the model, which batch rows its adapter changed (its
+    gated LoRA output in the last layer is non-zero), recorded after the gate; forwards nested in another (the
+    routers' scoring) are not counted. Returns (one list per router, a function that removes the hooks)."""
     inner, depth = model.get_base_model(), [0]
     seen: list[list[list[bool]]] = [[] for _ in routers]
 
@@ -120,7 +110,8 @@ def _acting_rows(model, routers):
 
     handles = [inner.register_forward_pre_hook(enter, with_kwargs=True, prepend=True),
                inner.register_forward_hook(leave, with_kwargs=True, always_call=True)]
-    handles += [r.layers[-1].lora_B[r._name].register_forward_hook(record(k)) for k, r in enumerate(routers)]
+    handles += [r.layers[-1].lora_B[name].register_forward_hook(record(k))
+                for k, (r, name) in enumerate(zip(routers, names))]
     return seen, lambda: [h.remove() for h in handles]
 
 
@@ -140,7 +131,7 @@ def test_a_routed_adapter_acts_on_every_decoding_step_of_its_rows_and_on_no_othe
     assert all(a != b for a, b in zip(adapted, base))  # the adapter changes every prompt's greedy output
 
     router.install()
-    (seen,), unhook = _acting_rows(model, [router])
+    (seen,), unhook = _acting_rows(model, [router], ["default"])
     try:
         routed = gen.generate_batch(prompts, 8, return_ids=True)
     finally:
@@ -156,14 +147,13 @@ def test_stacked_adapters_each_act_on_every_decoding_step_of_the_rows_that_chose
     prompts = [closed_prompt_ids(gen, q) for q in QUESTIONS[:4]]
     routers = [Router(model, threshold=0.0, head=common_prefix(prompts), name=n) for n in ("default", "b")]
     a_rows = [True, False, False, True]  # which prompts hold "default"'s key (the others hold "b"'s)
-    texts = {gen.tokenizer.decode(p[len(routers[0].head):]): a for p, a in zip(prompts, a_rows)}
+    holds_a = {tuple(p[len(routers[0].head):]): a for p, a in zip(prompts, a_rows)}  # a prompt's own tokens
 
     def embed(rows, head=()):
-        found = [next((a for t, a in texts.items() if gen.tokenizer.decode(r).startswith(t[:12])), None) for r in rows]
-        return [[1.0, 0.0] if a else [0.0, 1.0] for a in found]
+        return [[1.0, 0.0] if holds_a.get(tuple(r)) else [0.0, 1.0] for r in rows]
 
     stack = RouterStack(routers, keys=[[[1.0, 0.0]], [[0.0, 1.0]]], embed=embed).install()
-    (seen_a, seen_b), unhook = _acting_rows(model, routers)
+    (seen_a, seen_b), unhook = _acting_rows(model, routers, ["default", "b"])
     try:
         routed = gen.generate_batch(prompts, 8, return_ids=True)
     finally:
