@@ -65,6 +65,8 @@ class Answer:
     prompt: "PromptChoice | None" = None
     session_id: str | None = None
     remembered: list[int] = field(default_factory=list)  # memories stored from the user's statements (chat)
+    path: str = "model"  # what answered: retrieval | adapter | retrieval+adapter | model (neither)
+    why: str = ""  # why that path, in a line
 
     @property
     def template(self) -> str | None:
@@ -73,7 +75,9 @@ class Answer:
     def as_dict(self) -> dict:
         return {"id": self.id, "answer": self.text, "question": self.question, "namespace": self.namespace,
                 "session_id": self.session_id, "model": self.model, "adapter": self.adapter,
-                "adapter_active": self.adapter_active, "adapter_used": self.adapter_used, "used_memory": self.used_memory, **(self.prompt.as_dict() if self.prompt else {}),
+                "adapter_active": self.adapter_active, "adapter_used": self.adapter_used,
+                "used_memory": self.used_memory, "path": self.path, "why": self.why,
+                **(self.prompt.as_dict() if self.prompt else {}),
                 "retrieved_ids": [h.memory.id for h in self.sources], "remembered_ids": self.remembered,
                 "sources": [{"n": i, **h.as_dict()} for i, h in enumerate(self.sources, 1)],
                 "timings": {k: round(v, 4) for k, v in self.timings.items()}}
@@ -131,6 +135,7 @@ class MemoryLLM:
         self.adapter_version: str | None = None
         self._adapter_attached = False
         self._router = None  # the current adapter's activation router (route.py), if it has one
+        self._keys: list = []  # the current adapters' keys (unit embeddings of their trained prompts)
         self._embedder_bound = False
         self._store: Store | None = None
         self._prompts: PromptLibrary | None = None
@@ -199,7 +204,7 @@ class MemoryLLM:
     def _attach_current_adapter(self) -> None:
         """Serve the promoted adapter (if any) on top of the base model; it records the base it was made for."""
         from memory_llm.consolidate.adapters import AdapterRegistry, attach
-        from memory_llm.consolidate.route import prompt_embedder
+        from memory_llm.consolidate.route import prompt_embedder, read_keys
         from memory_llm.generate import sources_marker
 
         self._adapter_attached = True
@@ -210,9 +215,14 @@ class MemoryLLM:
         registry.check_base(current, self.settings.model)
         self._generator.model, self._router = attach(
             self._generator.model, current, embed=prompt_embedder(self._generator.tokenizer, self.embed_texts))
-        if self._router is not None:  # on top of retrieved sources the adapter lowered accuracy (BENCHMARKS.md):
-            # a prompt that carries sources gets the base model reading them
-            self._router.veto = sources_marker(self._generator.tokenizer)
+        if self._router is not None:  # a prompt that carries sources is routed on its question (the tokens after
+            # the sources); with adapter_with_sources off it gets the base model reading them
+            marker = sources_marker(self._generator.tokenizer)
+            if self.settings.adapter_with_sources:
+                self._router.after = marker
+            else:
+                self._router.veto = marker
+        self._keys = [k for k in (read_keys(v.path) for v in current.stack) if k is not None]
         self.adapter_version = current.name
 
     def reload_adapter(self) -> None:
@@ -223,7 +233,7 @@ class MemoryLLM:
                 self._router = None
             if self._generator is not None and hasattr(self._generator.model, "unload"):
                 self._generator.model = self._generator.model.unload()
-            self._adapter_attached, self.adapter_version = False, None
+            self._adapter_attached, self.adapter_version, self._keys = False, None, []
 
     def _base_context(self):
         """Run the generator as the base model (no adapter) inside this context."""
@@ -401,22 +411,72 @@ class MemoryLLM:
             return vectors[0]
 
         t0 = time.perf_counter()
-        hits = self._retrieve(queries, k, namespace, question_vectors) if use_memory else []
-        t1 = time.perf_counter()
-        choice = self.prompts.choose(lambda: question_vectors()[0], namespace, prompt, exemplars,
-                                     self.generator.count_tokens)
-        t2 = time.perf_counter()
         gen = self.generator
-        hits = pack(hits, gen.count_tokens, self.settings.context_tokens)
-        ids = gen.chat_ids(build_messages(question, [h.memory.text for h in hits], system, template=choice.template,
-                                          shots=choice.shots(), history=history))
+        choice = self.prompts.choose(lambda: question_vectors()[0], namespace, prompt, exemplars, gen.count_tokens)
+        t1 = time.perf_counter()
+
+        def prompt_ids(hits: list[Hit]):
+            return gen.chat_ids(build_messages(question, [h.memory.text for h in hits], system,
+                                               template=choice.template, shots=choice.shots(), history=history))
+
+        skipped, ids = None, None
+        if use_memory and not history and self._keys and self.settings.skip_retrieval_similarity > 0:
+            similarity = self._trained_similarity(question_vectors()[0])
+            if similarity >= self.settings.skip_retrieval_similarity:
+                closed = prompt_ids([])
+                if self._adapter_acts(closed):
+                    skipped, ids, hits = similarity, closed, []
+        t2 = time.perf_counter()
+        if ids is None:
+            hits = self._retrieve(queries, k, namespace, question_vectors) if use_memory else []
+            t2 = time.perf_counter()
+            hits = pack(hits, gen.count_tokens, self.settings.context_tokens)
+            ids = prompt_ids(hits)
         window = getattr(getattr(gen.model, "config", None), "max_position_embeddings", None)
         if isinstance(window, int) and ids.shape[1] >= window:  # beyond it a model answers garbage, slowly
             raise InputError(f"the question is too long: the prompt is {ids.shape[1]} tokens and the model reads"
                              f" at most {window}")
         t3 = time.perf_counter()
-        return hits, ids, choice, {"retrieve": t1 - t0, "prompt_library": t2 - t1, "prompt": t3 - t2,
-                                   "prompt_tokens": float(ids.shape[1])}, t0
+        return hits, ids, choice, {"prompt_library": t1 - t0, "retrieve": t2 - t1, "prompt": t3 - t2,
+                                   "prompt_tokens": float(ids.shape[1])}, t0, skipped
+
+    def _path(self, answer: Answer, skipped: float | None) -> tuple[str, str]:
+        """Which path answered (retrieval, adapter, both, or the model alone) and why, in a line."""
+        acted = bool(answer.adapter_active)
+        sources = f"{len(answer.sources)} retrieved source{'s' * (len(answer.sources) != 1)}"
+        if skipped is not None:
+            return "adapter", (f"retrieval skipped: the question is {skipped:.2f} similar to one adapter "
+                               f"{answer.adapter_used or answer.adapter} was trained on (skip_retrieval_similarity "
+                               f"{self.settings.skip_retrieval_similarity:g}) and its router let it act")
+        if answer.adapter is None:
+            adapter = "no consolidated adapter" if self.use_adapter else "the adapter is switched off"
+        elif acted:
+            adapter = f"adapter {answer.adapter_used or answer.adapter} acted (its router passed the question)"
+        elif answer.sources and not self.settings.adapter_with_sources:
+            adapter = "the adapter stays off on prompts with sources (adapter_with_sources = false)"
+        else:
+            adapter = f"adapter {answer.adapter} stayed off (its router scored the question as not its memory)"
+        if not answer.used_memory:
+            return ("adapter" if acted else "model"), f"memory off (--no-memory); {adapter}"
+        if not answer.sources:
+            return ("adapter" if acted else "model"), f"nothing retrieved; {adapter}"
+        return ("retrieval+adapter" if acted else "retrieval"), f"{sources}; {adapter}"
+
+    def _trained_similarity(self, vector) -> float:
+        """The cosine similarity of a question's embedding to the nearest prompt the current adapters trained on."""
+        q = np.asarray(vector, dtype=np.float32)
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        return max(float((np.asarray(k, dtype=np.float32) @ q).max()) for k in self._keys)
+
+    def _adapter_acts(self, ids) -> bool:
+        """Whether the adapter's router lets it act on this prompt (no router: the adapter always acts)."""
+        if self._router is None:
+            return True
+        import torch
+
+        with torch.no_grad():
+            on = self._router.decide(ids.to(self.generator.device))
+        return bool(on and on[0])
 
     def ask(self, question: str, *, k: int | None = None, namespace: str = DEFAULT_NAMESPACE,
             use_memory: bool = True, max_new_tokens: int | None = None, prompt: str | None = None,
@@ -442,7 +502,7 @@ class MemoryLLM:
 
     def _answer_stream(self, question: str, prepared, namespace: str, use_memory: bool, max_new_tokens: int | None,
                        log: bool, session_id: str | None = None, remembered: Sequence[int] = ()) -> AnswerStream:
-        hits, ids, choice, timings, t0 = prepared
+        hits, ids, choice, timings, t0, skipped = prepared
         max_new = max_new_tokens or self.settings.max_new_tokens
         t_gen = time.perf_counter()
 
@@ -455,6 +515,7 @@ class MemoryLLM:
                 answer.adapter_active = self._router.active if self._router is not None else True
                 answer.adapter_used = self._router.acted if hasattr(self._router, "acted") \
                     else (self.adapter_version if answer.adapter_active else None)  # one adapter: this version
+            answer.path, answer.why = self._path(answer, skipped)
             if log:
                 answer.id = self.store.log_answer(
                     namespace=namespace, question=question, answer=answer.text, template=choice.name,
@@ -629,16 +690,53 @@ class MemoryLLM:
                                  max_new_tokens={"cloze": 12, "qa": qa_new_tokens})
             return outputs, [sure[asked[p.id]] for p in probes] if confidence else []
 
-        if mode != "hybrid":
+        paths: dict[str, str] = {}
+        if mode == "served":
+            outputs = self._served_outputs(probes, paths, k=k, namespace=namespace, prompt=prompt,
+                                           exemplars=exemplars, progress=progress, new_tokens=qa_new_tokens)
+        elif mode != "hybrid":
             outputs = outputs_of(mode == "rag")[0]
         else:  # per probe, the more confident of the adapter without sources and the base model reading them
             (closed, sure_closed), (rag, sure_rag) = outputs_of(False, True), outputs_of(True, True)
             outputs = [c if sc > sr + HYBRID_MARGIN else r for c, r, sc, sr in zip(closed, rag, sure_closed, sure_rag)]
         result = ev.score(probes, outputs, mode)
-        result["adapter"] = self.adapter_version if adapted else None
+        if mode == "served":
+            for record in result["probes"]:
+                record["path"] = paths[record["id"]]
+            result["paths"] = {p: sum(r["path"] == p for r in result["probes"]) for p in sorted(set(paths.values()))}
+        result["adapter"] = self.adapter_version if adapted or mode == "served" else None
         result["seconds"] = round(time.perf_counter() - start, 2)
         result["model"] = self.settings.model
         return result
+
+    def _served_outputs(self, probes: list, paths: dict, *, k, namespace: str, prompt, exemplars: bool, progress,
+                        new_tokens: int) -> list[str]:
+        """Every probe answered as `ask` answers it by default (its prompt, retrieval or its skip, the adapter
+        where its router lets it act, greedy), batched; `paths` gets each probe's path (see Answer.path)."""
+        from memory_llm import evaluate as ev
+
+        asked: dict[tuple, list] = {}  # prompt ids → [(probe id, sources?, retrieval skipped?)] (ids may repeat)
+
+        def prompt_ids(p) -> list[int]:
+            hits, ids, *_, skipped = self._prepare(p.input, k=k, namespace=namespace, use_memory=True,
+                                                   prompt=prompt, exemplars=exemplars)
+            ids = ids[0].tolist()
+            asked.setdefault(tuple(ids), []).append((p.id, bool(hits), skipped is not None))
+            return ids
+
+        def generate(prompts: list, new: int) -> list[str]:
+            texts = self.generator.generate_batch(prompts, new)
+            router = self._router
+            acted = list(router.last_on) if router is not None and len(router.last_on) == len(prompts) \
+                else [self.adapter_version is not None] * len(prompts)
+            for ids, on in zip(prompts, acted):
+                for pid, sources, skipped in asked[tuple(ids)]:
+                    paths[pid] = "adapter" if skipped or (on and not sources) else \
+                        ("retrieval+adapter" if on else "retrieval") if sources else "model"
+            return texts
+
+        return ev.run(probes, prompt_ids, generate, progress=progress,
+                      max_new_tokens={"cloze": new_tokens, "qa": new_tokens})
 
     # ---- consolidation -------------------------------------------------------------------------------
     def consolidate(self, *, max_minutes: float | None = None, dry_run: bool = False, full: bool = False,

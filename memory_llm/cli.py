@@ -253,6 +253,8 @@ def _print_sources(answer) -> None:
         for i, h in enumerate(answer.sources, 1):
             snippet = " ".join(h.memory.text.split())
             typer.echo(f"  [{i}] {h.memory.source} (#{h.memory.id}): {snippet[:100]}…")
+    elif answer.used_memory and answer.path == "adapter":
+        typer.echo(f"\n(No sources: {answer.why}.)")
     elif answer.used_memory:
         typer.echo("\n(No memories matched; answered without sources.)")
 
@@ -354,9 +356,10 @@ def doctor(repair: bool = typer.Option(False, "--repair", help="Rebuild what can
 @app.command(name="eval")
 def eval_(
     file: Path = typer.Argument(..., help="JSON Lines probe file (see design.md)."),
-    mode: str = typer.Option("rag", "--mode", help="base (nothing), rag (retrieval), closed (adapter only) or"
+    mode: str = typer.Option("rag", "--mode", help="base (nothing), rag (retrieval), closed (adapter only),"
                                                     " hybrid (each probe answered both ways, closed and rag; the more"
-                                                    " confident answer is kept)."),
+                                                    " confident answer is kept) or served (exactly what `ask` does:"
+                                                    " every probe asked as a question, retrieval and the adapter)."),
     k: Optional[int] = typer.Option(None, "-k", help="Memories to retrieve in rag mode.", show_default=False),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N probes.", show_default=False),
     prompt: Optional[str] = PROMPT,
@@ -385,6 +388,8 @@ def eval_(
                    f" ({result['seconds']:.0f} s)")
         for tag, acc in result["by_tag"].items():
             typer.echo(f"  {tag:12s} {acc:.3f}  (n={result['by_tag_n'][tag]})")
+        if result.get("paths"):
+            typer.echo("  answered by: " + ", ".join(f"{p} {n}" for p, n in result["paths"].items()))
 
 
 @app.command()

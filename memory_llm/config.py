@@ -64,6 +64,11 @@ class Settings:
     exemplar_min_rating: int = _opt(1, "Exemplars rated below this are not used")
     exemplar_min_similarity: float = _opt(0.5, "Cosine similarity of an exemplar's question to the question, at least")
     template_min_similarity: float = _opt(0.3, "Below this similarity to every template description, 'default' is used")
+    adapter_with_sources: bool = _opt(False, "The consolidated adapter may act on prompts that carry retrieved"
+                                      " sources (routed on the question); false: those prompts get the base model")
+    skip_retrieval_similarity: float = _opt(0.0, "Answer from the adapter without retrieval when the question is at"
+                                            " least this similar (cosine) to one it was trained on and its router"
+                                            " lets it act; 0: always retrieve")
     lock_timeout: float = _opt(30.0, "Seconds to wait for the store's write lock before a clear error")
     home: Path = _opt(None, "Memory home (MLLM_HOME)")
     cache_dir: Path = _opt(None, "Converted-model cache (MLLM_CACHE)")
@@ -83,6 +88,8 @@ class Settings:
         for name in ("exemplar_k", "exemplar_tokens"):
             if getattr(self, name) < 0:
                 raise InputError(f"setting {name}={getattr(self, name)!r} must be >= 0")
+        if not 0 <= self.skip_retrieval_similarity <= 1:
+            raise InputError(f"setting skip_retrieval_similarity={self.skip_retrieval_similarity!r} must be in [0, 1]")
         for name in ("exemplar_min_similarity", "template_min_similarity"):
             if not -1 <= getattr(self, name) <= 1:
                 raise InputError(f"setting {name}={getattr(self, name)!r} must be in [-1, 1]")
@@ -143,6 +150,15 @@ class Settings:
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    if str(f.type) == "bool":
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
+        raise InputError(f"setting {f.name}={value!r} is not true or false")
     kind = {"int": int, "float": float, "str": str}.get(str(f.type))
     if kind is None or isinstance(value, kind) and not isinstance(value, bool):
         return value
@@ -153,6 +169,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value)

@@ -13,7 +13,8 @@ from memory_llm.errors import EvalFormatError
 logger = logging.getLogger(__name__)
 
 KINDS = ("qa", "cloze")
-MODES = ("base", "rag", "closed", "hybrid")  # closed/hybrid use the consolidated adapter
+MODES = ("base", "rag", "closed", "hybrid", "served")  # closed/hybrid use the consolidated adapter; served is
+# `ask`'s own path (retrieval, the adapter where its router lets it act, every probe asked as a chat question)
 
 
 @dataclass

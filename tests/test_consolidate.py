@@ -75,6 +75,22 @@ def test_rewrites_trained_and_held_out(tiny_generator, rewrites, held_out_rewrit
     assert len(items) - len(rewritten) == len(cloze_items(3, FACTS[0]))  # the chunk's own sentences, trained
 
 
+def test_open_book_items_carry_the_memory_with_a_distractor_or_the_distractor_alone():
+    from memory_llm.consolidate.recipe import open_book_items
+
+    contexts = {1: "Memory one.", 2: "Memory two.", 3: "Memory three.", -4: "An exemplar."}
+    items = [Item(1, "qa", "Q1?", "A1"), Item(2, "qa", "Q2?", "A2"), Item(1, "cloze", "Memory", "one."),
+             Item(-4, "qa", "Q4?", "A4")]
+    triples = open_book_items(items, contexts, 1.0, seed=0)
+    assert len(triples) == 4 and {t[0].prompt for t in triples} == {"Q1?", "Q2?"}  # qa items of memories only
+    for item, sources, teacher in triples:
+        mine = contexts[item.memory_id]
+        distractors = [x for x in sources if x != mine]
+        assert len(distractors) == 1 and distractors[0] in ("Memory one.", "Memory two.", "Memory three.")
+        assert (sources.count(mine), teacher) in ((1, None), (0, mine))  # reads the sources, or answers from memory
+    assert open_book_items(items, contexts, 0.0, seed=0) == [] and len(open_book_items(items, contexts, 0.5, 0)) == 2
+
+
 def test_item_correct_rules():
     cloze = Item(1, "cloze", "The tower was built in", "1820 by the engineer")
     assert item_correct(cloze, " 1820, by the engineer Holm") and not item_correct(cloze, " the year 1820 by")
@@ -104,6 +120,36 @@ def test_first_round_promotes_v0001_and_records_the_ledger(cmem):
     assert answer.adapter == "v0001" and answer.as_dict()["retrieved_ids"]
     assert MemoryLLM(cmem.settings.home, generator=cmem.new_generator(), embedder=cmem.embedder,
                      use_adapter=False).ask("x", max_new_tokens=2).adapter is None
+
+
+def test_ask_says_which_path_answered_and_skips_retrieval_only_where_the_adapter_knows(cmem, tmp_path):
+    run(cmem)
+    answer = cmem.ask("Who built the lighthouse?", max_new_tokens=4)
+    assert answer.sources and answer.path == ("retrieval+adapter" if answer.adapter_active else "retrieval")
+    assert "retrieved sources" in answer.why and answer.as_dict()["path"] == answer.path
+    closed = cmem.ask("Who built the lighthouse?", use_memory=False, max_new_tokens=4)
+    assert not closed.sources and closed.path == ("adapter" if closed.adapter_active else "model")
+    assert "--no-memory" in closed.why
+    # the skip: a question close to a trained prompt, and the router letting the adapter act, skips retrieval
+    trained = cmem.store.items(cmem.store.memory_ids())[0].prompt
+    cmem.settings.skip_retrieval_similarity = 0.99
+    cmem._adapter_acts = lambda ids: True
+    skipped = cmem.ask(trained, max_new_tokens=4)
+    assert skipped.path == "adapter" and not skipped.sources and skipped.why.startswith("retrieval skipped")
+    assert skipped.timings["prompt_tokens"] < answer.timings["prompt_tokens"]
+    cmem._adapter_acts = lambda ids: False  # the router would keep the adapter off: retrieve after all
+    assert cmem.ask(trained, max_new_tokens=4).sources
+    cmem._adapter_acts = lambda ids: True
+    assert cmem.ask("Completely unrelated words about cooking pasta", max_new_tokens=4).sources  # not similar
+    # eval --mode served runs that path, probe by probe
+    probes = tmp_path / "p.jsonl"
+    probes.write_text(json.dumps({"id": "a", "kind": "qa", "input": trained, "answers": [["x"]]}) + "\n"
+                      + json.dumps({"id": "b", "kind": "cloze", "input": "Who built it", "answers": [["x"]]}) + "\n")
+    served = cmem.evaluate(probes, "served")
+    assert [p["path"] for p in served["probes"]][0] == "adapter" and served["probes"][1]["path"].startswith("retrieval")
+    assert sum(served["paths"].values()) == 2 and served["adapter"] == "v0001"
+    cmem.settings.skip_retrieval_similarity = 0.0
+    assert all(p["path"].startswith("retrieval") for p in cmem.evaluate(probes, "served")["probes"])
 
 
 def test_nothing_new_then_new_memory_builds_on_current(cmem):
@@ -475,6 +521,22 @@ def test_router_gives_generic_prompts_the_base_model_and_facts_the_adapter(tiny_
     vetoed = logits([generic[0], items[0].ids[:10] + [3, 3]])
     assert torch.equal(vetoed[1], base[1]) and router.last_on == [False, False]
     router.veto = []
+    # a prompt holding the `after` sequence (the sources marker) is scored on what follows it (the question): a
+    # memory question after generic "sources" gets the adapter. (A generic question after memory text may score
+    # high too: its tokens carry the sources' context; the tiny adapter routes it on, so it is not asserted.)
+    marker = [5, 6, 5]
+    rows = [generic[1][:8] + marker + items[0].ids[:10], generic[2][:8] + marker + generic[3][:10]]
+    assert all(len(r) == 21 for r in rows)
+    whole = router.scores(rows)
+    router.after = marker
+    assert router.own_tokens([1, 2, 5, 6, 5, 8, 9], None) == (slice(5, 7), False)
+    assert router.own_tokens([1, 2, 8, 9], None) == (slice(0, 4), False)
+    routed = logits(rows)
+    assert router.last_on[0] and router.last != whole  # scored on the question, not the whole prompt
+    with model.disable_adapter():
+        plain = logits(rows)
+    assert not torch.allclose(routed[0], plain[0])
+    router.after = []
     # one threshold per form: a prompt starting with the chat head is held to `threshold`, raw text to the other
     row = items[0].ids[:10]
     router.head, router.threshold, router.raw_threshold = [3, 3], float("inf"), router.threshold

@@ -1,6 +1,7 @@
 """A real, small consolidation on the offline model with the shipped recipe: the gate promotes it, and the
-adapter answers the trained facts closed-book better than the base model while general answers stay (the
-router gives general questions the base model)."""
+adapter answers the trained facts closed-book better than the base model, raw and asked as questions, what `ask`
+serves is no worse than retrieval alone, and general answers stay (the router gives general questions the base
+model)."""
 
 import copy
 import json
@@ -21,12 +22,18 @@ PROBES = [("The harbour town of Pelloria was founded in 1642 by the cartographer
           ("Its lighthouse, the Grey", "Sentinel"),
           ("Every autumn the town holds the Lantern", "Regatta"),
           ("The harbour town of Pelloria was founded in", "1642")]
+QUESTIONS = [("Who founded the harbour town of Pelloria?", "Vantz"),  # as users ask: `ask`'s chat form
+             ("What is the name of the lighthouse of Pelloria?", "Sentinel"),
+             ("In which year was Pelloria founded?", "1642"),
+             ("What does the lighthouse of Pelloria burn?", "whale oil")]
 
 
 def test_consolidation_moves_facts_into_the_weights_without_damage(tmp_path, real_models):
-    facts, gk = tmp_path / "facts.jsonl", tmp_path / "general.jsonl"
+    facts, gk, asked = tmp_path / "facts.jsonl", tmp_path / "general.jsonl", tmp_path / "questions.jsonl"
     facts.write_text("\n".join(json.dumps({"id": f"f{i}", "kind": "cloze", "input": q, "answers": [[a]],
                                            "tags": ["mem"]}) for i, (q, a) in enumerate(PROBES)))
+    asked.write_text("\n".join(json.dumps({"id": f"q{i}", "kind": "qa", "input": q, "answers": [[a]]})
+                               for i, (q, a) in enumerate(QUESTIONS)))
     general = (REPO / "data" / "general_probes.jsonl").read_text().splitlines()[:16]
     gk.write_text("\n".join(general))
 
@@ -36,6 +43,7 @@ def test_consolidation_moves_facts_into_the_weights_without_damage(tmp_path, rea
     m.learn(text=FACTS, source="pelloria")
     base = m.evaluate(facts, "base")
     general_before = m.evaluate(gk, "base")
+    asked_base, asked_rag = m.evaluate(asked, "base"), m.evaluate(asked, "rag")
 
     summary = m.consolidate()  # the shipped recipe
     assert summary.status == "promoted", (summary.message, summary.reasons, summary.metrics)
@@ -46,6 +54,10 @@ def test_consolidation_moves_facts_into_the_weights_without_damage(tmp_path, rea
     assert closed["accuracy"] > base["accuracy"], (base["accuracy"], closed["accuracy"])
     gone = lost(general_before, general_after)
     assert len(gone) <= 1, gone
+    # asked as users ask: the weights answer without retrieval, and what `ask` serves is no worse than retrieval
+    asked_closed, asked_served = m.evaluate(asked, "closed"), m.evaluate(asked, "served")
+    assert asked_closed["accuracy"] > asked_base["accuracy"], (asked_base["accuracy"], asked_closed["accuracy"])
+    assert asked_served["accuracy"] >= asked_rag["accuracy"], (asked_rag["accuracy"], asked_served["accuracy"])
     # the router keeps the adapter off a general question (that it acts on the facts is what the closed-book
     # gain above needs; through `ask`, with its own system prompt, fact prompts did not route in full-suite runs)
     assert m.ask("What is the capital of France?", use_memory=False, max_new_tokens=4).adapter_active is False

@@ -56,6 +56,12 @@ class Recipe:
     held_out_rewrite: bool = False  # one more rewrite per memory, held out: paraphrased probes for the gate's
     # generalization figure only (no floor reads it); off, generalization is measured on the held-out questions
     questions: int = 4  # questions sampled per memory
+    sentence_questions: int = 1  # questions asked about each sentence of a memory (synth.SENTENCE_QUESTION_PROMPT):
+    # every fact gets a question in the form users ask (BENCHMARKS.md, "Consolidated knowledge reaches ask")
+    open_book: float = 0.0  # share of qa items that also train with retrieved sources in the student's prompt
+    # (RAFT, arXiv 2403.10131): once with their memory and a distractor (the teacher reads the same prompt: the
+    # adapter learns to leave reading alone) and once with the distractor only (the teacher has the memory: the
+    # adapter answers from the weights when retrieval misses). For serving beside sources (adapter_with_sources)
     cloze_cuts: tuple = (0.4,)  # where sentences are cut into cloze items (fractions of their words); one cut
     # supervised to the sentence's end took closed gen from 0.52 to 0.82 on 10 FK documents (cuts at 0.4/0.6/0.8
     # with 8 answer words: the same budget spent on overlapping short answers; BENCHMARKS.md)
@@ -221,6 +227,42 @@ def prepare_items(generator, items: Sequence[Item], contexts: dict[int, str], re
                              groups=[(item.memory_id, item.kind) for item in items])
     if progress:
         progress(len(items))
+    return [Example(s, pos, j, p, "item") for s, pos, (j, p) in zip(students, student_pos, targets)]
+
+
+def open_book_items(items: Sequence[Item], contexts: dict[int, str], share: float, seed: int) -> list[tuple]:
+    """(item, sources, teacher context) triples for open-book training (Recipe.open_book): a seeded `share` of the
+    qa items, each once with its memory and a distractor (another memory) as sources, in random order, read by the
+    teacher too, and once with the distractor alone while the teacher reads the memory."""
+    rng = random.Random(seed)
+    qa = [it for it in items if it.kind == "qa" and it.memory_id > 0 and it.memory_id in contexts]
+    others = sorted(m for m in contexts if m > 0)  # memories (exemplars have negative ids)
+    if share <= 0 or len(others) < 2 or not qa:
+        return []
+    out = []
+    for it in rng.sample(qa, max(1, round(len(qa) * min(share, 1.0)))):
+        distractor = contexts[rng.choice([m for m in others if m != it.memory_id])]
+        both = [contexts[it.memory_id], distractor]
+        rng.shuffle(both)
+        out += [(it, both, None), (it, [distractor], contexts[it.memory_id])]
+    return out
+
+
+def prepare_open_book(generator, triples: Sequence[tuple], recipe: Recipe) -> list[Example]:
+    """Teacher targets for open-book items (see open_book_items): the student's prompt carries the sources as `ask`
+    puts them; the teacher reads that same prompt, or, where a teacher context is given, the memory alone."""
+    from memory_llm.generate import build_messages
+
+    students, teachers, spans, student_pos = [], [], [], []
+    for item, sources, context in triples:
+        s_prompt = generator.chat_ids(build_messages(item.prompt, sources))[0].tolist()
+        t_prompt = s_prompt if context is None else teacher_prompt_ids(generator, item, context)
+        ans = answer_ids(generator, item)
+        students.append(s_prompt + ans)
+        student_pos.append(list(range(len(s_prompt) - 1, len(s_prompt) + len(ans) - 1)))
+        teachers.append(t_prompt + ans)
+        spans.append((len(t_prompt) - 1, len(t_prompt) + len(ans) - 1))
+    targets = _top_k_targets(generator.model, teachers, spans, recipe.top_k, recipe.temperature)
     return [Example(s, pos, j, p, "item") for s, pos, (j, p) in zip(students, student_pos, targets)]
 
 

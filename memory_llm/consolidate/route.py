@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -68,7 +69,9 @@ class Router:
         self.last_chat: list[bool] = []  # whether each row of the last scored batch was in chat form
         self.last_on: list[bool] = []  # whether the adapter acted on each row of the last routed prefill
         self.veto: list[int] = []  # a prompt holding this token sequence gets the base model, whatever its score
-        # (the assistant sets the retrieved-sources marker: the adapter does not act on top of sources)
+        # (the assistant sets the retrieved-sources marker when Settings.adapter_with_sources is off)
+        self.after: list[int] = []  # a prompt holding this token sequence is scored on the tokens after its last
+        # occurrence (the assistant sets the sources marker: a prompt with sources is routed on its question)
         self.details: dict = {}  # how the threshold was calibrated (saved with it)
 
     # ---- scoring ------------------------------------------------------------------------------------------
@@ -106,14 +109,18 @@ class Router:
 
     def own_tokens(self, row: list[int], mask) -> tuple[slice, bool]:
         """The prompt's own tokens (its unpadded span, padded on either side, after the chat template's shared
-        head), and whether the prompt is in chat form (starts with that head)."""
+        head, and after the last `after` sequence when it holds one), and whether the prompt is in chat form
+        (starts with that head)."""
         start, end = 0, len(row)
         if mask is not None:
             real = [i for i, on in enumerate(mask.tolist()) if on]
             start, end = (real[0], real[-1] + 1) if real else (0, 0)
         h = len(self.head)
         chat = bool(h) and row[start:start + h] == self.head and end > start + h
-        return slice(start + h if chat else start, end), chat
+        start = start + h if chat else start
+        if self.after:
+            start = max((i + len(self.after) for i in _occurrences(row[start:end], self.after)), default=0) + start
+        return slice(start, end), chat
 
     def threshold_for(self, chat: bool) -> float:
         """The threshold a prompt of this form must reach."""
@@ -206,7 +213,7 @@ class RouterStack:
     head) → sentence embeddings; `prompt_embedder`), the row's adapter is the one holding the key nearest to it, and it acts
     when its router, scoring with only that adapter acting (as it was calibrated), lets it. Otherwise each router
     scores the rows alone and a row gets, of the adapters whose threshold it reaches, the one it excites most
-    (score ÷ threshold). Quacks like a Router for its users (veto, active, last_on, remove)."""
+    (score ÷ threshold). Quacks like a Router for its users (veto, after, active, last_on, remove)."""
 
     def __init__(self, routers: Sequence[Router], keys: Sequence | None = None, embed=None):
         if not routers:
@@ -235,6 +242,15 @@ class RouterStack:
     def veto(self, part: list[int]) -> None:
         for r in self.routers:
             r.veto = part
+
+    @property
+    def after(self) -> list[int]:
+        return self.routers[0].after
+
+    @after.setter
+    def after(self, part: list[int]) -> None:
+        for r in self.routers:
+            r.after = part
 
     def install(self) -> "RouterStack":
         for r in self.routers:
@@ -268,7 +284,12 @@ class RouterStack:
             for r in self.routers:
                 r._gate = None
             return None
-        device, n, mask = input_ids.device, input_ids.shape[0], kwargs.get("attention_mask")
+        self.decide(input_ids, kwargs.get("attention_mask"))
+        return None
+
+    def decide(self, input_ids, mask=None) -> list[bool]:
+        """Choose each row's adapter and whether it acts (kept in last, last_on, last_adapter), and set the gates."""
+        device, n = input_ids.device, input_ids.shape[0]
         chosen = None
         if self.by_content:
             rows, masks = input_ids.tolist(), mask if mask is not None else [None] * n
@@ -295,7 +316,7 @@ class RouterStack:
         for k, r in enumerate(self.routers):
             r.last_on = [on and best[i] == k for i, on in enumerate(self.last_on)]
             r._gate = Router._gate_of(r.last_on, device)
-        return None
+        return self.last_on
 
     @property
     def active(self) -> bool | None:
@@ -325,7 +346,8 @@ def prompt_embedder(tokenizer, embed):
             row = list(row)
             start = max((i + len(marker) for i in _occurrences(row, marker)), default=0)
             cut = next((i for i in range(start, len(row)) if row[i] in special), len(row))
-            texts.append(tokenizer.decode(row[start:cut]).strip())
+            text = tokenizer.decode(row[start:cut]).strip()  # after retrieved sources: "Question: ..." (the
+            texts.append(re.sub(r"^question:\s*", "", text, flags=re.I))  # router's `after`), as the question
         return embed(texts)
     return run
 

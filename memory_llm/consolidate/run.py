@@ -24,7 +24,9 @@ from memory_llm.consolidate.recipe import (
     Recipe,
     attach_lora,
     null_space_constraint,
+    open_book_items,
     prepare_items,
+    prepare_open_book,
     prepare_locality,
     train,
 )
@@ -163,7 +165,7 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
             batch = todo[b:b + SYNTH_BATCH]
             made = synthesize(gen, batch, rewrites=recipe.rewrites, questions=recipe.questions, seed=recipe.seed + b,
                               cuts=recipe.cloze_cuts, answer_words=recipe.cloze_answer_words,
-                              held_out_rewrite=recipe.held_out_rewrite)
+                              held_out_rewrite=recipe.held_out_rewrite, sentence_questions=recipe.sentence_questions)
             for mem in batch:
                 store.add_items(mem.id, mem.namespace, made[mem.id])
             if progress:
@@ -193,6 +195,8 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         unrehearsed = [i for i in replay_items if id(i) not in replayed]
         retention_items = _sample(unrehearsed or replay_items, EVAL_SAMPLE, recipe.seed)
         examples = prepare_items(gen, train_items, contexts, recipe)
+        examples += prepare_open_book(gen, open_book_items(train_items, contexts, recipe.open_book, recipe.seed),
+                                      recipe) if recipe.open_book else []
         replay = prepare_items(gen, replay_pick, contexts, recipe) if replay_pick else []
         loc = prepare_locality(gen, loc_train, recipe) if recipe.locality_weight > 0 or recipe.null_space_energy else []
         if progress:

@@ -3,7 +3,9 @@
 - cloze: statement completions cut from the chunk's sentences (prefix → the words that follow);
 - rewrite: the model rewrites the chunk; cloze items cut from the rewrite teach the facts in other words
   (the last rewrite is held out: paraphrased probes never trained on, for generalization);
-- qa: questions sampled at high temperature, answered by the teacher (the model with the chunk in context).
+- qa: questions sampled at high temperature, answered by the teacher (the model with the chunk in context); with
+  `sentence_questions`, also questions asked about each sentence in turn (every fact gets a question: question
+  coverage is what carries knowledge into chat-form answers; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 REWRITE_PROMPT = "Rewrite the following text in different words. Keep every name, number and fact.\n\n{text}"
 QUESTION_PROMPT = "{text}\n\nWrite one short question about a fact stated in the text above. Write only the question."
+SENTENCE_QUESTION_PROMPT = ("{text}\n\nWrite one short question that this sentence of the text above answers:"
+                            " \"{sentence}\"\nWrite only the question.")
 
 
 @dataclass
@@ -59,10 +63,11 @@ def _clean_question(text: str) -> str | None:
 
 def synthesize(generator, memories: list, *, rewrites: int = 1, questions: int = 4, held_out_qa: int = 1,
                held_out_rewrite: bool = True, seed: int = 0, batch_size: int = 8, cuts=(0.4, 0.6, 0.8),
-               answer_words: int = 8) -> dict[int, list[Item]]:
+               answer_words: int = 8, sentence_questions: int = 0) -> dict[int, list[Item]]:
     """Items for each memory (id → items): `rewrites` trained rewrites plus one held out (`held_out_rewrite`).
     Cloze items cut each sentence at `cuts` (fractions of its words) and answer with up to `answer_words` words.
-    Generation is batched across memories."""
+    `questions` are sampled about the whole memory, `sentence_questions` about each of its sentences (of ≥ 4
+    words). Generation is batched across memories."""
     rng = random.Random(seed)
 
     def clozes(memory_id: int, text: str, held_out: bool = False) -> list[Item]:
@@ -89,9 +94,16 @@ def synthesize(generator, memories: list, *, rewrites: int = 1, questions: int =
         for (m, r), text in zip(jobs, texts):
             out[m.id] += clozes(m.id, text, held_out=(r == rewrites))
     # questions sampled hot, answered by the teacher (greedy, chunk in context)
-    if questions:
-        jobs = [m for m in memories for _ in range(questions)]
-        qs = sample([chat(QUESTION_PROMPT.format(text=m.text)) for m in jobs], max_new=40, temperature=1.0)
+    if questions or sentence_questions:
+        jobs = [(m, QUESTION_PROMPT.format(text=m.text), 1.0) for m in memories for _ in range(questions)]
+        jobs += [(m, SENTENCE_QUESTION_PROMPT.format(text=m.text, sentence=sentence), 0.7) for m in memories
+                 for sentence in split_sentences(m.text) if len(sentence.split()) >= 4
+                 for _ in range(sentence_questions)]
+        jobs.sort(key=lambda job: -job[2])  # (stable) one sampling run per temperature
+        qs = []
+        for hot in sorted({t for *_, t in jobs}, reverse=True):
+            qs += sample([chat(prompt) for _, prompt, t in jobs if t == hot], max_new=40, temperature=hot)
+        jobs = [m for m, *_ in jobs]
         pairs = []
         seen: set[tuple[int, str]] = set()
         for m, q in zip(jobs, qs):
