@@ -243,6 +243,8 @@ def ask(
             shots += f", adapter {answer.adapter} {'on' if answer.adapter_active else 'off (routed to the base)'}"
             if answer.adapter_used and answer.adapter_used != answer.adapter:
                 shots += f" ({answer.adapter_used} beneath it acted)"
+        if answer.path == "retrieval+adapter":
+            shots += ", beside the sources"
         typer.echo(f"\n(answer {answer.id}, template {answer.template}{shots}; "
                    f"mllm feedback {answer.id} --good | --bad | --correct \"...\")")
 

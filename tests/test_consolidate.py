@@ -91,6 +91,25 @@ def test_open_book_items_carry_the_memory_with_a_distractor_or_the_distractor_al
     assert open_book_items(items, contexts, 0.0, seed=0) == [] and len(open_book_items(items, contexts, 0.5, 0)) == 2
 
 
+def test_sentence_questions_ask_about_every_sentence(tiny_generator):
+    from types import SimpleNamespace
+
+    class Asker:  # the tiny model's template; every generation is the same question (counted per call)
+        def __init__(self):
+            self.tokenizer, self.chat_ids, self.calls = tiny_generator.tokenizer, tiny_generator.chat_ids, []
+
+        def generate_batch(self, prompts, max_new_tokens=12, temperature=0.0, return_ids=False):
+            self.calls.append((len(prompts), temperature))
+            return ["Who built the lighthouse of Varn?"] * len(prompts)
+
+    gen = Asker()
+    memories = [SimpleNamespace(id=1, text=FACTS[0] + " It is tall."), SimpleNamespace(id=2, text=FACTS[1])]
+    items = synthesize(gen, memories, rewrites=0, held_out_rewrite=False, questions=0, sentence_questions=2)
+    # two questions for each sentence of ≥ 4 words (2 of the 3), sampled warm; one answer per distinct question
+    assert gen.calls == [(4, 0.7), (2, 0.0)]
+    assert [i.prompt for i in items[1] if i.kind == "qa"] == ["Who built the lighthouse of Varn?"]
+
+
 def test_item_correct_rules():
     cloze = Item(1, "cloze", "The tower was built in", "1820 by the engineer")
     assert item_correct(cloze, " 1820, by the engineer Holm") and not item_correct(cloze, " the year 1820 by")

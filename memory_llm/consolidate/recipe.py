@@ -56,8 +56,9 @@ class Recipe:
     held_out_rewrite: bool = False  # one more rewrite per memory, held out: paraphrased probes for the gate's
     # generalization figure only (no floor reads it); off, generalization is measured on the held-out questions
     questions: int = 4  # questions sampled per memory
-    sentence_questions: int = 1  # questions asked about each sentence of a memory (synth.SENTENCE_QUESTION_PROMPT):
-    # every fact gets a question in the form users ask (BENCHMARKS.md, "Consolidated knowledge reaches ask")
+    sentence_questions: int = 0  # questions asked about each sentence of a memory (synth.SENTENCE_QUESTION_PROMPT),
+    # for question coverage. Off: not yet measured against its absence; on 5 SQuAD passages with it closed-book
+    # reached 0.14 (base 0.10) and synthesis took ~2× (BENCHMARKS.md, "Consolidated knowledge reaches `ask`")
     open_book: float = 0.0  # share of qa items that also train with retrieved sources in the student's prompt
     # (RAFT, arXiv 2403.10131): once with their memory and a distractor (the teacher reads the same prompt: the
     # adapter learns to leave reading alone) and once with the distractor only (the teacher has the memory: the
