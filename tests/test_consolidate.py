@@ -110,6 +110,23 @@ def test_sentence_questions_ask_about_every_sentence(tiny_generator):
     assert [i.prompt for i in items[1] if i.kind == "qa"] == ["Who built the lighthouse of Varn?"]
 
 
+def test_synthesis_samples_the_same_items_for_the_same_seed(tiny_generator):
+    import torch
+    from types import SimpleNamespace
+
+    class Sampler:  # draws from torch's global RNG, as sampled generation does
+        tokenizer, chat_ids = tiny_generator.tokenizer, tiny_generator.chat_ids
+
+        def generate_batch(self, prompts, max_new_tokens=12, temperature=0.0, return_ids=False):
+            return [f"Which number is {torch.randint(0, 10**6, (1,)).item()}?" for _ in prompts]
+
+    def items(seed):
+        made = synthesize(Sampler(), [SimpleNamespace(id=1, text=FACTS[0])], rewrites=0, held_out_rewrite=False,
+                          questions=3, seed=seed)[1]
+        return [(i.kind, i.prompt, i.answer, i.held_out) for i in made]
+    assert items(3) == items(3) != items(4)
+
+
 def test_item_correct_rules():
     cloze = Item(1, "cloze", "The tower was built in", "1820 by the engineer")
     assert item_correct(cloze, " 1820, by the engineer Holm") and not item_correct(cloze, " the year 1820 by")

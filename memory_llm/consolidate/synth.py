@@ -69,6 +69,7 @@ def synthesize(generator, memories: list, *, rewrites: int = 1, questions: int =
     `questions` are sampled about the whole memory, `sentence_questions` about each of its sentences (of ≥ 4
     words). Generation is batched across memories."""
     rng = random.Random(seed)
+    _seed_sampling(seed)
 
     def clozes(memory_id: int, text: str, held_out: bool = False) -> list[Item]:
         return cloze_items(memory_id, text, held_out, fractions=cuts, max_answer_words=answer_words)
@@ -124,3 +125,12 @@ def synthesize(generator, memories: list, *, rewrites: int = 1, questions: int =
                 item.held_out = i < held_out_qa and len(qa) > held_out_qa
             out[mid] += qa
     return out
+
+
+def _seed_sampling(seed: int) -> None:
+    """Seed the generator's sampling (torch's global RNG), so one recipe's seed always synthesizes the same items."""
+    try:
+        import torch
+    except ImportError:  # fakes without torch
+        return
+    torch.manual_seed(seed)
