@@ -119,6 +119,32 @@ def latency(m, questions: list[str]) -> dict:
             "n": len(questions)}
 
 
+def oracle_items(m, recipe, probes: list[dict]) -> None:
+    """The items the recipe synthesizes plus, as trained qa items, every probe's question with its first gold
+    answer, on the memory of its document that holds the answer (else the document's first): perfect question
+    coverage, the ceiling of "train in the form questions arrive". Stored before the round, which reuses them."""
+    from memory_llm.consolidate.synth import Item, synthesize
+
+    memories = m.store.get(m.store.memory_ids())
+    by_doc: dict[str, list] = {}
+    for mem in sorted(memories.values(), key=lambda x: x.id):
+        by_doc.setdefault(mem.source.split(":")[1], []).append(mem)
+    gen = m.new_generator()
+    made = synthesize(gen, list(memories.values()), rewrites=recipe.rewrites, questions=recipe.questions,
+                      seed=recipe.seed, cuts=recipe.cloze_cuts, answer_words=recipe.cloze_answer_words,
+                      held_out_rewrite=recipe.held_out_rewrite, sentence_questions=recipe.sentence_questions,
+                      sentence_answers=recipe.sentence_answers)
+    for p in probes:
+        mems = by_doc[p["tags"][0]]
+        gold = ", ".join(group[0] for group in p["answers"])
+        home = next((x for x in mems if p["answers"][0][0].lower() in x.text.lower()), mems[0])
+        made[home.id].append(Item(home.id, "qa", p["input"], gold))
+    for mid, items in made.items():
+        m.store.add_items(mid, memories[mid].namespace, items)
+    print(f"oracle: {len(probes)} gold questions added to the synthesized items", flush=True)
+    del gen
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", choices=("squad", "fk"), default="squad")
@@ -129,6 +155,8 @@ def main() -> None:
     ap.add_argument("--json-out", help="write every figure here")
     ap.add_argument("--adapter-with-sources", action="store_true", help="serve with adapter_with_sources on")
     ap.add_argument("--quick", action="store_true", help="no general probes with retrieval, no latency")
+    ap.add_argument("--oracle", action="store_true",
+                    help="a ceiling, not a result: also train on the split's own questions with their gold answers")
     args = ap.parse_args()
 
     from memory_llm import MemoryLLM
@@ -147,6 +175,8 @@ def main() -> None:
     for d in docs:
         m.learn(text=d["text"], source=f"{args.set}:{d['id']}:{d['title']}")
     print(f"learned {len(docs)} documents in {time.time() - t:.0f}s; {len(probes)} probes", flush=True)
+    if args.oracle:
+        oracle_items(m, recipe, probes)
 
     correct, results = {}, {}
     for mode in ("base", "rag"):

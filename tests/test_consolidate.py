@@ -108,6 +108,13 @@ def test_sentence_questions_ask_about_every_sentence(tiny_generator):
     # two questions for each sentence of ≥ 4 words (2 of the 3), sampled warm; one answer per distinct question
     assert gen.calls == [(4, 0.7), (2, 0.0)]
     assert [i.prompt for i in items[1] if i.kind == "qa"] == ["Who built the lighthouse of Varn?"]
+    # answered by the sentence itself: no teacher generation, the memory's own words as the answer
+    gen.calls = []
+    items = synthesize(gen, memories, rewrites=0, held_out_rewrite=False, questions=0, sentence_questions=2,
+                       sentence_answers=True)
+    assert gen.calls == [(4, 0.7)]
+    assert [(i.prompt, i.answer) for i in items[1] if i.kind == "qa"] == [("Who built the lighthouse of Varn?",
+                                                                            FACTS[0])]
 
 
 def test_synthesis_samples_the_same_items_for_the_same_seed(tiny_generator):

@@ -59,6 +59,8 @@ class Recipe:
     sentence_questions: int = 0  # questions asked about each sentence of a memory (synth.SENTENCE_QUESTION_PROMPT),
     # for question coverage. Off: not yet measured against its absence; on 5 SQuAD passages with it closed-book
     # reached 0.14 (base 0.10) and synthesis took ~2× (BENCHMARKS.md, "Consolidated knowledge reaches `ask`")
+    sentence_answers: bool = False  # sentence questions are answered by their sentence itself (the memory's own
+    # words) instead of the teacher's answer, which a 135M teacher often gets wrong; BENCHMARKS.md
     open_book: float = 0.0  # share of qa items that also train with retrieved sources in the student's prompt
     # (RAFT, arXiv 2403.10131): once with their memory and a distractor (the teacher reads the same prompt: the
     # adapter learns to leave reading alone) and once with the distractor only (the teacher has the memory: the

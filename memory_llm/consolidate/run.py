@@ -165,7 +165,8 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
             batch = todo[b:b + SYNTH_BATCH]
             made = synthesize(gen, batch, rewrites=recipe.rewrites, questions=recipe.questions, seed=recipe.seed + b,
                               cuts=recipe.cloze_cuts, answer_words=recipe.cloze_answer_words,
-                              held_out_rewrite=recipe.held_out_rewrite, sentence_questions=recipe.sentence_questions)
+                              held_out_rewrite=recipe.held_out_rewrite, sentence_questions=recipe.sentence_questions,
+                              sentence_answers=recipe.sentence_answers)
             for mem in batch:
                 store.add_items(mem.id, mem.namespace, made[mem.id])
             if progress:

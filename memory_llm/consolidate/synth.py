@@ -5,7 +5,8 @@
   (the last rewrite is held out: paraphrased probes never trained on, for generalization);
 - qa: questions sampled at high temperature, answered by the teacher (the model with the chunk in context); with
   `sentence_questions`, also questions asked about each sentence in turn (every fact gets a question: question
-  coverage is what carries knowledge into chat-form answers; BENCHMARKS.md).
+  coverage is what carries knowledge into chat-form answers; BENCHMARKS.md), answered by the teacher or, with
+  `sentence_answers`, by the sentence asked about.
 """
 
 from __future__ import annotations
@@ -63,11 +64,13 @@ def _clean_question(text: str) -> str | None:
 
 def synthesize(generator, memories: list, *, rewrites: int = 1, questions: int = 4, held_out_qa: int = 1,
                held_out_rewrite: bool = True, seed: int = 0, batch_size: int = 8, cuts=(0.4, 0.6, 0.8),
-               answer_words: int = 8, sentence_questions: int = 0) -> dict[int, list[Item]]:
+               answer_words: int = 8, sentence_questions: int = 0,
+               sentence_answers: bool = False) -> dict[int, list[Item]]:
     """Items for each memory (id → items): `rewrites` trained rewrites plus one held out (`held_out_rewrite`).
     Cloze items cut each sentence at `cuts` (fractions of its words) and answer with up to `answer_words` words.
     `questions` are sampled about the whole memory, `sentence_questions` about each of its sentences (of ≥ 4
-    words). Generation is batched across memories."""
+    words); with `sentence_answers` those are answered by their sentence (the memory's own words) instead of
+    the teacher. Generation is batched across memories."""
     rng = random.Random(seed)
     _seed_sampling(seed)
 
@@ -94,29 +97,30 @@ def synthesize(generator, memories: list, *, rewrites: int = 1, questions: int =
                        max_new=min(320, int(longest * 1.3) + 16), temperature=0.7)
         for (m, r), text in zip(jobs, texts):
             out[m.id] += clozes(m.id, text, held_out=(r == rewrites))
-    # questions sampled hot, answered by the teacher (greedy, chunk in context)
+    # questions sampled hot, answered by the teacher (greedy, chunk in context) or, with `sentence_answers`, a
+    # sentence's questions by that sentence itself
     if questions or sentence_questions:
-        jobs = [(m, QUESTION_PROMPT.format(text=m.text), 1.0) for m in memories for _ in range(questions)]
-        jobs += [(m, SENTENCE_QUESTION_PROMPT.format(text=m.text, sentence=sentence), 0.7) for m in memories
-                 for sentence in split_sentences(m.text) if len(sentence.split()) >= 4
+        jobs = [(m, QUESTION_PROMPT.format(text=m.text), 1.0, None) for m in memories for _ in range(questions)]
+        jobs += [(m, SENTENCE_QUESTION_PROMPT.format(text=m.text, sentence=sentence), 0.7, sentence)
+                 for m in memories for sentence in split_sentences(m.text) if len(sentence.split()) >= 4
                  for _ in range(sentence_questions)]
         jobs.sort(key=lambda job: -job[2])  # (stable) one sampling run per temperature
         qs = []
-        for hot in sorted({t for *_, t in jobs}, reverse=True):
-            qs += sample([chat(prompt) for _, prompt, t in jobs if t == hot], max_new=40, temperature=hot)
-        jobs = [m for m, *_ in jobs]
+        for hot in sorted({job[2] for job in jobs}, reverse=True):
+            qs += sample([chat(job[1]) for job in jobs if job[2] == hot], max_new=40, temperature=hot)
         pairs = []
         seen: set[tuple[int, str]] = set()
-        for m, q in zip(jobs, qs):
+        for (m, _, _, sentence), q in zip(jobs, qs):
             q = _clean_question(q)
             if q and (m.id, q.lower()) not in seen:
                 seen.add((m.id, q.lower()))
-                pairs.append((m, q))
-        answers = sample([generator.chat_ids(build_messages(q, [m.text]))[0].tolist() for m, q in pairs],
-                         max_new=48, temperature=0.0)
+                pairs.append((m, q, sentence if sentence_answers else None))
+        ask = [(m, q) for m, q, own in pairs if own is None]
+        told = iter(sample([generator.chat_ids(build_messages(q, [m.text]))[0].tolist() for m, q in ask],
+                           max_new=48, temperature=0.0) if ask else [])
         by_memory: dict[int, list[Item]] = {}
-        for (m, q), a in zip(pairs, answers):
-            a = a.strip()
+        for m, q, own in pairs:
+            a = (own if own is not None else next(told)).strip()
             if a:
                 by_memory.setdefault(m.id, []).append(Item(m.id, "qa", q, a))
         for mid, qa in by_memory.items():
