@@ -679,6 +679,15 @@ def test_stacked_adapters_are_chosen_by_the_nearest_key_and_act_only_where_their
     assert a.last_on == [False, True, False] and b.last_on == [False, False, True]
     assert torch.equal(out[0], base[0])  # generic: nearest to a, below a's threshold → the base model
     assert torch.allclose(out[1], adapted[1], atol=1e-5) and torch.allclose(out[2], adapted[2], atol=1e-5)
+    # a row as similar to its adapter's key as the router's `similarity` gets it whatever its score (row 0 is
+    # nearest b's key, at 0.995)
+    b.similarity = 0.99
+    out = logits(stacked)
+    assert stack.last_adapter == ["b", "a", "b"] and torch.allclose(out[0], adapted[0], atol=1e-5)
+    b.similarity = 0.999
+    logits(stacked)
+    assert stack.last_adapter == [None, "a", "b"]
+    b.similarity = None
     stack.remove()
     # an adapter without keys (made before them): every adapter is chosen by activation
     old = RouterStack([a, b], keys=[np.array([[1.0, 0.0]]), None], embed=embed).install()
@@ -723,10 +732,12 @@ def test_router_settings_read_as_they_were_made(tmp_path):
     path = tmp_path / "router.json"
     path.write_text(json.dumps({"threshold": 0.5, "band": [0.4, 0.6], "head": [1, 2]}))  # before pooling choices
     assert read_router(tmp_path) == {"threshold": 0.5, "band": [0.4, 0.6], "head": [1, 2], "pool": "max",
-                                     "raw_threshold": None}
-    path.write_text(json.dumps({"threshold": 0.5, "raw_threshold": 0.25, "pool": "mean"}))
+                                     "raw_threshold": None, "similarity": None}
+    path.write_text(json.dumps({"threshold": 0.5, "raw_threshold": 0.25, "pool": "mean", "similarity": 0.6}))
     assert read_router(tmp_path)["raw_threshold"] == 0.25 and read_router(tmp_path)["pool"] == "mean"
-    for bad in ({"threshold": 0.5, "pool": "median"}, {"threshold": 0.5, "raw_threshold": "nan"}):
+    assert read_router(tmp_path)["similarity"] == 0.6
+    for bad in ({"threshold": 0.5, "pool": "median"}, {"threshold": 0.5, "raw_threshold": "nan"},
+                {"threshold": 0.5, "similarity": 2.0}):
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match="router.json"):
             read_router(tmp_path)

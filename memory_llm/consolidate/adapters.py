@@ -211,7 +211,11 @@ def attach(model, version: AdapterVersion, embed=None):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not version.below:
         peft_model = PeftModel.from_pretrained(base, str(version.path)).eval()
-        return peft_model, load_router(peft_model, version.path)
+        router = load_router(peft_model, version.path)
+        keys = _keys(version.path) if router is not None and router.similarity is not None and embed else None
+        if keys is None:
+            return peft_model, router
+        return peft_model, RouterStack([router], keys=[keys], embed=embed).install()  # routes by similarity too
     first = version.below[0]
     peft_model = PeftModel.from_pretrained(base, str(first.path), adapter_name=first.name)
     router = stack_on(peft_model, load_router(peft_model, first.path, name=first.name), version.stack[1:],

@@ -75,6 +75,9 @@ class Recipe:
     # their energy (null-space projection, see null_space_constraint); 0 turns it off
     route_margin: float = 1.25  # the adapter acts only on prompts scoring this many times the highest generic
     # prompt's score (activation routing, see route.py); 0: the adapter is always on
+    route_similarity: float = 0.0  # a prompt whose embedding is this much more similar to one of the adapter's
+    # trained prompts than any generic prompt of the training half is gets the adapter whatever its activation
+    # score (route.similarity_bar): users ask about a memory in other words than trained. 0: off
     route_band: tuple = (0.4, 0.6)  # the decoder layers (fractions of depth) whose LoRA updates are scored
     route_pool: str = "mean"  # a prompt scores the mean of its tokens' scores ("max": the largest); mean routed 3-4×
     # more memory questions in ask's form at the same generic share (BENCHMARKS.md, router score variants)

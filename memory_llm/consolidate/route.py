@@ -46,7 +46,7 @@ class Router:
 
     def __init__(self, peft_model, threshold: float | None = None, band: Sequence[float] = (0.0, 1.0),
                  head: Sequence[int] = (), pool: str = "mean", raw_threshold: float | None = None,
-                 name: str | None = None):
+                 name: str | None = None, similarity: float | None = None):
         from peft.tuners.lora import LoraLayer
 
         if pool not in POOLS:
@@ -54,6 +54,8 @@ class Router:
         self.model, self.threshold, self.band, self.head = peft_model, threshold, tuple(band), list(head)
         self.pool = pool
         self.raw_threshold = raw_threshold  # for prompts without the chat head (None: `threshold` for all)
+        self.similarity = similarity  # a prompt this similar to one of the adapter's keys (its trained prompts)
+        # gets it whatever its score; in a RouterStack with keys only (None: routing by score alone)
         name = name or peft_model.active_adapter  # the adapter this router scores and gates
         self.layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and name in m.lora_B]
         depth = {m: _layer_index(n) for n, m in peft_model.named_modules() if m in set(self.layers)}
@@ -199,7 +201,8 @@ class Router:
     def save(self, directory: Path) -> None:
         (Path(directory) / ROUTER_FILE).write_text(
             json.dumps({"threshold": self.threshold, "raw_threshold": self.raw_threshold, "band": list(self.band),
-                        "head": self.head, "pool": self.pool, **self.details}, indent=2), encoding="utf-8")
+                        "head": self.head, "pool": self.pool, "similarity": self.similarity, **self.details},
+                       indent=2), encoding="utf-8")
 
     @property
     def active(self) -> bool | None:
@@ -211,7 +214,9 @@ class RouterStack:
     """The routers of adapters stacked on one model (one adapter per consolidation round; run.py, Recipe.max_stack).
     At a prefill each row gets at most one adapter. With `keys` for every adapter and `embed` ((token rows, chat
     head) → sentence embeddings; `prompt_embedder`), the row's adapter is the one holding the key nearest to it, and it acts
-    when its router, scoring with only that adapter acting (as it was calibrated), lets it. Otherwise each router
+    when its router, scoring with only that adapter acting (as it was calibrated), lets it, or when the row is as
+    similar to that key as the router's `similarity` (a question about a memory in other words than trained; a
+    veto still holds). Otherwise each router
     scores the rows alone and a row gets, of the adapters whose threshold it reaches, the one it excites most
     (score ÷ threshold). Quacks like a Router for its users (veto, after, active, last_on, remove)."""
 
@@ -270,11 +275,15 @@ class RouterStack:
 
     def nearest(self, rows: Sequence[Sequence[int]]) -> list[int]:
         """Each row's adapter by content: the index of the router whose keys hold the row's nearest key."""
+        return self.nearest_keys(rows)[0]
+
+    def nearest_keys(self, rows: Sequence[Sequence[int]]) -> tuple[list[int], list[float]]:
+        """Each row's adapter by content (see nearest) and the row's cosine similarity to that nearest key."""
         import numpy as np
 
         queries = _unit(np.asarray(self.embed([list(r) for r in rows], self.routers[0].head), dtype=np.float32))
         best = np.stack([(queries @ k.T).max(axis=1) for k in self.keys], axis=1)
-        return [int(i) for i in best.argmax(axis=1)]
+        return [int(i) for i in best.argmax(axis=1)], [float(x) for x in best.max(axis=1)]
 
     def _route(self, mod, args, kwargs):
         if any(r._busy for r in self.routers) or continues_sequence(args, kwargs):
@@ -290,11 +299,16 @@ class RouterStack:
     def decide(self, input_ids, mask=None) -> list[bool]:
         """Choose each row's adapter and whether it acts (kept in last, last_on, last_adapter), and set the gates."""
         device, n = input_ids.device, input_ids.shape[0]
-        chosen = None
+        chosen, near = None, [False] * n
         if self.by_content:
             rows, masks = input_ids.tolist(), mask if mask is not None else [None] * n
             try:
-                chosen = self.nearest([row[self.routers[0].own_tokens(row, m)[0]] for row, m in zip(rows, masks)])
+                chosen, sims = self.nearest_keys([row[self.routers[0].own_tokens(row, m)[0]]
+                                                  for row, m in zip(rows, masks)])
+                bars = [self.routers[k].similarity for k in chosen]
+                veto = self.routers[0].veto
+                near = [bar is not None and sim >= bar and not _contains(row, veto)
+                        for bar, sim, row in zip(bars, sims, rows)]
             except ValueError as exc:  # keys from another embedder (another width): choose by activation
                 logger.warning("adapter keys do not match the embedder (%s): choosing adapters by activation", exc)
                 self.keys = None
@@ -307,7 +321,8 @@ class RouterStack:
             for other in self.routers:
                 other._gate = Router._gate_of([False] * n, device)
             on = r.decide(input_ids, mask)
-            excitement.append([s / max(r.threshold_for(c), 1e-12) if o and (chosen is None or chosen[i] == k) else 0.0
+            excitement.append([self._excitement(s / max(r.threshold_for(c), 1e-12), o, near[i],
+                                                chosen is None or chosen[i] == k)
                                for i, (s, c, o) in enumerate(zip(r.last, r.last_chat, on))])
         best = [max(range(len(self.routers)), key=lambda k: excitement[k][i]) for i in range(n)]
         self.last = [excitement[best[i]][i] for i in range(n)]
@@ -317,6 +332,14 @@ class RouterStack:
             r.last_on = [on and best[i] == k for i, on in enumerate(self.last_on)]
             r._gate = Router._gate_of(r.last_on, device)
         return self.last_on
+
+    @staticmethod
+    def _excitement(ratio: float, passed: bool, near: bool, mine: bool) -> float:
+        """A row's excitement of one adapter: its score ÷ threshold where its router passed it, at least 1 where
+        it is near the adapter's keys (Router.similarity), 0 where it chose another adapter or neither holds."""
+        if not mine:
+            return 0.0
+        return max(ratio, 1.0) if near else ratio if passed else 0.0
 
     @property
     def active(self) -> bool | None:
@@ -408,14 +431,17 @@ def read_router(directory: Path) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         raw = data.get("raw_threshold")
+        similarity = data.get("similarity")
         out = {"threshold": float(data["threshold"]), "band": [float(b) for b in data.get("band", (0.0, 1.0))],
                "head": [int(t) for t in data.get("head", [])], "pool": str(data.get("pool", "max")),
-               "raw_threshold": None if raw is None else float(raw)}
+               "raw_threshold": None if raw is None else float(raw),
+               "similarity": None if similarity is None else float(similarity)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{ROUTER_FILE} unreadable ({type(exc).__name__})") from None
     thresholds = [out["threshold"]] + ([] if out["raw_threshold"] is None else [out["raw_threshold"]])
-    if not all(math.isfinite(t) for t in thresholds) or len(out["band"]) != 2 or out["pool"] not in POOLS:
-        raise ValueError(f"{ROUTER_FILE} has a bad threshold, band or pool")
+    if not all(math.isfinite(t) for t in thresholds) or len(out["band"]) != 2 or out["pool"] not in POOLS \
+            or not (out["similarity"] is None or -1.0 <= out["similarity"] <= 1.0):
+        raise ValueError(f"{ROUTER_FILE} has a bad threshold, band, pool or similarity")
     return out
 
 
@@ -454,6 +480,12 @@ def _layer_index(name: str) -> int | None:
 def calibrate(negatives: Sequence[float], margin: float) -> float:
     """The threshold: `margin` times the highest score of the calibration's generic prompts."""
     return margin * max(negatives, default=0.0)
+
+
+def similarity_bar(keys, generic, margin: float) -> float:
+    """Router.similarity for an adapter: `margin` above the highest cosine similarity of generic prompts'
+    embeddings (rows of `generic`) to its keys, at most 1."""
+    return min(1.0, float((_unit(generic) @ _unit(keys).T).max()) + margin)
 
 
 def fit_router(peft_model, generator, generic: Sequence[str], items, margin: float,

@@ -30,7 +30,7 @@ from memory_llm.consolidate.recipe import (
     prepare_locality,
     train,
 )
-from memory_llm.consolidate.route import fit_router, prompt_embedder, save_keys
+from memory_llm.consolidate.route import fit_router, prompt_embedder, save_keys, similarity_bar
 from memory_llm.consolidate.synth import Item, synthesize
 from memory_llm.errors import MemoryLLMError, StoreError
 
@@ -245,7 +245,10 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
                                 recipe.route_band, recipe.route_pool, recipe.route_per_form) \
             if recipe.route_margin else None
         keys = m.embed_texts([it.prompt for it in train_items]) if own_router is not None else None
-        if below:  # the candidate serves the earlier rounds' adapters too (untouched, each with its router)
+        if own_router is not None and recipe.route_similarity:  # questions near a trained prompt pass too
+            own_router.similarity = similarity_bar(keys, m.embed_texts(generic_prompts()[0]), recipe.route_similarity)
+        if below or own_router is not None and own_router.similarity is not None:  # the candidate serves the
+            # earlier rounds' adapters too (untouched, each with its router), and routes by its keys
             stack_on(model, own_router, below, keys=keys, embed=prompt_embedder(gen.tokenizer, m.embed_texts))
 
         # ---- evaluate the candidate ------------------------------------------------------------------------
