@@ -419,13 +419,23 @@ class MemoryLLM:
             return gen.chat_ids(build_messages(question, [h.memory.text for h in hits], system,
                                                template=choice.template, shots=choice.shots(), history=history))
 
-        skipped, ids = None, None
-        if use_memory and not history and self._keys and self.settings.skip_retrieval_similarity > 0:
+        skipped, ids = None, None  # skipped: why retrieval was skipped (the adapter answers), in words
+        at_similarity, at_confidence = self.settings.skip_retrieval_similarity, self.settings.skip_retrieval_confidence
+        if use_memory and not history and self._keys and (at_similarity > 0 or at_confidence > 0):
             similarity = self._trained_similarity(question_vectors()[0])
-            if similarity >= self.settings.skip_retrieval_similarity:
+            if at_similarity <= 0 or similarity >= at_similarity:
                 closed = prompt_ids([])
-                if self._adapter_acts(closed):
-                    skipped, ids, hits = similarity, closed, []
+                if at_confidence <= 0:
+                    if self._adapter_acts(closed):
+                        skipped = (f"the question is {similarity:.2f} similar to one adapter {{adapter}} was trained"
+                                   f" on (skip_retrieval_similarity {at_similarity:g}) and its router let it act")
+                else:
+                    confidence = self._adapter_confidence(closed)
+                    if confidence is not None and confidence >= at_confidence:
+                        skipped = (f"adapter {{adapter}} acted on the question and its answer starts with probability"
+                                   f" {confidence:.2f} (skip_retrieval_confidence {at_confidence:g})")
+                if skipped is not None:
+                    ids, hits = closed, []
         t2 = time.perf_counter()
         if ids is None:
             hits = self._retrieve(queries, k, namespace, question_vectors) if use_memory else []
@@ -440,14 +450,12 @@ class MemoryLLM:
         return hits, ids, choice, {"prompt_library": t1 - t0, "retrieve": t2 - t1, "prompt": t3 - t2,
                                    "prompt_tokens": float(ids.shape[1])}, t0, skipped
 
-    def _path(self, answer: Answer, skipped: float | None) -> tuple[str, str]:
+    def _path(self, answer: Answer, skipped: str | None) -> tuple[str, str]:
         """Which path answered (retrieval, adapter, both, or the model alone) and why, in a line."""
         acted = bool(answer.adapter_active)
         sources = f"{len(answer.sources)} retrieved source{'s' * (len(answer.sources) != 1)}"
         if skipped is not None:
-            return "adapter", (f"retrieval skipped: the question is {skipped:.2f} similar to one adapter "
-                               f"{answer.adapter_used or answer.adapter} was trained on (skip_retrieval_similarity "
-                               f"{self.settings.skip_retrieval_similarity:g}) and its router let it act")
+            return "adapter", "retrieval skipped: " + skipped.format(adapter=answer.adapter_used or answer.adapter)
         if answer.adapter is None:
             adapter = "no consolidated adapter" if self.use_adapter else "the adapter is switched off"
         elif acted:
@@ -467,6 +475,16 @@ class MemoryLLM:
         q = np.asarray(vector, dtype=np.float32)
         q = q / max(float(np.linalg.norm(q)), 1e-12)
         return max(float((np.asarray(k, dtype=np.float32) @ q).max()) for k in self._keys)
+
+    def _adapter_confidence(self, ids) -> float | None:
+        """With the adapters attached, the probability (geometric mean) of the first tokens of the answer to this
+        closed-book prompt, or None when no adapter's router lets it act on the prompt."""
+        from memory_llm.generate import CONFIDENCE_TOKENS
+
+        (_, logprob), = self.generator.generate_batch([ids[0].tolist()], CONFIDENCE_TOKENS, confidence=True)
+        router = self._router
+        acted = router is None or bool(router.last_on and router.last_on[0])
+        return float(np.exp(logprob)) if acted else None
 
     def _adapter_acts(self, ids) -> bool:
         """Whether the adapter's router lets it act on this prompt (no router: the adapter always acts)."""
@@ -513,8 +531,10 @@ class MemoryLLM:
                             self.adapter_version, prompt=choice, session_id=session_id, remembered=list(remembered))
             if self.adapter_version is not None:
                 answer.adapter_active = self._router.active if self._router is not None else True
-                answer.adapter_used = self._router.acted if hasattr(self._router, "acted") \
+                used = self._router.acted if hasattr(self._router, "acted") \
                     else (self.adapter_version if answer.adapter_active else None)  # one adapter: this version
+                # one adapter loads under peft's name "default" (also when served as a stack of one)
+                answer.adapter_used = self.adapter_version if used == "default" else used
             answer.path, answer.why = self._path(answer, skipped)
             if log:
                 answer.id = self.store.log_answer(

@@ -69,6 +69,10 @@ class Settings:
     skip_retrieval_similarity: float = _opt(0.0, "Answer from the adapter without retrieval when the question is at"
                                             " least this similar (cosine) to one it was trained on and its router"
                                             " lets it act; 0: always retrieve")
+    skip_retrieval_confidence: float = _opt(0.0, "Answer from the adapter without retrieval when its router lets it"
+                                            " act on the question and its answer's first tokens have at least this"
+                                            " probability (geometric mean); with skip_retrieval_similarity both"
+                                            " must hold; 0: off")
     lock_timeout: float = _opt(30.0, "Seconds to wait for the store's write lock before a clear error")
     home: Path = _opt(None, "Memory home (MLLM_HOME)")
     cache_dir: Path = _opt(None, "Converted-model cache (MLLM_CACHE)")
@@ -88,8 +92,9 @@ class Settings:
         for name in ("exemplar_k", "exemplar_tokens"):
             if getattr(self, name) < 0:
                 raise InputError(f"setting {name}={getattr(self, name)!r} must be >= 0")
-        if not 0 <= self.skip_retrieval_similarity <= 1:
-            raise InputError(f"setting skip_retrieval_similarity={self.skip_retrieval_similarity!r} must be in [0, 1]")
+        for name in ("skip_retrieval_similarity", "skip_retrieval_confidence"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise InputError(f"setting {name}={getattr(self, name)!r} must be in [0, 1]")
         for name in ("exemplar_min_similarity", "template_min_similarity"):
             if not -1 <= getattr(self, name) <= 1:
                 raise InputError(f"setting {name}={getattr(self, name)!r} must be in [-1, 1]")

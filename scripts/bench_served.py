@@ -32,7 +32,8 @@ from _benchmd import command_line, machine, today  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SQUAD = ROOT.parent / "shared" / "data" / "squad_knowledge"
 FK_TUNING = 60  # FK documents [0, 60) tune, [60, 130) are held out
-SKIP_AT = (0.8, 0.9)  # skip_retrieval_similarity values measured
+SKIP_AT = (("skip_retrieval_similarity", 0.8), ("skip_retrieval_similarity", 0.9),  # the retrieval skip's
+           ("skip_retrieval_confidence", 0.8), ("skip_retrieval_confidence", 0.9))  # settings measured
 
 
 def squad_split(split: str, n: int) -> tuple[list[dict], list[dict]]:
@@ -90,6 +91,8 @@ def bootstrap(correct: dict[str, list[bool]], docs: list[str], draws: int = 2000
         out = dict(acc)
         if {"rag", "served"} <= acc.keys():
             out["served-rag"] = acc["served"] - acc["rag"]
+        for key in [k for k in acc if k.startswith("skip_")]:
+            out[f"{key}-rag"] = acc[key] - acc["rag"]
         if {"rag", "served", "closed"} <= acc.keys():
             out["served-max"] = acc["served"] - max(acc["rag"], acc["closed"])
         if {"rag", "closed", "base"} <= acc.keys():
@@ -203,30 +206,35 @@ def main() -> None:
     general_served = None if args.quick else m.evaluate(general, "served")
     served_latency = None if args.quick else latency(m, [p["input"] for p in probes[:6]])
 
-    # the retrieval skip, without generating again: a skipped question gets exactly closed mode's prompt and
-    # routing, so its answer is the closed one; which questions skip is what `ask` decides (similarity, router)
+    # the retrieval skip, each setting alone, without generating again: a skipped question gets exactly closed
+    # mode's prompt and routing, so its answer is the closed one, and the others rag's (sources → base model);
+    # which questions skip is what `ask` decides (similarity, router, the adapter's confidence)
     skip = {}
-    for at in SKIP_AT:
-        m.settings.skip_retrieval_similarity = at
+    shipped = {setting: getattr(m.settings, setting) for setting, _ in SKIP_AT}
+    for setting, at in SKIP_AT:
+        for name in shipped:
+            setattr(m.settings, name, 0.0)  # each setting measured alone
+        setattr(m.settings, setting, at)
         chosen, saved = [], []
         for i, p in enumerate(probes):
             prepared = m._prepare(p["input"], k=None, namespace="default", use_memory=True)
             if prepared[-1] is not None:
                 chosen.append(i)
-                m.settings.skip_retrieval_similarity = 0.0
+                setattr(m.settings, setting, 0.0)
                 full = m._prepare(p["input"], k=None, namespace="default", use_memory=True)[3]["prompt_tokens"]
-                m.settings.skip_retrieval_similarity = at
+                setattr(m.settings, setting, at)
                 saved.append(full - prepared[3]["prompt_tokens"])
-        skip[str(at)] = {"skipped": len(chosen), "n": len(probes),
-                         "accuracy_on_skipped": sum(correct["closed"][i] for i in chosen) / len(chosen)
-                         if chosen else None,
-                         "served_accuracy_on_them": sum(correct["served"][i] for i in chosen) / len(chosen)
-                         if chosen else None,
-                         "accuracy_with_skip": (sum(correct["served"]) + sum(correct["closed"][i] - correct["served"][i]
-                                                                             for i in chosen)) / len(probes),
-                         "prompt_tokens_saved_median": statistics.median(saved) if saved else None}
-        print("skip", at, skip[str(at)], flush=True)
-    m.settings.skip_retrieval_similarity = 0.0
+        with_skip = [c if i in chosen else r for i, (c, r) in enumerate(zip(correct["closed"], correct["rag"]))]
+        correct[f"{setting}={at}"] = with_skip
+        skip[f"{setting}={at}"] = {
+            "skipped": len(chosen), "n": len(probes),
+            "accuracy_on_skipped": sum(correct["closed"][i] for i in chosen) / len(chosen) if chosen else None,
+            "rag_accuracy_on_them": sum(correct["rag"][i] for i in chosen) / len(chosen) if chosen else None,
+            "accuracy_with_skip": sum(with_skip) / len(probes),
+            "prompt_tokens_saved_median": statistics.median(saved) if saved else None}
+        print("skip", setting, at, skip[f"{setting}={at}"], flush=True)
+    for name, value in shipped.items():
+        setattr(m.settings, name, value)
 
     doc_of = [p["tags"][0] for p in probes]
     ci = bootstrap(correct, doc_of, seed=args.seed)

@@ -195,6 +195,30 @@ def test_ask_says_which_path_answered_and_skips_retrieval_only_where_the_adapter
     assert all(p["path"].startswith("retrieval") for p in cmem.evaluate(probes, "served")["probes"])
 
 
+def test_retrieval_skip_by_the_adapters_confidence(cmem):
+    run(cmem)
+    trained = cmem.store.items(cmem.store.memory_ids())[0].prompt
+    closed = cmem._prepare(trained, k=None, namespace="default", use_memory=False)[1]
+    # the real check: a probability when the router lets the adapter act on the closed-book prompt, else None
+    confidence = cmem._adapter_confidence(closed)
+    assert (confidence is not None) == cmem._adapter_acts(closed)
+    assert confidence is None or 0 < confidence <= 1
+    cmem.settings.skip_retrieval_confidence = 0.5
+    cmem._adapter_confidence = lambda ids: 0.9
+    sure = cmem.ask(trained, max_new_tokens=4)
+    assert sure.path == "adapter" and not sure.sources and "probability 0.90" in sure.why, sure.why
+    assert sure.adapter_used in (None, "v0001") and "default" not in sure.why  # peft's name is not shown
+    for unsure in (0.3, None):  # not confident enough, or the router keeps the adapter off: retrieve
+        cmem._adapter_confidence = lambda ids: unsure
+        assert cmem.ask(trained, max_new_tokens=4).sources
+    cmem._adapter_confidence = lambda ids: 0.9
+    cmem.settings.skip_retrieval_similarity = 0.99  # both set: both must hold
+    assert cmem.ask("Completely unrelated words about cooking pasta", max_new_tokens=4).sources
+    assert cmem.ask(trained, max_new_tokens=4).path == "adapter"
+    with pytest.raises(InputError, match="skip_retrieval_confidence"):
+        type(cmem.settings)(skip_retrieval_confidence=1.5)
+
+
 def test_nothing_new_then_new_memory_builds_on_current(cmem):
     run(cmem)
     again = run(cmem)
