@@ -843,3 +843,27 @@ def test_a_round_that_keeps_diverging_is_retried_at_half_the_rate_then_rejected(
     assert summary.training["retries"] == 1 and summary.training["lr"] == 5e29
     assert cmem.adapters.current_name() == "v0001" and [v.name for v in cmem.adapters.versions()] == ["v0001"]
     assert not (cmem.adapters.root / ".checkpoint").exists()
+
+
+def test_mixed_precision_trains_under_bf16_only_where_the_hardware_computes_it(tiny_generator, monkeypatch):
+    import contextlib
+    import copy
+
+    import torch
+
+    from memory_llm.consolidate import recipe as rc
+
+    recipe = Recipe(epochs=8, batch_size=4, rank=4, alpha=8, locality_per_batch=0, min_steps=0)
+    model = rc.attach_lora(copy.deepcopy(tiny_generator.model), recipe)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    with rc.training_autocast(model)():  # the matmuls of a step run in bf16, the weights stay fp32
+        assert model(torch.tensor([[5, 6, 7]])).logits.dtype == torch.bfloat16
+    stats = rc.train(model, _fact_examples(), recipe)
+    assert stats["precision"] == "bf16 autocast" and stats["loss_last"] < stats["loss_first"]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    off = rc.train(rc.attach_lora(copy.deepcopy(tiny_generator.model), recipe), _fact_examples(),
+                   Recipe(**{**recipe.as_dict(), "mixed_precision": False}))
+    assert off["precision"] == "as loaded" and off["loss_last"] < off["loss_first"]
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # a CPU without bf16
+    assert rc.training_autocast(model) is contextlib.nullcontext
+    assert rc.training_autocast(copy.deepcopy(model).to(torch.bfloat16)) is contextlib.nullcontext  # bf16 already
