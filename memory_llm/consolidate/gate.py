@@ -17,6 +17,9 @@ from memory_llm.consolidate.synth import Item
 from memory_llm.generate import cache_kwargs, output_cache
 
 _WORD = re.compile(r"\w+")
+GENERATE_BATCH = 32  # rows a batched generation of short closed-book prompts runs at once: a decode step costs
+# about the same for 8 or 32 rows on a CPU (weights are read once a step); 32 prompts of ~40 tokens took 8.1 s
+# against 16-19 s in batches of 8 on 2 cores (BENCHMARKS.md)
 
 
 @dataclass
@@ -46,7 +49,7 @@ def item_correct(item: Item, output: str) -> bool:
     return sum(w in out for w in content) >= max(1, len(content) / 2)
 
 
-def item_accuracy(generator, items: Sequence[Item], batch_size: int = 8) -> float | None:
+def item_accuracy(generator, items: Sequence[Item], batch_size: int = GENERATE_BATCH) -> float | None:
     """Closed-book (no context) greedy accuracy of the generator's current weights on items."""
     if not items:
         return None
@@ -61,7 +64,7 @@ def item_accuracy(generator, items: Sequence[Item], batch_size: int = 8) -> floa
 
 
 def base_continuations(generator, prompts: Sequence[str], base_context, tokens: int = 32,
-                       batch_size: int = 8) -> list[list[int]]:
+                       batch_size: int = GENERATE_BATCH) -> list[list[int]]:
     """The base model's greedy continuations of the prompts (as `ask` puts them without retrieval), as token ids:
     its own tokens (decoding and re-tokenizing text would change some). base_context: see `locality`."""
     prompt_ids = [closed_prompt_ids(generator, p) for p in prompts]
@@ -82,7 +85,7 @@ def locality(generator, prompts: Sequence[str], base_context=None, tokens: int =
     """
     prompt_ids = [closed_prompt_ids(generator, p) for p in prompts]
     if base_ids is None:
-        base_ids = base_continuations(generator, prompts, base_context, tokens, batch_size)
+        base_ids = base_continuations(generator, prompts, base_context, tokens)
     stop = {generator.tokenizer.eos_token_id, generator.tokenizer.pad_token_id}
     agree = total = strict = 0
     for i in range(0, len(prompt_ids), batch_size):

@@ -63,7 +63,7 @@ def _clean_question(text: str) -> str | None:
 
 
 def synthesize(generator, memories: list, *, rewrites: int = 1, questions: int = 4, held_out_qa: int = 1,
-               held_out_rewrite: bool = True, seed: int = 0, batch_size: int = 8, cuts=(0.4, 0.6, 0.8),
+               held_out_rewrite: bool = True, seed: int = 0, batch_size: int = 16, cuts=(0.4, 0.6, 0.8),
                answer_words: int = 8, sentence_questions: int = 0,
                sentence_answers: bool = False) -> dict[int, list[Item]]:
     """Items for each memory (id → items): `rewrites` trained rewrites plus one held out (`held_out_rewrite`).
@@ -84,9 +84,13 @@ def synthesize(generator, memories: list, *, rewrites: int = 1, questions: int =
         return generator.chat_ids([{"role": "user", "content": content}])[0].tolist()
 
     def sample(prompts: list[list[int]], max_new: int, temperature: float) -> list[str]:
-        texts = []
-        for i in range(0, len(prompts), batch_size):
-            texts += generator.generate_batch(prompts[i:i + batch_size], max_new, temperature)
+        """Batches of similar length (less left padding), answers in the prompts' order."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        texts: list[str] = [""] * len(prompts)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            for j, text in zip(idx, generator.generate_batch([prompts[j] for j in idx], max_new, temperature)):
+                texts[j] = text
         return texts
 
     # rewrites: the last one of each memory is held out (paraphrased probes, never trained on)
