@@ -134,7 +134,7 @@ class MemoryLLM:
         self.use_adapter = use_adapter
         self.adapter_version: str | None = None
         self._adapter_attached = False
-        self._router = None  # the current adapter's activation router (route.py), if it has one
+        self._router = None  # the current adapter's activation router (adapters.routing), if it has one
         self._keys: list = []  # the current adapters' keys (unit embeddings of their trained prompts)
         self._embedder_bound = False
         self._store: Store | None = None
@@ -203,8 +203,7 @@ class MemoryLLM:
 
     def _attach_current_adapter(self) -> None:
         """Serve the promoted adapter (if any) on top of the base model; it records the base it was made for."""
-        from memory_llm.consolidate.adapters import AdapterRegistry, attach
-        from memory_llm.consolidate.route import prompt_embedder, read_keys
+        from memory_llm.adapters import AdapterRegistry, attach, prompt_embedder, read_keys
         from memory_llm.generate import sources_marker
 
         self._adapter_attached = True
@@ -764,13 +763,17 @@ class MemoryLLM:
         """Distil memories into a LoRA adapter (see memory_llm.consolidate.run). Returns a Summary."""
         from memory_llm.consolidate.run import consolidate
 
-        return consolidate(self, max_minutes=max_minutes, dry_run=dry_run, full=full, namespace=namespace,
-                           recipe=recipe, floors=floors, progress=progress)
+        summary = consolidate(self.store, self.settings, new_generator=self.new_generator, embed=self.embed_texts,
+                              max_minutes=max_minutes, dry_run=dry_run, full=full, namespace=namespace,
+                              recipe=recipe, floors=floors, progress=progress)
+        if summary.status == "promoted":
+            self.reload_adapter()
+        return summary
 
     @property
     def adapters(self):
         """The adapter registry: versions, current, rollback."""
-        from memory_llm.consolidate.adapters import AdapterRegistry
+        from memory_llm.adapters import AdapterRegistry
 
         return AdapterRegistry(self.settings.home)
 

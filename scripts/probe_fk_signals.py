@@ -59,7 +59,7 @@ def band_score(router, lo: int, hi: int, modules: str = "all", pool: str = "max"
     relative to their outputs' energy, per token, pooled over the prompt's tokens ("max", "top3" or "mean")."""
     import torch
 
-    from memory_llm.consolidate.route import _layer_index
+    from memory_llm.adapters.routing import _layer_index
 
     where = {mod: n for n, mod in router.model.named_modules() if mod in set(router.layers)}
     sel = torch.tensor([lo <= _layer_index(where[mod]) < hi and (modules == "all" or (

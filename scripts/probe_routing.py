@@ -36,7 +36,7 @@ def main() -> None:
 
     from memory_llm import MemoryLLM
     from memory_llm.consolidate import recipe as R
-    from memory_llm.consolidate.route import common_prefix
+    from memory_llm.adapters.routing import common_prefix
 
     m = MemoryLLM(args.work / "home")
     train_items, held, contexts, loc_train, loc_eval, general = lab_data(m)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from memory_llm import MemoryLLM
 from memory_llm import evaluate as ev
-import memory_llm.consolidate.route as R
+import memory_llm.adapters.routing as R
 
 FORCE = {"k": None}
 orig = R.RouterStack._route

@@ -24,7 +24,7 @@ from prepare_fictional_knowledge import chat_probes
 from memory_llm import MemoryLLM
 from memory_llm.consolidate.gate import item_accuracy, locality
 from memory_llm.consolidate.recipe import Recipe
-from memory_llm.consolidate.route import fit_router
+from memory_llm.consolidate.calibrate import fit_router
 from memory_llm.consolidate.run import EVAL_SAMPLE, _cap_per_memory, _sample, calibration_prompts, generic_prompts
 from memory_llm.evaluate import lost
 from memory_llm.generate import sources_marker

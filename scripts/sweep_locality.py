@@ -13,7 +13,7 @@ Configuration keys are Recipe fields, plus "cloze_only" (train on the cloze item
 LoRA on those layers only), "cov_tokens" (null-space covariance from the generic prompts with base
 continuations this long, instead of the locality examples), "output_energy" (also project every LoRA B's
 output off the directions holding this share of the base layer's output energy on the generic prompts) and
-"route" (a margin: report the run with activation routing instead, memory_llm.consolidate.route, calibrated
+"route" (a margin: report the run with activation routing instead, memory_llm.adapters.routing, calibrated
 with that margin over the highest training generic prompt's score, after printing every prompt set's scores).
 """
 
@@ -139,9 +139,9 @@ def main() -> None:
 
 
 def _route(gen, model, recipe, loc_train, loc_eval, general, train_items, held, margin):
-    """Fit the product's router (route.fit_router), print every prompt set's scores against its threshold."""
+    """Fit the product's router (consolidate.calibrate.fit_router), print every prompt set's scores against its threshold."""
     from memory_llm.consolidate.recipe import closed_prompt_ids, student_prompt_ids
-    from memory_llm.consolidate.route import fit_router
+    from memory_llm.consolidate.calibrate import fit_router
     from memory_llm.consolidate.run import calibration_prompts
 
     router = fit_router(model, gen, calibration_prompts(recipe), train_items, margin, recipe.route_band,

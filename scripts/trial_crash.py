@@ -158,7 +158,7 @@ def forget_trial(corpus: Path, home: Path, reference: dict, delay: float, templa
 ADAPTER_CHILD = """
 import json, shutil, sys
 from pathlib import Path
-from memory_llm.consolidate.adapters import AdapterRegistry
+from memory_llm.adapters import AdapterRegistry
 reg = AdapterRegistry(Path(sys.argv[1]))
 template = Path(sys.argv[2])
 for i in range(int(sys.argv[3])):
@@ -184,7 +184,7 @@ def tiny_adapter(target: Path) -> Path:
 
 
 def adapter_trial(home: Path, template: Path, delay: float, rounds: int = 200) -> dict:
-    from memory_llm.consolidate.adapters import AdapterRegistry
+    from memory_llm.adapters import AdapterRegistry
 
     killed, out = kill_after([sys.executable, "-c", ADAPTER_CHILD, str(home), str(template), str(rounds)], delay)
     reported = out.split()
@@ -234,7 +234,7 @@ def consolidate_once(home: str) -> str:
 
 def consolidate_trial(home: Path, template: Path, delay: float, fact: str) -> dict:
     """Kill a consolidation that would promote the next version over an existing current one."""
-    from memory_llm.consolidate.adapters import AdapterRegistry
+    from memory_llm.adapters import AdapterRegistry
 
     shutil.rmtree(home, ignore_errors=True)
     shutil.copytree(template, home)

@@ -559,7 +559,8 @@ def _adapter_trained_off_generic(tiny_generator):
 def test_router_gives_generic_prompts_the_base_model_and_facts_the_adapter(tiny_generator, tmp_path):
     import torch
 
-    from memory_llm.consolidate.route import Router, calibrate, load_router
+    from memory_llm.adapters.routing import Router, load_router
+    from memory_llm.consolidate.calibrate import calibrate
 
     model, generic, items = _adapter_trained_off_generic(tiny_generator)
     router = Router(model)
@@ -634,7 +635,8 @@ def _stacked_twice(tiny_generator, path, tails):
     import torch
     from peft import PeftModel
 
-    from memory_llm.consolidate.route import Router, calibrate
+    from memory_llm.adapters.routing import Router
+    from memory_llm.consolidate.calibrate import calibrate
 
     model, generic, items = _adapter_trained_off_generic(tiny_generator)
     model.save_pretrained(path)
@@ -658,7 +660,7 @@ def _stacked_twice(tiny_generator, path, tails):
 def test_stacked_adapters_each_score_alone_and_a_prompt_gets_the_one_it_excites_most(tiny_generator, tmp_path):
     import torch
 
-    from memory_llm.consolidate.route import Router, RouterStack
+    from memory_llm.adapters.routing import Router, RouterStack
 
     t = _stacked_twice(tiny_generator, tmp_path, [[3, 3]])
     items, logits, adapted, base, alone, threshold = t.items, t.logits, t.adapted, t.base, t.alone, t.threshold
@@ -682,7 +684,7 @@ def test_stacked_adapters_are_chosen_by_the_nearest_key_and_act_only_where_their
     import numpy as np
     import torch
 
-    from memory_llm.consolidate.route import Router, RouterStack, _contains
+    from memory_llm.adapters.routing import Router, RouterStack, contains
 
     t = _stacked_twice(tiny_generator, tmp_path, [[3, 3], [4, 4]])
     rows, logits, adapted, base, threshold, stacked = t.rows, t.logits, t.adapted, t.base, t.threshold, t.stacked
@@ -693,7 +695,7 @@ def test_stacked_adapters_are_chosen_by_the_nearest_key_and_act_only_where_their
 
     def embed(token_rows, head):
         embedded.extend(token_rows)
-        return np.array([[0.0, 2.0] if _contains(r, [4, 4]) else [3.0, 0.0] for r in token_rows])
+        return np.array([[0.0, 2.0] if contains(r, [4, 4]) else [3.0, 0.0] for r in token_rows])
     stack = RouterStack([a, b], keys=[np.array([[1.0, 0.1]]), np.array([[0.1, 1.0], [-1.0, 0.0]])],
                         embed=embed).install()
     assert stack.by_content and stack.nearest([rows[2], rows[1]]) == [1, 0]
@@ -723,7 +725,7 @@ def test_stacked_adapters_are_chosen_by_the_nearest_key_and_act_only_where_their
 
 
 def test_prompt_embedder_embeds_a_chat_question_as_the_question(tiny_generator):
-    from memory_llm.consolidate.route import common_prefix, prompt_embedder
+    from memory_llm.adapters.routing import common_prefix, prompt_embedder
     from memory_llm.generate import build_messages
 
     seen = []
@@ -740,7 +742,7 @@ def test_prompt_embedder_embeds_a_chat_question_as_the_question(tiny_generator):
 def test_adapter_keys_round_trip_and_a_broken_key_file_is_refused(tmp_path):
     import numpy as np
 
-    from memory_llm.consolidate.route import read_keys, save_keys
+    from memory_llm.adapters.keys import read_keys, save_keys
 
     assert read_keys(tmp_path) is None
     save_keys(tmp_path, [[3.0, 4.0], [0.0, 2.0]])
@@ -751,7 +753,7 @@ def test_adapter_keys_round_trip_and_a_broken_key_file_is_refused(tmp_path):
 
 
 def test_router_settings_read_as_they_were_made(tmp_path):
-    from memory_llm.consolidate.route import read_router
+    from memory_llm.adapters.routing import read_router
 
     path = tmp_path / "router.json"
     path.write_text(json.dumps({"threshold": 0.5, "band": [0.4, 0.6], "head": [1, 2]}))  # before pooling choices
@@ -777,14 +779,14 @@ def test_loss_curve_averages_each_tenth_of_the_plan():
 
 
 def test_sources_marker_is_found_in_prompts_with_sources_only(tiny_generator):
-    from memory_llm.consolidate.route import _contains
+    from memory_llm.adapters.routing import contains
     from memory_llm.generate import build_messages, sources_marker
 
     marker = sources_marker(tiny_generator.tokenizer)
     with_sources = tiny_generator.chat_ids(build_messages("Who founded Pelloria?", ["Pelloria was founded in 1642."]))
     closed = tiny_generator.chat_ids(build_messages("Who founded Pelloria?"))
-    assert marker and _contains(with_sources[0].tolist(), marker)
-    assert not _contains(closed[0].tolist(), marker)
+    assert marker and contains(with_sources[0].tolist(), marker)
+    assert not contains(closed[0].tolist(), marker)
 
 
 def test_a_small_round_trains_at_least_min_steps_and_a_large_one_its_epochs():

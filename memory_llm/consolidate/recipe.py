@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from memory_llm.consolidate.route import common_prefix
+from memory_llm.adapters.routing import common_prefix
 from memory_llm.consolidate.synth import Item
 from memory_llm.generate import cache_kwargs, output_cache
 
@@ -76,10 +76,10 @@ class Recipe:
     null_space_energy: float = 0.99  # LoRA inputs kept off the generic-prompt directions holding this share of
     # their energy (null-space projection, see null_space_constraint); 0 turns it off
     route_margin: float = 1.25  # the adapter acts only on prompts scoring this many times the highest generic
-    # prompt's score (activation routing, see route.py); 0: the adapter is always on
+    # prompt's score (activation routing, see adapters/routing.py); 0: the adapter is always on
     route_similarity: float = 0.1  # a prompt whose embedding is this much more similar to one of the adapter's
     # trained prompts than any generic prompt of the training half is gets the adapter whatever its activation
-    # score (route.similarity_bar): users ask about a memory in other words than trained. On 5 SQuAD tuning
+    # score (consolidate.calibrate.similarity_bar): users ask about a memory in other words than trained. On 5 SQuAD tuning
     # passages the activation router alone kept the adapter off 19 of 29 user questions (closed 0.14); with
     # 0.1 closed 0.31 and general 80/80 (BENCHMARKS.md). 0: off
     route_band: tuple = (0.4, 0.6)  # the decoder layers (fractions of depth) whose LoRA updates are scored
@@ -90,7 +90,7 @@ class Recipe:
     # items and raw FK probes it left the adapter off nearly everywhere (BENCHMARKS.md)
     max_stack: int = 4  # adapters served side by side, one per round: a round trains a fresh adapter for its new
     # memories and leaves the earlier ones as they are (each acts only where its router passes, see
-    # route.RouterStack); a round beyond this many continues the newest adapter instead; 1: every round continues
+    # adapters.routing.RouterStack); a round beyond this many continues the newest adapter instead; 1: every round continues
     # one adapter. A full rebuild (--full, or after forgetting) starts one adapter again
     diverge_ratio: float = 1.5  # training stops as diverged when the mean loss over the last tenth of the steps
     # run exceeds the first tenth's by this factor (or a loss is not finite); run.py retries at half the lr. On

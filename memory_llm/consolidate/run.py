@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-from memory_llm.consolidate.adapters import AdapterRegistry, attach, stack_on
+from memory_llm.adapters import AdapterRegistry, attach, prompt_embedder, save_keys, stack_on
 from memory_llm.consolidate.gate import Floors, base_continuations, decide, item_accuracy, locality
 from memory_llm.consolidate.recipe import (
     Checkpoint,
@@ -30,9 +30,16 @@ from memory_llm.consolidate.recipe import (
     prepare_locality,
     train,
 )
-from memory_llm.consolidate.route import fit_router, prompt_embedder, save_keys, similarity_bar
+from memory_llm.consolidate.calibrate import fit_router, similarity_bar
 from memory_llm.consolidate.synth import Item, synthesize
 from memory_llm.errors import MemoryLLMError, StoreError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from memory_llm.config import Settings
+    from memory_llm.generate import Generator
+    from memory_llm.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -112,14 +119,25 @@ def consolidation_lock(home: Path) -> Iterator[None]:
         fh.close()
 
 
-def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, full: bool = False,
-                namespace: str | None = None, recipe: Recipe | None = None, floors: Floors | None = None,
-                progress: Callable[[str, int, int], None] | None = None) -> Summary:
-    """Run one consolidation round on a MemoryLLM's home. See the module docstring."""
+def consolidate(store: Store, settings: Settings, *, new_generator: Callable[[], Generator],
+                embed: Callable[[list[str]], np.ndarray], max_minutes: float | None = None, dry_run: bool = False,
+                full: bool = False, namespace: str | None = None, recipe: Recipe | None = None,
+                floors: Floors | None = None, progress: Callable[[str, int, int], None] | None = None) -> Summary:
+    """Run one consolidation round on a home (see the module docstring). It uses components only.
+
+    Args:
+        store: the home's store (memories, training items, exemplars, ledger).
+        settings: the home's settings (home, model).
+        new_generator: makes a fresh base model (no adapter), kept apart from any serving one.
+        embed: texts → unit sentence embeddings (the home's embedder), for routing keys.
+        max_minutes, dry_run, full, namespace, recipe, floors, progress: as `mllm consolidate` documents them.
+
+    Returns:
+        A Summary; when its status is "promoted" the caller's serving model should reload its adapter.
+    """
     start = time.time()
     deadline = start + max_minutes * 60 if max_minutes else None
     recipe, floors = recipe or Recipe(), floors or Floors()
-    store, settings = m.store, m.settings
     registry = AdapterRegistry(settings.home)
     with consolidation_lock(settings.home):
         registry.discard_staging()
@@ -153,7 +171,7 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
                            memories=len(new), exemplars=len(new_ex), full=full, seconds=time.time() - start)
 
         # ---- setup: a fresh base model (the serving model keeps its adapter meanwhile) -------------------
-        gen = m.new_generator()
+        gen = new_generator()
         memories = store.get(new)
 
         # ---- synthesize (committed per batch of memories; reused by later runs) ------------------------------
@@ -244,12 +262,12 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
         own_router = fit_router(model, gen, calibration_prompts(recipe), sample, recipe.route_margin,
                                 recipe.route_band, recipe.route_pool, recipe.route_per_form) \
             if recipe.route_margin else None
-        keys = m.embed_texts([it.prompt for it in train_items]) if own_router is not None else None
+        keys = embed([it.prompt for it in train_items]) if own_router is not None else None
         if own_router is not None and recipe.route_similarity:  # questions near a trained prompt pass too
-            own_router.similarity = similarity_bar(keys, m.embed_texts(generic_prompts()[0]), recipe.route_similarity)
+            own_router.similarity = similarity_bar(keys, embed(generic_prompts()[0]), recipe.route_similarity)
         if below or own_router is not None and own_router.similarity is not None:  # the candidate serves the
             # earlier rounds' adapters too (untouched, each with its router), and routes by its keys
-            stack_on(model, own_router, below, keys=keys, embed=prompt_embedder(gen.tokenizer, m.embed_texts))
+            stack_on(model, own_router, below, keys=keys, embed=prompt_embedder(gen.tokenizer, embed))
 
         # ---- evaluate the candidate ------------------------------------------------------------------------
         metrics = {
@@ -266,8 +284,8 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
             progress("evaluate", 1, 1)
         current_metrics = None
         if current is not None:
-            current_metrics = _current_metrics(m.new_generator(), current, retention_items, loc_eval, loc_base,
-                                               m.embed_texts)
+            current_metrics = _current_metrics(new_generator(), current, retention_items, loc_eval, loc_base,
+                                               embed)
 
         ok, reasons = decide(metrics, current_metrics, floors)
         if deadline and time.time() > deadline + reserve:
@@ -297,7 +315,6 @@ def consolidate(m, *, max_minutes: float | None = None, dry_run: bool = False, f
                        "pool": own_router.pool, **own_router.details} if own_router is not None else None})
         registry.promote(version.name)
         store.record_ledger(version.name, covered_now)
-        m.reload_adapter()
         summary.version, summary.message = version.name, f"promoted {version.name}" + (
             f" (served beside {', '.join(v.name for v in below)})" if below else "")
         summary.seconds = time.time() - start

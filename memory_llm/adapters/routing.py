@@ -31,12 +31,12 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from memory_llm.adapters.keys import unit
 from memory_llm.generate import continues_sequence
 
 logger = logging.getLogger(__name__)
 
 ROUTER_FILE = "router.json"
-KEYS_FILE = "keys.npy"  # sentence embeddings of the adapter's trained prompts (RouterStack's choice)
 POOLS = ("mean", "max")  # how a prompt's per-token scores make its score
 
 
@@ -121,7 +121,7 @@ class Router:
         chat = bool(h) and row[start:start + h] == self.head and end > start + h
         start = start + h if chat else start
         if self.after:
-            start = max((i + len(self.after) for i in _occurrences(row[start:end], self.after)), default=0) + start
+            start = max((i + len(self.after) for i in occurrences(row[start:end], self.after)), default=0) + start
         return slice(start, end), chat
 
     def threshold_for(self, chat: bool) -> float:
@@ -187,7 +187,7 @@ class Router:
         """Score a batch's rows and decide which rows the adapter acts on (also kept in last, last_on)."""
         self.last = self._score_rows(input_ids, attention_mask)
         rows = input_ids.tolist() if self.veto else [[]] * len(self.last)
-        self.last_on = [s >= self.threshold_for(chat) and not _contains(row, self.veto)
+        self.last_on = [s >= self.threshold_for(chat) and not contains(row, self.veto)
                         for s, chat, row in zip(self.last, self.last_chat, rows)]
         return self.last_on
 
@@ -227,7 +227,7 @@ class RouterStack:
         if keys is not None and len(keys) != len(self.routers):
             raise ValueError("a router stack needs one key set per router")
         self.keys = None if keys is None or embed is None or any(k is None or not len(k) for k in keys) \
-            else [_unit(k) for k in keys]
+            else [unit(k) for k in keys]
         self.embed = embed
         self._hooks: list = []
         self.last_on: list[bool] = []  # whether some adapter acted on each row of the last routed prefill
@@ -281,7 +281,7 @@ class RouterStack:
         """Each row's adapter by content (see nearest) and the row's cosine similarity to that nearest key."""
         import numpy as np
 
-        queries = _unit(np.asarray(self.embed([list(r) for r in rows], self.routers[0].head), dtype=np.float32))
+        queries = unit(np.asarray(self.embed([list(r) for r in rows], self.routers[0].head), dtype=np.float32))
         best = np.stack([(queries @ k.T).max(axis=1) for k in self.keys], axis=1)
         return [int(i) for i in best.argmax(axis=1)], [float(x) for x in best.max(axis=1)]
 
@@ -307,7 +307,7 @@ class RouterStack:
                                                   for row, m in zip(rows, masks)])
                 bars = [self.routers[k].similarity for k in chosen]
                 veto = self.routers[0].veto
-                near = [bar is not None and sim >= bar and not _contains(row, veto)
+                near = [bar is not None and sim >= bar and not contains(row, veto)
                         for bar, sim, row in zip(bars, sims, rows)]
             except ValueError as exc:  # keys from another embedder (another width): choose by activation
                 logger.warning("adapter keys do not match the embedder (%s): choosing adapters by activation", exc)
@@ -367,58 +367,12 @@ def prompt_embedder(tokenizer, embed):
         texts = []
         for row in rows:
             row = list(row)
-            start = max((i + len(marker) for i in _occurrences(row, marker)), default=0)
+            start = max((i + len(marker) for i in occurrences(row, marker)), default=0)
             cut = next((i for i in range(start, len(row)) if row[i] in special), len(row))
             text = tokenizer.decode(row[start:cut]).strip()  # after retrieved sources: "Question: ..." (the
             texts.append(re.sub(r"^question:\s*", "", text, flags=re.I))  # router's `after`), as the question
         return embed(texts)
     return run
-
-
-def save_keys(directory: Path, keys) -> None:
-    """An adapter's keys (one row per trained prompt, unit length), float16."""
-    import numpy as np
-
-    np.save(Path(directory) / KEYS_FILE, _unit(np.asarray(keys, dtype=np.float32)).astype(np.float16))
-
-
-def check_keys(directory: Path) -> None:
-    """A ValueError when the directory's keys.npy (if any) is not a readable 2-D array (memory-mapped: only its
-    header is read; read_keys loads and checks the values when the adapter is attached)."""
-    import numpy as np
-
-    path = Path(directory) / KEYS_FILE
-    if not path.exists():
-        return
-    try:
-        keys = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise ValueError(f"{KEYS_FILE} unreadable ({type(exc).__name__})") from None
-    if keys.ndim != 2:
-        raise ValueError(f"{KEYS_FILE} is not a matrix")
-
-
-def read_keys(directory: Path):
-    """An adapter directory's keys (float32, n × dim), or None when it has none. Unreadable: a ValueError."""
-    import numpy as np
-
-    path = Path(directory) / KEYS_FILE
-    if not path.exists():
-        return None
-    try:
-        keys = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise ValueError(f"{KEYS_FILE} unreadable ({type(exc).__name__})") from None
-    if keys.ndim != 2 or not np.isfinite(keys).all():
-        raise ValueError(f"{KEYS_FILE} is not a finite matrix")
-    return keys.astype(np.float32)
-
-
-def _unit(x):
-    import numpy as np
-
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def read_router(directory: Path) -> dict | None:
@@ -457,12 +411,12 @@ def load_router(peft_model, directory: Path, name: str | None = None) -> Router 
     return None if settings is None else Router(peft_model, name=name, **settings).install()
 
 
-def _contains(row: Sequence[int], part: Sequence[int]) -> bool:
+def contains(row: Sequence[int], part: Sequence[int]) -> bool:
     """Whether the token sequence `part` (non-empty) occurs in row."""
-    return next(_occurrences(row, part), None) is not None
+    return next(occurrences(row, part), None) is not None
 
 
-def _occurrences(row: Sequence[int], part: Sequence[int]):
+def occurrences(row: Sequence[int], part: Sequence[int]):
     """Where the token sequence `part` (non-empty; empty: nowhere) starts in row, in order."""
     n, part = len(part), list(part)
     return (i for i in range(len(row) - n + 1) if n and row[i] == part[0] and list(row[i:i + n]) == part)
@@ -475,39 +429,6 @@ def _layer_index(name: str) -> int | None:
         return None
     digits = part[1].split(".", 1)[0]
     return int(digits) if digits.isdigit() else None
-
-
-def calibrate(negatives: Sequence[float], margin: float) -> float:
-    """The threshold: `margin` times the highest score of the calibration's generic prompts."""
-    return margin * max(negatives, default=0.0)
-
-
-def similarity_bar(keys, generic, margin: float) -> float:
-    """Router.similarity for an adapter: `margin` above the highest cosine similarity of generic prompts'
-    embeddings (rows of `generic`) to its keys, at most 1."""
-    return min(1.0, float((_unit(generic) @ _unit(keys).T).max()) + margin)
-
-
-def fit_router(peft_model, generator, generic: Sequence[str], items, margin: float,
-               band: Sequence[float] = (0.0, 1.0), pool: str = "mean", per_form: bool = False) -> Router:
-    """A router for a freshly trained adapter, calibrated on generic prompts in chat form (negatives), and with
-    `per_form` a raw-text threshold calibrated on them as raw text; it reports how many trained items' prompts
-    (positives, each in the form it is trained in) it routes. Installed."""
-    from memory_llm.consolidate.recipe import closed_prompt_ids, student_prompt_ids
-
-    chats = [closed_prompt_ids(generator, p) for p in generic]
-    raws = [generator.tokenizer(p, add_special_tokens=False)["input_ids"] for p in generic] if per_form else []
-    router = Router(peft_model, band=band, head=common_prefix(chats), pool=pool)
-    negatives, raw_negatives = router.scores(chats), router.scores(raws)
-    router.threshold = calibrate(negatives, margin)
-    router.raw_threshold = calibrate(raw_negatives, margin) if per_form else None
-    prompts = [student_prompt_ids(generator, it) for it in items]
-    routed = [score >= router.threshold_for(router.own_tokens(ids, None)[1])
-              for ids, score in zip(prompts, router.scores(prompts))]
-    router.details = {"margin": margin, "generic_max": max(negatives, default=0.0),
-                      "raw_generic_max": max(raw_negatives, default=None),
-                      "trained_routed": sum(routed) / max(1, len(routed))}
-    return router.install()
 
 
 def common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:

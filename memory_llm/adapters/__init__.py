@@ -1,0 +1,10 @@
+"""Adapters for serving and for consolidation alike: the versions on disk (registry), their routers (routing,
+keys) and loading them onto a model (attach). Serving imports only this package, never memory_llm.consolidate."""
+
+from memory_llm.adapters.attach import attach, stack_on
+from memory_llm.adapters.keys import read_keys, save_keys
+from memory_llm.adapters.registry import AdapterRegistry, AdapterVersion
+from memory_llm.adapters.routing import Router, RouterStack, load_router, prompt_embedder, read_router
+
+__all__ = ["AdapterRegistry", "AdapterVersion", "Router", "RouterStack", "attach", "load_router", "prompt_embedder",
+           "read_keys", "read_router", "save_keys", "stack_on"]
