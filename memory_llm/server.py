@@ -102,7 +102,7 @@ def create_app(m, api_key: str | None = None, model_id: str = MODEL_ID):
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from memory_llm.assistant import _check_namespace
+    from memory_llm.config import check_namespace
 
     worker = GenerationWorker()
 
@@ -196,7 +196,7 @@ def create_app(m, api_key: str | None = None, model_id: str = MODEL_ID):
 
     def namespace_of(request: Request, user: str | None) -> str:
         ns = request.headers.get(NAMESPACE_HEADER) or user or "default"
-        _check_namespace(ns)
+        check_namespace(ns)
         return ns
 
     @app.get("/health")

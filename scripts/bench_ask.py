@@ -10,7 +10,7 @@ MemoryLLM.ask over raw model.generate, and where a new process's first-token tim
     One warm-up run of each (OS page cache), then --runs runs each, interleaved; medians.
 (c) Peak RSS of each `mllm ask` child: os.wait4's ru_maxrss (that process alone).
 (b) In process, models loaded and warmed: MemoryLLM.ask(Q, max_new_tokens=N) vs raw model.generate on the very
-    prompt ids ask builds (MemoryLLM._prepare), greedy, same max_new_tokens, plain generate (no streamer). Greedy
+    prompt ids ask builds (Answerer.prepare), greedy, same max_new_tokens, plain generate (no streamer). Greedy
     decoding of the same ids is deterministic, so both produce the same tokens: the script checks the texts are
     equal and reports per-token times too. Interleaved, median of --inproc-runs.
 Stages: a fresh child process (this script with --child-stages) times each step in the CLI's order with the
@@ -209,7 +209,7 @@ def in_process(home: Path, args) -> dict:
     m = MemoryLLM(home)
     gen = m.generator
     st_vec = m.embedder.encode([args.question])[0]
-    _, ids, *_ = m._prepare(args.question, k=None, namespace="default", use_memory=True)  # as ask builds it
+    _, ids, *_ = m.answerer.prepare(args.question, k=None, namespace="default", use_memory=True)  # as ask builds it
     model, tok = gen.model, gen.tokenizer
 
     def raw():  # in a worker thread, as ask's generation runs (see the notes: the main thread can differ)

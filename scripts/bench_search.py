@@ -39,8 +39,8 @@ from _benchmd import command_line, machine, pct, table, today, write_section  # 
 
 import faiss  # noqa: E402
 
-from memory_llm.store import vectors as V  # noqa: E402
-from memory_llm.store.vectors import FaissIndex  # noqa: E402
+from memory_llm.store import faiss_index as V  # noqa: E402
+from memory_llm.store.faiss_index import FaissIndex  # noqa: E402
 from memory_llm.config import Settings  # noqa: E402
 
 DIM = 384
@@ -345,7 +345,7 @@ def bench_size(n: int, args, mix: Mixture, out: list[dict]) -> None:
 
 
 def bench_store(n: int, data, queries, truth, lib: FaissIndex, args, out: list[dict]) -> None:
-    from memory_llm.store.sqlite import NewChunk, Store
+    from memory_llm.store import NewChunk, Store
 
     with tempfile.TemporaryDirectory(prefix="mllm-bench-store-", dir=args.tmp) as home:
         store = Store(Path(home))

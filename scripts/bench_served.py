@@ -68,7 +68,7 @@ def passage_reference(m, probes: list[dict], passages: dict[str, str]) -> list[b
 
     gen = m.generator
     out = []
-    with m._base_context():
+    with m.served.base_context():
         for b in range(0, len(probes), 8):
             batch = probes[b:b + 8]
             ids = [gen.chat_ids(build_messages(p["input"], [passages[p["tags"][0]]]))[0].tolist() for p in batch]
@@ -217,11 +217,11 @@ def main() -> None:
         setattr(m.settings, setting, at)
         chosen, saved = [], []
         for i, p in enumerate(probes):
-            prepared = m._prepare(p["input"], k=None, namespace="default", use_memory=True)
+            prepared = m.answerer.prepare(p["input"], k=None, namespace="default", use_memory=True)
             if prepared[-1] is not None:
                 chosen.append(i)
                 setattr(m.settings, setting, 0.0)
-                full = m._prepare(p["input"], k=None, namespace="default", use_memory=True)[3]["prompt_tokens"]
+                full = m.answerer.prepare(p["input"], k=None, namespace="default", use_memory=True)[3]["prompt_tokens"]
                 setattr(m.settings, setting, at)
                 saved.append(full - prepared[3]["prompt_tokens"])
         with_skip = [c if i in chosen else r for i, (c, r) in enumerate(zip(correct["closed"], correct["rag"]))]

@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from memory_llm.evaluate import is_correct
-    from memory_llm.generate import Generator, build_messages
+    from memory_llm.generate import TransformersGenerator, build_messages
 
     seen, cands = set(), []
     for cat, q, ans in CANDIDATES:
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in cands:
             c["output"] = previous[c["input"]]
     else:
-        g = Generator.load(args.model, args.cache)
+        g = TransformersGenerator.load(args.model, args.cache)
         ids = [g.chat_ids(build_messages(c["input"]))[0].tolist() for c in cands]
         order = sorted(range(len(cands)), key=lambda i: len(ids[i]))  # similar lengths per batch: less padding
         t0 = time.time()

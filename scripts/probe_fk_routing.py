@@ -20,7 +20,7 @@ from memory_llm.consolidate.run import generic_prompts
 home = Path(sys.argv[1])
 m = MemoryLLM(home)
 m.ask("warm up", use_memory=False, max_new_tokens=1, log=False)
-r, gen = m._router, m.generator
+r, gen = m.served.router, m.generator
 items = m.store.items(m.store.memory_ids())
 qa_tr = [i for i in items if i.kind == "qa" and not i.held_out][:64]
 qa_ho = [i for i in items if i.kind == "qa" and i.held_out][:64]

@@ -84,14 +84,14 @@ def main() -> None:
 
 
     from memory_llm import MemoryLLM
-    from memory_llm.assistant import DEFAULT_NAMESPACE
+    from memory_llm.config import DEFAULT_NAMESPACE
     from memory_llm.consolidate.recipe import Recipe, closed_prompt_ids
     from memory_llm.consolidate.run import calibration_prompts, generic_prompts
     from memory_llm.evaluate import load_probes
 
     m = MemoryLLM(Path(args.home))
     m.ask("warm up", use_memory=False, max_new_tokens=1, log=False)
-    router, gen = m._router, m.generator
+    router, gen = m.served.router, m.generator
     margin = args.margin or json.loads((m.adapters.get(m.adapter_version).path / "router.json").read_text()).get(
         "margin", 1.25)
     recipe = Recipe()
@@ -110,7 +110,7 @@ def main() -> None:
           flush=True)
 
     def gk_ids(p):
-        return m._prepare(p.input, k=None, namespace=DEFAULT_NAMESPACE, use_memory=False)[1][0].tolist()
+        return m.answerer.prepare(p.input, k=None, namespace=DEFAULT_NAMESPACE, use_memory=False)[1][0].tolist()
 
     sets = {"calibration generic (20)": [closed_prompt_ids(gen, p) for p in calib],
             "held-out generic (60)": [closed_prompt_ids(gen, p) for p in loc_eval],

@@ -58,16 +58,16 @@ def main() -> None:
         out = []
         for b in range(0, len(prompts), 8):
             if base:
-                with m._base_context():
+                with m.served.base_context():
                     out += [(t, False) for t in gen.generate_batch(prompts[b:b + 8], NEW_TOKENS)]
             else:
                 texts = gen.generate_batch(prompts[b:b + 8], NEW_TOKENS)
-                on = list(m._router.last_on) if m._router is not None else [True] * len(texts)
+                on = list(m.served.router.last_on) if m.served.router is not None else [True] * len(texts)
                 out += list(zip(texts, map(bool, on)))
         return out
 
     closed = answers([prompt(p["input"], []) for p in probes], base=False)
-    hits = [[h.memory.text for h in pack(m._retrieve([p["input"]], None, "default"), gen.count_tokens,
+    hits = [[h.memory.text for h in pack(m.retrieve([p["input"]], None, "default"), gen.count_tokens,
                                          m.settings.context_tokens)] for p in probes]
     rag = answers([prompt(p["input"], h) for p, h in zip(probes, hits)], base=True)
     on = [i for i, (_, acted) in enumerate(closed) if acted]

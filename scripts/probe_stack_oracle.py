@@ -27,7 +27,7 @@ R.RouterStack._route = patched
 work, out_path = Path(sys.argv[1]), sys.argv[2]
 m = MemoryLLM(work / "home")
 m.generator  # load
-stack = m._router
+stack = m.served.router
 routers = stack.routers
 print("routers", [r._name for r in routers], [r.threshold for r in routers], flush=True)
 data = {"names": [r._name for r in routers], "thresholds": [r.threshold for r in routers], "sets": {}}

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from memory_llm.config import Settings
-from memory_llm.generate import Generator, build_messages
+from memory_llm.generate import TransformersGenerator, build_messages
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--faiss-threads", type=int, default=None, help="faiss.omp_set_num_threads before searching")
     args = p.parse_args()
     s = Settings.load()
-    gen = Generator.load(s.model, s.cache_dir, s.device, s.dtype)
+    gen = TransformersGenerator.load(s.model, s.cache_dir, s.device, s.dtype)
     ids = gen.chat_ids(build_messages("When did the Larkspur Observatory open? " * 20, []))
     model, tok = gen.model, gen.tokenizer
 

@@ -44,7 +44,7 @@ m = MemoryLLM(args.home)
 general = ROOT / "data" / "general_probes.jsonl"
 base_gk = m.evaluate(general, "base")
 m.ask("warm up", use_memory=False, max_new_tokens=1, log=False)
-r = m._router
+r = m.served.router
 loc_eval = generic_prompts()[1]
 recipe = Recipe()
 items = _cap_per_memory([i for i in m.store.items(m.store.memory_ids()) if not i.held_out],
@@ -71,8 +71,8 @@ if chat:
 
 def refit():
     """The stored router replaced by one fitted as consolidation now fits it (on --band if given)."""
-    m._router.remove()
-    r = m._router = fit_router(m.generator.model, m.generator, calibration_prompts(recipe), sample,
+    m.served.router.remove()
+    r = m.served.router = fit_router(m.generator.model, m.generator, calibration_prompts(recipe), sample,
                                recipe.route_margin, args.band or recipe.route_band, recipe.route_pool,
                                per_form=True)
     r.veto = sources_marker(m.generator.tokenizer)

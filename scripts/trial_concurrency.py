@@ -181,7 +181,7 @@ def doctor(home: Path) -> dict:
     try:
         report = m.doctor()
         store = m.store
-        report["index_agrees"] = store.index().fingerprint() == store._sqlite_fingerprint()
+        report["index_agrees"] = store.index().fingerprint() == store.sqlite_fingerprint()
         report["healthy"] = report["healthy"] and report["index_agrees"]
         return report
     finally:

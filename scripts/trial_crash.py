@@ -94,7 +94,7 @@ def check_home(home: Path, reference: dict[str, list[str]]) -> dict:
             assert report["healthy"], f"doctor --repair left {report['checks']}"
         store = m.store
         if store.meta("dim"):
-            assert store.index().fingerprint() == store._sqlite_fingerprint(), "index disagrees with SQLite"
+            assert store.index().fingerprint() == store.sqlite_fingerprint(), "index disagrees with SQLite"
             store.index().save(store.index_path)
             left = [p.name for p in store.index_path.parent.iterdir() if p.name.startswith(".")]
             assert not left, f"temporary files of the killed process were left: {left}"

@@ -91,10 +91,10 @@ def tiny_model(tok):
 
 @pytest.fixture(scope="session")
 def tiny_generator():
-    from memory_llm.generate import Generator
+    from memory_llm.generate import TransformersGenerator
 
     tok = tiny_tokenizer()
-    return Generator(tiny_model(tok), tok, "tiny-llama")
+    return TransformersGenerator(tiny_model(tok), tok, "tiny-llama")
 
 
 @pytest.fixture
@@ -118,9 +118,9 @@ def real_models(model_cache):
     """The real offline default models, loaded once for all end-to-end tests."""
     from memory_llm.config import DEFAULT_EMBEDDER, DEFAULT_MODEL
     from memory_llm.embed import SentenceEmbedder
-    from memory_llm.generate import Generator
+    from memory_llm.generate import TransformersGenerator
 
-    return SentenceEmbedder(DEFAULT_EMBEDDER), Generator.load(DEFAULT_MODEL, model_cache)
+    return SentenceEmbedder(DEFAULT_EMBEDDER), TransformersGenerator.load(DEFAULT_MODEL, model_cache)
 
 
 def run_cli(*args: str, env: dict | None = None, input: str | None = None, timeout: float = 600):

@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 from memory_llm.consolidate.recipe import Recipe, attach_lora, closed_prompt_ids
 from memory_llm.adapters.routing import Router, RouterStack, common_prefix
-from memory_llm.generate import Generator
+from memory_llm.generate import TransformersGenerator
 
 QUESTIONS = ["Name a colour.", "What is two plus two?", "Say hello.", "Describe rain in a sentence.", "Hi",
              "Count to three, please.", "Why is the sky blue?", "Tell me a word.", "Spell cat.", "Go on."]
@@ -62,7 +62,7 @@ def _from_library(filename: str) -> bool:
 def _two_adapters():
     """A tiny generator with two random LoRA adapters, "default" and "b", both active."""
     tok = tiny_tokenizer()
-    gen = Generator(tiny_model(tok), tok, "tiny-llama")
+    gen = TransformersGenerator(tiny_model(tok), tok, "tiny-llama")
     model = attach_lora(gen.model, Recipe(rank=4, alpha=8))
     model.add_adapter("b", model.peft_config["default"])
     model.base_model.set_adapter(["default", "b"], inference_mode=True)
@@ -195,7 +195,7 @@ def test_batched_locality_matches_its_definitions_one_prompt_at_a_time():
     from memory_llm.consolidate.gate import base_continuations, locality
 
     tok = tiny_tokenizer()
-    gen = Generator(tiny_model(tok), tok, "tiny-llama")
+    gen = TransformersGenerator(tiny_model(tok), tok, "tiny-llama")
     model = attach_lora(gen.model, Recipe(rank=4, alpha=8))
     gen.model = model
     torch.manual_seed(3)

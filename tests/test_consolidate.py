@@ -176,13 +176,13 @@ def test_ask_says_which_path_answered_and_skips_retrieval_only_where_the_adapter
     # the skip: a question close to a trained prompt, and the router letting the adapter act, skips retrieval
     trained = cmem.store.items(cmem.store.memory_ids())[0].prompt
     cmem.settings.skip_retrieval_similarity = 0.99
-    cmem._adapter_acts = lambda ids: True
+    cmem.served.adapter_acts = lambda ids: True
     skipped = cmem.ask(trained, max_new_tokens=4)
     assert skipped.path == "adapter" and not skipped.sources and skipped.why.startswith("retrieval skipped")
     assert skipped.timings["prompt_tokens"] < answer.timings["prompt_tokens"]
-    cmem._adapter_acts = lambda ids: False  # the router would keep the adapter off: retrieve after all
+    cmem.served.adapter_acts = lambda ids: False  # the router would keep the adapter off: retrieve after all
     assert cmem.ask(trained, max_new_tokens=4).sources
-    cmem._adapter_acts = lambda ids: True
+    cmem.served.adapter_acts = lambda ids: True
     assert cmem.ask("Completely unrelated words about cooking pasta", max_new_tokens=4).sources  # not similar
     # eval --mode served runs that path, probe by probe
     probes = tmp_path / "p.jsonl"
@@ -198,20 +198,20 @@ def test_ask_says_which_path_answered_and_skips_retrieval_only_where_the_adapter
 def test_retrieval_skip_by_the_adapters_confidence(cmem):
     run(cmem)
     trained = cmem.store.items(cmem.store.memory_ids())[0].prompt
-    closed = cmem._prepare(trained, k=None, namespace="default", use_memory=False)[1]
+    closed = cmem.answerer.prepare(trained, k=None, namespace="default", use_memory=False).ids
     # the real check: a probability when the router lets the adapter act on the closed-book prompt, else None
-    confidence = cmem._adapter_confidence(closed)
-    assert (confidence is not None) == cmem._adapter_acts(closed)
+    confidence = cmem.served.adapter_confidence(closed)
+    assert (confidence is not None) == cmem.served.adapter_acts(closed)
     assert confidence is None or 0 < confidence <= 1
     cmem.settings.skip_retrieval_confidence = 0.5
-    cmem._adapter_confidence = lambda ids: 0.9
+    cmem.served.adapter_confidence = lambda ids: 0.9
     sure = cmem.ask(trained, max_new_tokens=4)
     assert sure.path == "adapter" and not sure.sources and "probability 0.90" in sure.why, sure.why
     assert sure.adapter_used in (None, "v0001") and "default" not in sure.why  # peft's name is not shown
     for unsure in (0.3, None):  # not confident enough, or the router keeps the adapter off: retrieve
-        cmem._adapter_confidence = lambda ids: unsure
+        cmem.served.adapter_confidence = lambda ids: unsure
         assert cmem.ask(trained, max_new_tokens=4).sources
-    cmem._adapter_confidence = lambda ids: 0.9
+    cmem.served.adapter_confidence = lambda ids: 0.9
     cmem.settings.skip_retrieval_similarity = 0.99  # both set: both must hold
     assert cmem.ask("Completely unrelated words about cooking pasta", max_new_tokens=4).sources
     assert cmem.ask(trained, max_new_tokens=4).path == "adapter"
@@ -244,7 +244,7 @@ def test_nothing_new_then_new_memory_builds_on_current(cmem):
     assert set(cmem.generator.model.peft_config) == {"v0001", "v0002"}
     assert all((reg.root / v / "keys.npy").exists() for v in ("v0001", "v0002"))
     tok = cmem.generator.tokenizer
-    assert cmem._router.by_content and [cmem._router.routers[k]._name for k in cmem._router.nearest(
+    assert cmem.served.router.by_content and [cmem.served.router.routers[k].name for k in cmem.served.router.nearest(
         [tok(q)["input_ids"] for q in ("When does the ferry to Varn island leave", "Who built the lighthouse")])] \
         == ["v0002", "v0001"]
     # past max_stack a round continues the newest adapter (with replay)
@@ -380,10 +380,10 @@ def test_closed_and_hybrid_eval_need_and_use_the_adapter(cmem, tmp_path, monkeyp
         assert r["n"] == 1 and r["adapter"] == ("v0001" if mode in ("closed", "hybrid") else None)
         outputs[mode] = r["probes"][0]["output"]
     assert outputs["closed"] != outputs["rag"] and outputs["hybrid"] in (outputs["closed"], outputs["rag"])
-    import memory_llm.assistant as assistant
+    import memory_llm.evaluate as evaluate
 
     for margin, expected in ((float("inf"), "rag"), (float("-inf"), "closed")):  # the choice follows confidence
-        monkeypatch.setattr(assistant, "HYBRID_MARGIN", margin)
+        monkeypatch.setattr(evaluate, "HYBRID_MARGIN", margin)
         assert cmem.evaluate(path, "hybrid")["probes"][0]["output"] == outputs[expected]
 
 

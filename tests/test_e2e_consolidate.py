@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 from memory_llm import MemoryLLM
 from memory_llm.evaluate import lost
-from memory_llm.generate import Generator
+from memory_llm.generate import TransformersGenerator
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +38,7 @@ def test_consolidation_moves_facts_into_the_weights_without_damage(tmp_path, rea
     gk.write_text("\n".join(general))
 
     embedder, shared = real_models
-    generator = Generator(copy.deepcopy(shared.model), shared.tokenizer, shared.name)  # the adapter attaches in place
+    generator = TransformersGenerator(copy.deepcopy(shared.model), shared.tokenizer, shared.name)  # the adapter attaches in place
     m = MemoryLLM(tmp_path / "home", embedder=embedder, generator=generator)
     m.learn(text=FACTS, source="pelloria")
     base = m.evaluate(facts, "base")

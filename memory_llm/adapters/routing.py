@@ -209,6 +209,11 @@ class Router:
         """Whether the adapter acted on the last single prompt routed (None before any)."""
         return None if len(self.last_on) != 1 else self.last_on[0]
 
+    @property
+    def name(self) -> str:
+        """The peft adapter name this router gates."""
+        return self._name
+
 
 class RouterStack:
     """The routers of adapters stacked on one model (one adapter per consolidation round; run.py, Recipe.max_stack).

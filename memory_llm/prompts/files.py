@@ -113,10 +113,10 @@ def _exemplar(path: Path, i: int, e: dict, namespace: str) -> Exemplar:
     ns = e.get("namespace", namespace)
     if not isinstance(ns, str):
         raise InputError(f"{where}: invalid namespace {ns!r}")
-    from memory_llm.assistant import _check_namespace  # the one namespace rule (also for learn, ask, serve)
+    from memory_llm.config import check_namespace
 
     try:
-        _check_namespace(ns)
+        check_namespace(ns)
     except InputError as exc:
         raise InputError(f"{where}: {exc}") from None
     return Exemplar(None, ns, e["question"].strip(), e["answer"].strip(), rating, "import")

@@ -1,0 +1,139 @@
+"""The model that answers: the generator with the promoted adapter attached and routed, loaded lazily.
+
+Serving reaches adapters only through memory_llm.adapters (never memory_llm.consolidate)."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from contextlib import nullcontext
+from typing import Callable
+
+import numpy as np
+
+from memory_llm.config import Settings
+
+
+class ServedModel:
+    """The generator `ask`, `chat`, `eval` and the server use, with the home's current adapter on top.
+
+    Args:
+        settings: the home's settings (model, device, dtype, adapter_with_sources).
+        embed: texts → sentence embeddings (the home's embedder), for routing stacked adapters by content.
+        generator: an injected Generator (tests, or one loaded model shared between instances).
+        use_adapter: attach the promoted adapter (False: the base model always).
+        lock: the facade's lock (the model is loaded once however many threads ask).
+    """
+
+    def __init__(self, settings: Settings, embed: Callable[[list[str]], np.ndarray], generator=None,
+                 use_adapter: bool = True, lock: threading.RLock | None = None):
+        self.settings, self.embed, self.use_adapter = settings, embed, use_adapter
+        self._generator, self._injected = generator, generator
+        self._lock = lock or threading.RLock()
+        self._attached = False
+        self.adapter_version: str | None = None
+        self.router = None  # the current adapter's router (adapters.routing), if it has one
+        self.keys: list = []  # the current adapters' keys (unit embeddings of their trained prompts)
+
+    @property
+    def generator(self):
+        """The answering generator (loaded on first use), with the current adapter attached."""
+        with self._lock:
+            if self._generator is None:
+                from memory_llm.generate import load_generator
+
+                self._generator = load_generator(self.settings)
+            if self.use_adapter and not self._attached:
+                self.attach_current()
+            return self._generator
+
+    def new_generator(self):
+        """A separate base model (no adapter) for consolidation, leaving the serving one untouched."""
+        from memory_llm.generate import TransformersGenerator, load_generator
+
+        if self._injected is not None:
+            g = self._injected
+            model = copy.deepcopy(g.model)
+            model = model.unload() if hasattr(model, "unload") else model
+            return TransformersGenerator(model, g.tokenizer, g.name)
+        return load_generator(self.settings)
+
+    def attach_current(self) -> None:
+        """Serve the promoted adapter (if any) on top of the base model; it records the base it was made for."""
+        from memory_llm.adapters import AdapterRegistry, attach, prompt_embedder, read_keys
+        from memory_llm.generate import sources_marker
+
+        self._attached = True
+        registry = AdapterRegistry(self.settings.home)
+        current = registry.current()
+        if current is None:
+            return
+        registry.check_base(current, self.settings.model)
+        gen = self._generator
+        gen.model, self.router = attach(gen.model, current, embed=prompt_embedder(gen.tokenizer, self.embed))
+        if self.router is not None:  # a prompt that carries sources is routed on its question (the tokens after
+            # the sources); with adapter_with_sources off it gets the base model reading them
+            marker = sources_marker(gen.tokenizer)
+            if self.settings.adapter_with_sources:
+                self.router.after = marker
+            else:
+                self.router.veto = marker
+        self.keys = [k for k in (read_keys(v.path) for v in current.stack) if k is not None]
+        self.adapter_version = current.name
+
+    def reload(self) -> None:
+        """Pick up a newly promoted (or rolled back) adapter in a running instance."""
+        with self._lock:
+            if self.router is not None:
+                self.router.remove()
+                self.router = None
+            if self._generator is not None and hasattr(self._generator.model, "unload"):
+                self._generator.model = self._generator.model.unload()
+            self._attached, self.adapter_version, self.keys = False, None, []
+
+    def base_context(self):
+        """A context in which the generator runs as the base model (no adapter)."""
+        model = self.generator.model
+        return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+
+    def trained_similarity(self, vector) -> float:
+        """The cosine similarity of a question's embedding to the nearest prompt the current adapters trained on."""
+        q = np.asarray(vector, dtype=np.float32)
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        return max(float((np.asarray(k, dtype=np.float32) @ q).max()) for k in self.keys)
+
+    def adapter_confidence(self, ids) -> float | None:
+        """With the adapters attached, the probability (geometric mean) of the first tokens of the answer to this
+        closed-book prompt, or None when no adapter's router lets it act on the prompt."""
+        from memory_llm.generate import CONFIDENCE_TOKENS
+
+        (_, logprob), = self.generator.generate_batch([ids[0].tolist()], CONFIDENCE_TOKENS, confidence=True)
+        router = self.router
+        acted = router is None or bool(router.last_on and router.last_on[0])
+        return float(np.exp(logprob)) if acted else None
+
+    def adapter_acts(self, ids) -> bool:
+        """Whether the adapter's router lets it act on this prompt (no router: the adapter always acts)."""
+        if self.router is None:
+            return True
+        import torch
+
+        with torch.no_grad():
+            on = self.router.decide(ids.to(self.generator.device))
+        return bool(on and on[0])
+
+    def acted(self) -> tuple[bool | None, str | None]:
+        """Whether an adapter acted on the last single prompt generated, and which version (None: none)."""
+        if self.adapter_version is None:
+            return None, None
+        active = self.router.active if self.router is not None else True
+        used = self.router.acted if hasattr(self.router, "acted") else (self.adapter_version if active else None)
+        # one adapter loads under peft's name "default" (also when served as a stack of one)
+        return active, self.adapter_version if used == "default" else used
+
+    def acted_rows(self, n: int) -> list[bool]:
+        """Whether an adapter acted on each of the last batch's n rows."""
+        router = self.router
+        if router is not None and len(router.last_on) == n:
+            return list(router.last_on)
+        return [self.adapter_version is not None] * n
