@@ -148,9 +148,9 @@ def learn(
         m = _mllm(home, embedder=embedder, max_file_mb=max_file_mb)
         source = None
         if stdin_text is not None:
-            import hashlib
+            from memory_llm.store.sources import content_uri
 
-            text, source = stdin_text, "stdin:" + hashlib.sha256(stdin_text.encode()).hexdigest()[:16]
+            text, source = stdin_text, content_uri("stdin", stdin_text)
         with _progress(as_json) as progress:
             report = m.learn(paths, text=text, namespace=namespace, include=include, exclude=exclude,
                              text_field=text_field, encoding=encoding, source=source, progress=progress)

@@ -152,7 +152,7 @@ def test_threads_learning_forgetting_and_searching_in_one_process(tmp_path, fake
     assert not errors and not torn
     stored = {s["uri"] for s in m.sources()}
     assert stored == {"seed"} | {f"w{w}-{op}" for w in range(3) for op in range(25) if op % 5 != 4}
-    assert m.store.index().fingerprint() == m.store._sqlite_fingerprint() and m.doctor()["healthy"]
+    assert m.store.index().fingerprint() == m.store.sqlite_fingerprint() and m.doctor()["healthy"]
     m.close()
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from memory_llm import StoreError
 from memory_llm.store import Store
-from memory_llm.store.sqlite import NewChunk
+from memory_llm.store.records import NewChunk
 
 
 def vec(i: int, dim: int = 8) -> np.ndarray:
@@ -146,3 +146,113 @@ def test_a_failed_transaction_leaves_nothing(store, monkeypatch):
         store.replace_source("default", "a.txt", "ha", bad)
     assert store.stats()["memories"] == 0 and store.stats()["sources"] == 0
     assert store.db.execute("SELECT count(*) FROM memories_fts").fetchone()[0] == 0
+
+
+def test_more_ids_than_one_statement_binds(store):
+    from memory_llm.store import Item
+
+    ids = store.replace_source("default", "a", "ha", chunks([f"t{i}" for i in range(1234)]))
+    assert list(store.get(ids)) == ids
+    assert len(store.existing_hashes("default", [f"h{i}-t{i}" for i in range(1234)])) == 1234
+    store.add_items(ids[0], "default", [Item(ids[0], "qa", "q", "a")])
+    store.add_items(ids[-1], "default", [Item(ids[-1], "cloze", "p", "c", held_out=True)])
+    assert [(i.memory_id, i.kind, i.held_out) for i in store.items(ids)] == [(ids[0], "qa", False),
+                                                                          (ids[-1], "cloze", True)]
+    assert store.memories_with_items(ids) == {ids[0], ids[-1]}
+    assert store.forget(source="a") == 1234 and store.sqlite_fingerprint() == (0, 0, 0)
+
+
+def test_index_agrees_with_the_public_sqlite_fingerprint(store):
+    store.replace_source("default", "a", "ha", chunks(["one", "two"]))
+    assert store.index().fingerprint() == store.sqlite_fingerprint()
+
+
+def test_open_index_builds_reads_and_refuses_unknown_backends(tmp_path):
+    from memory_llm.store import FaissIndex, VectorIndex, open_index
+
+    path = tmp_path / "vectors.faiss"
+    index: VectorIndex = open_index(path, dim=8, size=0)
+    assert isinstance(index, FaissIndex) and index.kind == "flat" and index.fits(10)
+    index.add(np.arange(1, 4), np.stack([vec(i) for i in range(3)]))
+    index.save(path)
+    again = open_index(path)
+    assert again.fingerprint() == (3, 6, 3) and [int(i) for i in again.search(vec(1), 1)[0]] == [2]
+    assert not open_index(path, exact_max=2).fits(3)
+    sample = np.stack([vec(i) for i in range(120)])
+    assert open_index(path, dim=8, size=120, sample=lambda n: sample[:n], exact_max=50).kind == "ivf"
+    with pytest.raises(ValueError, match="unknown vector index backend 'milvus'"):
+        open_index(path, backend="milvus")
+
+
+def test_content_uris_name_text_by_its_hash():
+    import hashlib
+
+    from memory_llm.ingest.loaders import load_text
+    from memory_llm.store import content_uri
+
+    digest = hashlib.sha256("Owls hunt.".encode()).hexdigest()[:16]
+    assert content_uri("stdin", "Owls hunt.") == f"stdin:{digest}"
+    assert load_text("Owls hunt.").uri == f"text:{digest}"
+
+
+class ListIndex:
+    """A VectorIndex in plain numpy: the Store must need nothing beyond the protocol."""
+
+    kind = "list"
+
+    def __init__(self, dim: int):
+        self.dim, self.vectors = dim, {}
+
+    def __len__(self):
+        return len(self.vectors)
+
+    def add(self, ids, vectors):
+        self.vectors.update(zip(map(int, ids), vectors))
+
+    def remove(self, ids):
+        for i in ids:
+            self.vectors.pop(int(i), None)
+        return True
+
+    def search_many(self, queries, k):
+        ids = np.array(list(self.vectors), dtype=np.int64)
+        scores = np.stack(list(self.vectors.values())) @ np.asarray(queries).T if len(ids) else np.zeros((0, 1))
+        order = np.argsort(-scores.T, axis=1)[:, :k]
+        return ids[order], np.take_along_axis(scores.T, order, axis=1)
+
+    def search(self, query, k):
+        ids, scores = self.search_many(np.asarray(query).reshape(1, -1), k)
+        return ids[0], scores[0]
+
+    def fingerprint(self):
+        from memory_llm.store.vectors import fingerprint_of
+
+        return fingerprint_of(np.array(list(self.vectors), dtype=np.int64))
+
+    def fits(self, n):
+        return True
+
+    def save(self, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+
+def test_a_backend_needs_only_the_protocol(tmp_path, monkeypatch):
+    from memory_llm.store import dense
+
+    def open_list_index(path, *, dim=None, **options):
+        if dim is None:
+            raise OSError("nothing saved")
+        return ListIndex(dim)
+
+    monkeypatch.setattr(dense, "open_index", open_list_index)
+    s = Store(tmp_path / "h3", index_backend="list")
+    s.check_embedder("fake", 8)
+    ids = s.replace_source("default", "a", "h", chunks(["one", "two", "three"]))
+    s.replace_source("other", "b", "hb", chunks(["four"], 3))
+    assert [i for i, _ in s.dense(vec(1), 1)] == [ids[1]] and s.dense(vec(3), 5, "default")[0][0] in ids
+    s.forget(ids=[ids[1]])
+    assert s.stats()["index_type"] == "list" and s.stats()["index_size"] == 3
+    assert s.nearest_scores(np.stack([vec(0)]), 2, "default", set())[0] == pytest.approx(1.0, abs=1e-5)
+    assert not s.check()[-1]["ok"] and "rebuilt the vector index from SQLite (3 vectors)" in s.repair()
+    s.close()

@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 import random
 import re
-from dataclasses import dataclass
 
 from memory_llm.generate import build_messages
 from memory_llm.ingest.chunker import split_sentences
+from memory_llm.store.records import Item
 
 logger = logging.getLogger(__name__)
 
@@ -25,16 +25,6 @@ REWRITE_PROMPT = "Rewrite the following text in different words. Keep every name
 QUESTION_PROMPT = "{text}\n\nWrite one short question about a fact stated in the text above. Write only the question."
 SENTENCE_QUESTION_PROMPT = ("{text}\n\nWrite one short question that this sentence of the text above answers:"
                             " \"{sentence}\"\nWrite only the question.")
-
-
-@dataclass
-class Item:
-    memory_id: int
-    kind: str  # "cloze" (raw continuation) | "qa" (through the chat template)
-    prompt: str
-    answer: str
-    held_out: bool = False
-    id: int | None = None
 
 
 def cloze_items(memory_id: int, text: str, held_out: bool = False, fractions=(0.4, 0.6, 0.8),

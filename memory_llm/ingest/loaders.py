@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from memory_llm.errors import InputError
+from memory_llm.store.sources import content_uri
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def load_text(text: str, uri: str | None = None) -> Document:
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if not text.strip():
         raise InputError("nothing to learn: the text is empty")
-    return Document(uri or f"text:{digest[:16]}", [text], digest)
+    return Document(uri or content_uri("text", text), [text], digest)
 
 
 def load_file(path: Path, *, text_field: str | None = None, max_mb: float = 20.0,

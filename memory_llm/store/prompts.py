@@ -1,13 +1,16 @@
-"""SQLite records of the prompt library: templates, rated exemplars and the answer log (a mixin of Store)."""
+"""SQLite records of the prompt library: templates, rated exemplars and the answer log (a part of Store)."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+
+from memory_llm.store.db import Database
 
 
 @dataclass
@@ -22,6 +25,7 @@ class Template:
     closed_system: str | None = None
 
     def as_dict(self) -> dict:
+        """The template as it is written to a prompt file."""
         d = {"name": self.name, "description": self.description, "system": self.system, "user": self.user}
         if self.closed_system:
             d["closed_system"] = self.closed_system
@@ -42,6 +46,7 @@ class Exemplar:
     created_at: float = 0.0
 
     def as_dict(self) -> dict:
+        """The exemplar as JSON-ready fields."""
         return {"id": self.id, "namespace": self.namespace, "question": self.question, "answer": self.answer,
                 "rating": self.rating, "source": self.source, "answer_id": self.answer_id}
 
@@ -65,6 +70,7 @@ class LoggedAnswer:
     created_at: float = 0.0
 
     def as_dict(self) -> dict:
+        """The logged answer as JSON-ready fields."""
         return dict(self.__dict__)
 
 
@@ -74,33 +80,39 @@ _ANSWER_COLS = ("id, namespace, session_id, question, answer, template, exemplar
                 " feedback, correction, created_at")
 
 
-def _answer(row) -> LoggedAnswer:
+def _answer(row: Sequence[Any]) -> LoggedAnswer:
+    """A row of _ANSWER_COLS as a LoggedAnswer (the id lists are stored as JSON)."""
     a = LoggedAnswer(*row)
     a.exemplar_ids, a.memory_ids = json.loads(a.exemplar_ids), json.loads(a.memory_ids)
     return a
 
 
 class PromptRecords:
-    """Templates, exemplars and the answer log. Mixed into Store: uses its connection, lock and write()."""
+    """Templates, exemplars and the answer log of one home."""
+
+    def __init__(self, database: Database):
+        self.database = database
 
     # ---- templates ----------------------------------------------------------------------------------
     def templates(self) -> list[Template]:
-        with self._lock:
-            rows = self.db.execute("SELECT " + _TEMPLATE_COLS + " FROM templates"
-                                   " ORDER BY name").fetchall()
+        """Every template, by name."""
+        with self.database.lock:
+            rows = self.database.conn.execute("SELECT " + _TEMPLATE_COLS + " FROM templates"
+                                              " ORDER BY name").fetchall()
         return [Template(*r) for r in rows]
 
     def template(self, name: str) -> Template | None:
-        with self._lock:
-            row = self.db.execute("SELECT " + _TEMPLATE_COLS + " FROM templates"
-                                  " WHERE name = ?", (name,)).fetchone()
+        """The template of that name, or None."""
+        with self.database.lock:
+            row = self.database.conn.execute("SELECT " + _TEMPLATE_COLS + " FROM templates"
+                                             " WHERE name = ?", (name,)).fetchone()
         return Template(*row) if row else None
 
     def seed_templates(self, templates: Sequence[Template]) -> None:
         """Install the shipped templates once per home (a template the user removed stays removed)."""
-        if self.meta("prompts_seeded"):
+        if self.database.meta("prompts_seeded"):
             return
-        with self.write() as db:
+        with self.database.write() as db:
             if db.execute("SELECT 1 FROM meta WHERE key = 'prompts_seeded'").fetchone():
                 return
             self._put_templates(db, templates, replace=False)
@@ -109,13 +121,13 @@ class PromptRecords:
     def put_templates(self, templates: Sequence[Template], exemplars: Sequence[Exemplar] = ()) -> tuple[int, int]:
         """Add or replace templates (by name) and add exemplars, in ONE transaction.
         Returns (templates written, exemplars added); an exemplar already stored is skipped."""
-        with self.write() as db:
+        with self.database.write() as db:
             self._put_templates(db, templates, replace=True)
             added = self._add_exemplars(db, exemplars)
         return len(templates), len(added)
 
     @staticmethod
-    def _put_templates(db, templates: Sequence[Template], replace: bool) -> None:
+    def _put_templates(db: sqlite3.Connection, templates: Sequence[Template], replace: bool) -> None:
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
         now = time.time()
         db.executemany(f"{verb} INTO templates (name, description, system, user, closed_system, embedding,"
@@ -123,18 +135,20 @@ class PromptRecords:
                        [(t.name, t.description, t.system, t.user, t.closed_system, now) for t in templates])
 
     def remove_template(self, name: str) -> bool:
-        with self.write() as db:
+        """Remove a template; False when there was none of that name."""
+        with self.database.write() as db:
             return db.execute("DELETE FROM templates WHERE name = ?", (name,)).rowcount > 0
 
     def template_vectors(self) -> tuple[list[Template], list[np.ndarray | None]]:
         """Every template with its description embedding (None where not embedded yet)."""
-        with self._lock:
-            rows = self.db.execute("SELECT " + _TEMPLATE_COLS + ", embedding FROM templates"
-                                   " ORDER BY name").fetchall()
+        with self.database.lock:
+            rows = self.database.conn.execute("SELECT " + _TEMPLATE_COLS + ", embedding FROM templates"
+                                              " ORDER BY name").fetchall()
         return [Template(*r[:5]) for r in rows], [_vector(r[5]) for r in rows]
 
     def set_template_vectors(self, pairs: Sequence[tuple[str, np.ndarray]]) -> None:
-        with self.write() as db:
+        """Store the description embeddings of templates, as (name, vector) pairs."""
+        with self.database.write() as db:
             db.executemany("UPDATE templates SET embedding = ? WHERE name = ?",
                            [(_blob(v), name) for name, v in pairs])
 
@@ -152,26 +166,29 @@ class PromptRecords:
         if min_rating is not None:
             sql += " AND rating >= ?"
             args.append(min_rating)
-        with self._lock:
-            return [Exemplar(*r) for r in self.db.execute(sql + " ORDER BY rating DESC, id", args)]
+        with self.database.lock:
+            return [Exemplar(*r) for r in self.database.conn.execute(sql + " ORDER BY rating DESC, id", args)]
 
     def exemplar_vectors(self, namespace: str, min_rating: int) -> tuple[list[Exemplar], list[np.ndarray | None]]:
-        with self._lock:
-            rows = self.db.execute(f"SELECT {_EXEMPLAR_COLS}, embedding FROM exemplars WHERE namespace = ?"
-                                   " AND rating >= ? ORDER BY id", (namespace, min_rating)).fetchall()
+        """A namespace's exemplars rated at least min_rating, with their question embeddings (None if not yet)."""
+        with self.database.lock:
+            rows = self.database.conn.execute(f"SELECT {_EXEMPLAR_COLS}, embedding FROM exemplars"
+                                              " WHERE namespace = ? AND rating >= ? ORDER BY id",
+                                              (namespace, min_rating)).fetchall()
         return [Exemplar(*r[:8]) for r in rows], [_vector(r[8]) for r in rows]
 
     def set_exemplar_vectors(self, pairs: Sequence[tuple[int, np.ndarray]]) -> None:
-        with self.write() as db:
+        """Store the question embeddings of exemplars, as (id, vector) pairs."""
+        with self.database.write() as db:
             db.executemany("UPDATE exemplars SET embedding = ? WHERE id = ?", [(_blob(v), i) for i, v in pairs])
 
     def add_exemplars(self, exemplars: Sequence[Exemplar]) -> list[int]:
         """Add exemplars in one transaction; returns the new ids (one already stored is skipped)."""
-        with self.write() as db:
+        with self.database.write() as db:
             return self._add_exemplars(db, exemplars)
 
     @staticmethod
-    def _add_exemplars(db, exemplars: Sequence[Exemplar]) -> list[int]:
+    def _add_exemplars(db: sqlite3.Connection, exemplars: Sequence[Exemplar]) -> list[int]:
         ids, now = [], time.time()
         for e in exemplars:
             cur = db.execute("INSERT OR IGNORE INTO exemplars (namespace, question, answer, rating, source, answer_id,"
@@ -182,15 +199,17 @@ class PromptRecords:
         return ids
 
     def remove_exemplar(self, exemplar_id: int, namespace: str | None = None) -> bool:
+        """Remove an exemplar (only of `namespace`, when given); False when there was none."""
         sql = "DELETE FROM exemplars WHERE id = ?" + (" AND namespace = ?" if namespace is not None else "")
-        with self.write() as db:
+        with self.database.write() as db:
             return db.execute(sql, [exemplar_id] + ([namespace] if namespace is not None else [])).rowcount > 0
 
     # ---- answer log and feedback --------------------------------------------------------------------
     def log_answer(self, *, namespace: str, question: str, answer: str, template: str | None,
                    exemplar_ids: Sequence[int], memory_ids: Sequence[int], model: str | None,
                    adapter: str | None, session_id: str | None = None) -> int:
-        with self.write() as db:
+        """Log an answer with what it was built from; returns its id (feedback names it)."""
+        with self.database.write() as db:
             cur = db.execute(
                 "INSERT INTO answers (namespace, session_id, question, answer, template, exemplar_ids, memory_ids,"
                 " model, adapter, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -201,8 +220,8 @@ class PromptRecords:
     def logged_answer(self, answer_id: int, namespace: str | None = None) -> LoggedAnswer | None:
         """An answer of the log (only if it belongs to `namespace`, when given)."""
         sql = f"SELECT {_ANSWER_COLS} FROM answers WHERE id = ?" + (" AND namespace = ?" if namespace else "")
-        with self._lock:
-            row = self.db.execute(sql, [answer_id] + ([namespace] if namespace else [])).fetchone()
+        with self.database.lock:
+            row = self.database.conn.execute(sql, [answer_id] + ([namespace] if namespace else [])).fetchone()
         return _answer(row) if row else None
 
     def answers(self, namespace: str, session_id: str | None = None, limit: int = 100) -> list[LoggedAnswer]:
@@ -212,15 +231,15 @@ class PromptRecords:
         if session_id is not None:
             sql += " AND session_id = ?"
             args.append(session_id)
-        with self._lock:
-            rows = self.db.execute(sql + " ORDER BY id DESC LIMIT ?", [*args, limit]).fetchall()
+        with self.database.lock:
+            rows = self.database.conn.execute(sql + " ORDER BY id DESC LIMIT ?", [*args, limit]).fetchall()
         return [_answer(r) for r in reversed(rows)]
 
     def record_feedback(self, answer: LoggedAnswer, kind: str, correction: str | None = None) -> list[int]:
         """Apply feedback in ONE transaction. good: the answer becomes an exemplar (or its exemplar gains a
         point); bad: the exemplars it used and its own exemplar lose a point; correct: as bad, and the
         correction becomes an exemplar rated 2. Returns the ids of the exemplars added or rated up."""
-        with self.write() as db:
+        with self.database.write() as db:
             db.execute("UPDATE answers SET feedback = ?, correction = ? WHERE id = ?", (kind, correction, answer.id))
             own = db.execute("SELECT id FROM exemplars WHERE answer_id = ? AND source = 'feedback'",
                              (answer.id,)).fetchone()
