@@ -1,0 +1,48 @@
+"""memory_llm's own routes: learn (/v1/memories), search, forget and feedback, each in the caller's namespace.
+They run on the server's thread pool, beside generation."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from memory_llm.server.context import namespace_of, served
+from memory_llm.server.errors import ApiError
+from memory_llm.server.schemas import FeedbackRequest, ForgetRequest, LearnRequest, SearchRequest
+
+router = APIRouter()
+
+
+@router.post("/v1/memories")
+async def learn(body: LearnRequest, request: Request):
+    m = served(request)[0]
+    ns = namespace_of(request, body.user)
+    report = await run_in_threadpool(m.learn, text=body.text, namespace=ns, source=body.source)
+    return {"namespace": ns, "memory_ids": report.memory_ids, **report.as_dict()}
+
+@router.post("/v1/search")
+async def search(body: SearchRequest, request: Request):
+    m = served(request)[0]
+    ns = namespace_of(request, body.user)
+    hits = await run_in_threadpool(m.search, body.query, body.k, ns)
+    return {"object": "list", "namespace": ns, "data": [h.as_dict() for h in hits]}
+
+@router.post("/v1/forget")
+async def forget(body: ForgetRequest, request: Request):
+    m = served(request)[0]
+    ns = namespace_of(request, body.user)  # a tenant only ever forgets its own memories
+    if body.all and (body.ids or body.source):
+        raise ApiError(400, "'all' cannot be combined with 'ids' or 'source'", param="all")
+    if not (body.ids or body.source or body.all):
+        raise ApiError(400, "say what to forget: 'ids', 'source' or 'all': true", code="missing_field")
+    n = await run_in_threadpool(m.forget, body.ids, source=body.source, namespace=ns, everything=body.all)
+    return {"namespace": ns, "forgotten": n}
+
+@router.post("/v1/feedback")
+async def feedback(body: FeedbackRequest, request: Request):
+    m = served(request)[0]
+    ns = namespace_of(request, body.user)
+    if (body.rating is None) == (body.correction is None):
+        raise ApiError(400, "give either 'rating' (good or bad) or 'correction'", code="missing_field")
+    return await run_in_threadpool(m.feedback, body.answer_id, good=body.rating == "good",
+                                   bad=body.rating == "bad", correction=body.correction, namespace=ns)

@@ -1,0 +1,62 @@
+"""Generation is serialized: one worker thread runs every chat completion, one at a time (the model is not safe
+for concurrent `generate`, and on a CPU two generations only slow each other down). Requests queue for it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+
+class GenerationWorker:
+    """Runs answer streams on one thread, one at a time; pieces are handed to the event loop as they come."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mllm-generate")
+
+    async def start(self, make_stream: Callable[[], Any]) -> tuple[asyncio.Queue, threading.Event]:
+        """Queue a job; returns once its stream is prepared (or raises its preparation error) with a queue of
+        ("piece", text) ... ("done", Answer) | ("error", exc), and an event that cancels the generation."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def put(kind: str, value) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                cancelled.set()
+
+        def work() -> None:
+            if cancelled.is_set():  # the client left while queued
+                return
+            try:
+                stream = make_stream()
+            except BaseException as exc:
+                put("error", exc)
+                return
+            put("started", None)
+            try:
+                for piece in stream:
+                    if cancelled.is_set():
+                        stream.cancel()  # stops at the next token; draining joins the generation thread
+                    else:
+                        put("piece", piece)
+                if not cancelled.is_set():
+                    put("done", stream.answer)
+            except BaseException as exc:
+                put("error", exc)
+
+        loop.run_in_executor(self._executor, work)
+        try:
+            kind, value = await queue.get()
+        except asyncio.CancelledError:  # the client left while queued: skip (or stop) its job
+            cancelled.set()
+            raise
+        if kind == "error":
+            raise value
+        return queue, cancelled
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
