@@ -2,120 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import sqlite3
 import sys
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import typer
 
+from memory_llm import cli_common as common
+from memory_llm.cli_common import (EMBEDDER, HOME, JSON, MAX_NEW_TOKENS, MODEL, NAMESPACE, NO_EXEMPLARS, PROMPT, app, check_max_new_tokens, handled, print_json, print_sources, progress_bar, stderr)
 from memory_llm.errors import MemoryLLMError
-
-app = typer.Typer(help="A language model with a memory that grows: learn documents, ask with sources.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  rich_markup_mode=None)
-
-HOME = typer.Option(None, "--home", help="Memory home (default: $MLLM_HOME or ~/.local/share/memory_llm).",
-                    show_default=False)
-NAMESPACE = typer.Option("default", "--namespace", "-n", help="Namespace of the memories.")
-JSON = typer.Option(False, "--json", help="Print one JSON object (for scripts).")
-MODEL = typer.Option(None, "--model", help="LLM: 'smollm2' (default), a hub id, a local dir or a .gguf file.",
-                     show_default=False)
-EMBEDDER = typer.Option(None, "--embedder", help="Sentence-transformers model (default all-MiniLM-L6-v2).",
-                        show_default=False)
-PROMPT = typer.Option(None, "--prompt", "-p", help="Template name (default: the one whose description is most"
-                      " similar to the question; see `mllm prompt list`).", show_default=False)
-NO_EXEMPLARS = typer.Option(False, "--no-exemplars", help="Do not add rated exemplars as few-shot turns.")
-MAX_NEW_TOKENS = typer.Option(None, "--max-new-tokens", help="Longest answer (default 200).", show_default=False)
-
-
-def _print_version(value: bool) -> None:
-    if value:
-        from memory_llm.versions import describe
-
-        typer.echo(describe())
-        raise typer.Exit()
-
-
-@app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                       help="Print the versions of memory-llm and its model libraries, then exit.")
-          ) -> None:
-    """A language model with a memory that grows: learn documents, ask with sources."""
-
-
-def _stderr(msg: str) -> None:
-    typer.echo(msg, err=True)
-
-
-def _quiet_libraries() -> None:
-    """Keep third-party progress bars, advice and deprecation notices off the user's terminal; our own warnings
-    and progress bars stay (MLLM_DEBUG=1 shows the libraries' notices)."""
-    debug = bool(os.environ.get("MLLM_DEBUG"))
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning" if debug else "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # tqdm bars drawn outside transformers' switch (the GGUF conversion's); read when tqdm is first imported
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    if not debug:  # libraries telling each other about renamed APIs (peft → transformers' is_gradient_checkpointing)
-        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
-            warnings.filterwarnings("ignore", category=category)
-    root = logging.getLogger("memory_llm")
-    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.WARNING)
-    for name in ("transformers", "sentence_transformers", "huggingface_hub", "faiss", "pypdf"):
-        logging.getLogger(name).setLevel(logging.WARNING if debug else logging.ERROR)
-
-
-class _StderrHandler(logging.Handler):
-    """Writes to whatever sys.stderr is at the time (test runners swap it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        sys.stderr.write(self.format(record) + "\n")
-
-
-@contextmanager
-def handled() -> Iterator[None]:
-    """Library errors → one line on stderr, exit 1; Ctrl-C → exit 130; anything else → one line, exit 2."""
-    _quiet_libraries()
-    try:
-        yield
-    except MemoryLLMError as exc:
-        _stderr(f"Error: {exc}")
-        raise typer.Exit(1)
-    except KeyboardInterrupt:
-        _stderr("Interrupted.")
-        raise typer.Exit(130)
-    except (typer.Exit, typer.Abort, SystemExit):
-        raise
-    except sqlite3.DatabaseError as exc:  # a damaged or unwritable database file: not a bug, no traceback
-        _stderr(f"Error: the memory database failed ({exc}); run `mllm doctor`")
-        raise typer.Exit(1)
-    except Exception as exc:  # a bug: still one line, the traceback only on request
-        if os.environ.get("MLLM_DEBUG"):
-            raise
-        _stderr(f"Internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                " (set MLLM_DEBUG=1 for the traceback)")
-        raise typer.Exit(2)
-
-
-def _mllm(home: Optional[Path], **overrides):
-    from memory_llm.assistant import MemoryLLM
-
-    return MemoryLLM(home, **overrides)
-
-
-def _print_json(obj) -> None:
-    typer.echo(json.dumps(obj, ensure_ascii=False, indent=2))
-
 
 @app.command()
 def learn(
@@ -145,45 +40,24 @@ def learn(
             raise MemoryLLMError("give either --text or '-' (stdin), not both")
         if not paths and text is None and stdin_text is None:
             raise MemoryLLMError("nothing to learn: give files, folders, '-' or --text")
-        m = _mllm(home, embedder=embedder, max_file_mb=max_file_mb)
+        m = common.open_memory(home, embedder=embedder, max_file_mb=max_file_mb)
         source = None
         if stdin_text is not None:
             from memory_llm.store.sources import content_uri
 
             text, source = stdin_text, content_uri("stdin", stdin_text)
-        with _progress(as_json) as progress:
+        with progress_bar(as_json) as progress:
             report = m.learn(paths, text=text, namespace=namespace, include=include, exclude=exclude,
                              text_field=text_field, encoding=encoding, source=source, progress=progress)
         if as_json:
-            _print_json(report.as_dict())
+            print_json(report.as_dict())
         else:
             skipped = report.duplicates_skipped + report.near_duplicates_skipped
             typer.echo(f"Learned {report.files} source(s): {report.chunks_added} chunk(s) added, "
                        f"{report.unchanged} unchanged, {skipped} duplicate chunk(s) skipped, "
                        f"{report.replaced_sources} replaced, in {report.seconds:.1f} s.")
             for line in report.skipped_files:
-                _stderr(f"skipped: {line}")
-
-
-@contextmanager
-def _progress(disabled: bool):
-    """A rich progress bar on stderr; yields a callback progress(phase, done, total)."""
-    if disabled or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def update(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done, total=total)
-
-        yield update
+                stderr(f"skipped: {line}")
 
 
 @app.command()
@@ -196,9 +70,9 @@ def search(
 ) -> None:
     """List the memories closest to a query (dense + lexical, fused)."""
     with handled():
-        hits = _mllm(home).search(query, k, namespace)
+        hits = common.open_memory(home).search(query, k, namespace)
         if as_json:
-            _print_json({"query": query, "hits": [h.as_dict() for h in hits]})
+            print_json({"query": query, "hits": [h.as_dict() for h in hits]})
             return
         if not hits:
             typer.echo("No memories match.")
@@ -224,8 +98,8 @@ def ask(
 ) -> None:
     """Answer a question from memory; streams the answer, then lists its sources and the answer id."""
     with handled():
-        _check_max_new_tokens(max_new_tokens)
-        m = _mllm(home, model=model, embedder=embedder, use_adapter=not no_adapter)
+        check_max_new_tokens(max_new_tokens)
+        m = common.open_memory(home, model=model, embedder=embedder, use_adapter=not no_adapter)
         stream = m.ask_stream(question, k=k, namespace=namespace, use_memory=not no_memory,
                               max_new_tokens=max_new_tokens, prompt=prompt, exemplars=not no_exemplars)
         for piece in stream:
@@ -234,10 +108,10 @@ def ask(
                 sys.stdout.flush()
         answer = stream.answer
         if as_json:
-            _print_json(answer.as_dict())
+            print_json(answer.as_dict())
             return
         typer.echo("")
-        _print_sources(answer)
+        print_sources(answer)
         shots = f", {len(answer.prompt.exemplars)} exemplar(s)" if answer.prompt.exemplars else ""
         if answer.adapter:
             shots += f", adapter {answer.adapter} {'on' if answer.adapter_active else 'off (routed to the base)'}"
@@ -247,23 +121,6 @@ def ask(
             shots += ", beside the sources"
         typer.echo(f"\n(answer {answer.id}, template {answer.template}{shots}; "
                    f"mllm feedback {answer.id} --good | --bad | --correct \"...\")")
-
-
-def _print_sources(answer) -> None:
-    if answer.sources:
-        typer.echo("\nSources:")
-        for i, h in enumerate(answer.sources, 1):
-            snippet = " ".join(h.memory.text.split())
-            typer.echo(f"  [{i}] {h.memory.source} (#{h.memory.id}): {snippet[:100]}…")
-    elif answer.used_memory and answer.path == "adapter":
-        typer.echo(f"\n(No sources: {answer.why}.)")
-    elif answer.used_memory:
-        typer.echo("\n(No memories matched; answered without sources.)")
-
-
-def _check_max_new_tokens(max_new_tokens: Optional[int]) -> None:
-    if max_new_tokens is not None and max_new_tokens <= 0:
-        raise MemoryLLMError(f"--max-new-tokens must be > 0, not {max_new_tokens}")
 
 
 @app.command()
@@ -285,7 +142,7 @@ def forget(
             raise MemoryLLMError("--all cannot be combined with ids or --source")
         if not (ids or source or everything):
             raise MemoryLLMError("say what to forget: memory ids, --source PATH, or --all")
-        m = _mllm(home)
+        m = common.open_memory(home)
         if everything and not yes:
             scope = f"namespace {namespace!r}" if namespace else "every namespace"
             n = m.stats()["namespaces"].get(namespace, 0) if namespace else m.stats()["memories"]
@@ -297,7 +154,7 @@ def forget(
             what = f"source {source!r}" if source else "id(s) " + ", ".join(map(str, ids))
             raise MemoryLLMError(f"nothing forgotten: no memory matches {what}")
         if as_json:
-            _print_json({"forgotten": n})
+            print_json({"forgotten": n})
         else:
             typer.echo(f"Forgot {n} memor{'y' if n == 1 else 'ies'}.")
 
@@ -306,9 +163,9 @@ def forget(
 def stats(home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
     """Show what the memory holds: memories, sources, index, models, home."""
     with handled():
-        st = _mllm(home).stats()
+        st = common.open_memory(home).stats()
         if as_json:
-            _print_json(st)
+            print_json(st)
             return
         typer.echo(f"home:        {st['home']}")
         typer.echo(f"memories:    {st['memories']} in {st['sources']} source(s)")
@@ -326,9 +183,9 @@ def sources(namespace: Optional[str] = typer.Option(None, "--namespace", "-n", h
             home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
     """List learned sources with their chunk counts."""
     with handled():
-        rows = _mllm(home).sources(namespace)
+        rows = common.open_memory(home).sources(namespace)
         if as_json:
-            _print_json(rows)
+            print_json(rows)
             return
         for r in rows:
             typer.echo(f"{r['chunks']:5d}  [{r['namespace']}]  {r['uri']}")
@@ -341,9 +198,9 @@ def doctor(repair: bool = typer.Option(False, "--repair", help="Rebuild what can
     with handled():
         from memory_llm.versions import describe, versions
 
-        report = {**_mllm(home).doctor(repair), "versions": versions()}
+        report = {**common.open_memory(home).doctor(repair), "versions": versions()}
         if as_json:
-            _print_json(report)
+            print_json(report)
         else:
             typer.echo(describe(report["versions"]))
             for line in report["repaired"]:
@@ -377,14 +234,14 @@ def eval_(
 
         n = len(load_probes(file)[:limit]) * (2 if mode == "hybrid" else 1)  # validates the file before any model
         # loads; hybrid answers every probe twice (closed and rag)
-        m = _mllm(home, model=model)
-        with _progress(as_json) as progress:
+        m = common.open_memory(home, model=model)
+        with progress_bar(as_json) as progress:
             cb = (lambda done, _s={"n": 0}: (_s.__setitem__("n", _s["n"] + done), progress("eval", _s["n"], n))) \
                 if progress else None
             result = m.evaluate(file, mode, k=k, namespace=namespace, limit=limit, progress=cb, prompt=prompt,
                                 exemplars=not no_exemplars)
         if as_json:
-            _print_json({k: v for k, v in result.items() if k != "probes"})
+            print_json({k: v for k, v in result.items() if k != "probes"})
             return
         typer.echo(f"mode {result['mode']}: accuracy {result['accuracy']:.3f} on {result['n']} probes"
                    f" ({result['seconds']:.0f} s)")
@@ -413,16 +270,16 @@ def consolidate(
     with handled():
         from memory_llm.consolidate.run import EXIT_LOCKED, ConsolidationLocked
 
-        m = _mllm(home)
+        m = common.open_memory(home)
         try:
-            with _progress(as_json) as progress:
+            with progress_bar(as_json) as progress:
                 summary = m.consolidate(max_minutes=max_minutes, dry_run=dry_run, full=full, namespace=namespace,
                                         progress=progress)
         except ConsolidationLocked as exc:
-            _stderr(f"Error: {exc}")
+            stderr(f"Error: {exc}")
             raise typer.Exit(EXIT_LOCKED)
         if as_json:
-            _print_json(summary.as_dict())
+            print_json(summary.as_dict())
         else:
             typer.echo(summary.message[:1].upper() + summary.message[1:] + ".")
             if summary.training:
@@ -447,14 +304,14 @@ app.add_typer(adapters_app, name="adapters")
 def adapters_list(home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
     """List adapter versions; * marks the current one."""
     with handled():
-        reg = _mllm(home).adapters
+        reg = common.open_memory(home).adapters
         current = reg.current_name()
         rows = [{"version": v.name, "current": v.name == current, "memories": len(v.manifest.get("memories", [])),
                  "base_model": v.manifest.get("base_model"), "metrics": v.manifest.get("metrics", {}),
                  "stack": [b.name for b in v.below]}
                 for v in reg.versions()]
         if as_json:
-            _print_json({"current": current, "versions": rows, "broken": reg.problems()})
+            print_json({"current": current, "versions": rows, "broken": reg.problems()})
             return
         if not rows:
             typer.echo("No adapters yet (run `mllm consolidate`).")
@@ -464,7 +321,7 @@ def adapters_list(home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
                        f"reliability {met.get('reliability')}  locality {met.get('locality')}"
                        + (f"  (beside {', '.join(r['stack'])})" if r["stack"] else ""))
         for p in reg.problems():
-            _stderr(f"broken: {p}")
+            stderr(f"broken: {p}")
 
 
 @adapters_app.command("show")
@@ -472,11 +329,11 @@ def adapters_show(version: Optional[str] = typer.Argument(None, help="Version (d
                   home: Optional[Path] = HOME) -> None:
     """Print a version's manifest (JSON)."""
     with handled():
-        reg = _mllm(home).adapters
+        reg = common.open_memory(home).adapters
         name = version or reg.current_name()
         if not name:
             raise MemoryLLMError("no current adapter; name a version")
-        _print_json(reg.get(name).manifest)
+        print_json(reg.get(name).manifest)
 
 
 @adapters_app.command("rollback")
@@ -485,7 +342,7 @@ def adapters_rollback(to: Optional[str] = typer.Option(None, "--to", help="Make 
                       home: Optional[Path] = HOME) -> None:
     """Make the previous intact version (or --to VERSION) current; with none left, serve the base model."""
     with handled():
-        v = _mllm(home).adapters.rollback(to)
+        v = common.open_memory(home).adapters.rollback(to)
         typer.echo(f"Current adapter: {v.name}." if v else "No adapter is current now; the base model answers.")
 
 
@@ -497,5 +354,5 @@ def main() -> None:
     try:
         app()
     except MemoryLLMError as exc:  # raised outside a command body (should not happen)
-        _stderr(f"Error: {exc}")
+        stderr(f"Error: {exc}")
         sys.exit(1)

@@ -1,4 +1,4 @@
-"""`mllm prompt | feedback | chat | serve`: the prompt library and chatbot commands (registered on cli.app)."""
+"""`mllm prompt | feedback | chat | serve`: the prompt library and chatbot commands (registered on app)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from typing import Optional
 
 import typer
 
-from memory_llm import cli
-from memory_llm.cli import (EMBEDDER, HOME, JSON, MAX_NEW_TOKENS, MODEL, NAMESPACE, NO_EXEMPLARS, PROMPT, _print_json,
-                            _stderr, handled)
+from memory_llm import cli_common as common
+from memory_llm.cli_common import (EMBEDDER, HOME, JSON, MAX_NEW_TOKENS, MODEL, NAMESPACE, NO_EXEMPLARS, PROMPT, app,
+                                   handled, print_json, stderr)
 from memory_llm.errors import MemoryLLMError
 
 prompt_app = typer.Typer(help="The prompt library: templates and rated exemplars.", no_args_is_help=True)
-cli.app.add_typer(prompt_app, name="prompt")
+app.add_typer(prompt_app, name="prompt")
 
 OPT_NAMESPACE = typer.Option(None, "--namespace", "-n", help="Only this namespace's exemplars (default: all).",
                              show_default=False)
@@ -37,7 +37,7 @@ def prompt_add(
     with handled():
         from memory_llm.prompts import Template
 
-        cli._mllm(home).prompts.add(Template(name, description, system, user, closed_system), replace=replace)
+        common.open_memory(home).prompts.add(Template(name, description, system, user, closed_system), replace=replace)
         typer.echo(f"Template {name!r} saved.")
 
 
@@ -50,11 +50,11 @@ def prompt_list(
 ) -> None:
     """List templates (or, with --exemplars, exemplars with their ratings)."""
     with handled():
-        m = cli._mllm(home)
+        m = common.open_memory(home)
         if exemplars:
             rows = [e.as_dict() for e in m.store.exemplars(namespace)]
             if as_json:
-                _print_json(rows)
+                print_json(rows)
                 return
             if not rows:
                 typer.echo("No exemplars yet (`mllm feedback ID --good`, or `mllm prompt import FILE`).")
@@ -64,7 +64,7 @@ def prompt_list(
             return
         templates = m.prompts.templates()
         if as_json:
-            _print_json([t.as_dict() for t in templates])
+            print_json([t.as_dict() for t in templates])
             return
         for t in templates:
             typer.echo(f"{t.name:16s} {t.description}")
@@ -75,9 +75,9 @@ def prompt_show(name: str = typer.Argument(..., help="Template name."), home: Op
                 as_json: bool = JSON) -> None:
     """Show a template."""
     with handled():
-        t = cli._mllm(home).prompts.get(name)
+        t = common.open_memory(home).prompts.get(name)
         if as_json:
-            _print_json(t.as_dict())
+            print_json(t.as_dict())
             return
         for key, value in t.as_dict().items():
             typer.echo(f"{key}:\n  " + value.replace("\n", "\n  ") if "\n" in value else f"{key}: {value}")
@@ -94,7 +94,7 @@ def prompt_rm(
     with handled():
         if (name is None) == (exemplar is None):
             raise MemoryLLMError("give a template name or --exemplar ID")
-        m = cli._mllm(home)
+        m = common.open_memory(home)
         if exemplar is not None:
             if not m.store.remove_exemplar(exemplar):
                 raise MemoryLLMError(f"unknown exemplar id {exemplar}")
@@ -113,9 +113,9 @@ def prompt_import(
 ) -> None:
     """Import templates (added or replaced by name) and exemplars; all or nothing."""
     with handled():
-        nt, ne = cli._mllm(home).prompts.import_file(file, namespace)
+        nt, ne = common.open_memory(home).prompts.import_file(file, namespace)
         if as_json:
-            _print_json({"templates": nt, "exemplars": ne})
+            print_json({"templates": nt, "exemplars": ne})
         else:
             typer.echo(f"Imported {nt} template(s) and {ne} new exemplar(s) from {file}.")
 
@@ -129,11 +129,11 @@ def prompt_export(
 ) -> None:
     """Export templates and exemplars to a file `mllm prompt import` reads."""
     with handled():
-        nt, ne = cli._mllm(home).prompts.export_file(file, namespace, exemplars=not no_exemplars)
+        nt, ne = common.open_memory(home).prompts.export_file(file, namespace, exemplars=not no_exemplars)
         typer.echo(f"Exported {nt} template(s) and {ne} exemplar(s) to {file}.")
 
 
-@cli.app.command()
+@app.command()
 def feedback(
     answer_id: int = typer.Argument(..., help="The answer id (`ask` prints it; `ask --json` has it as id)."),
     good: bool = typer.Option(False, "--good", help="A good answer: it becomes an exemplar."),
@@ -149,9 +149,9 @@ def feedback(
     with handled():
         if sum([good, bad, correct is not None]) != 1:
             raise MemoryLLMError("give exactly one of --good, --bad or --correct TEXT")
-        result = cli._mllm(home).feedback(answer_id, good=good, bad=bad, correction=correct, namespace=namespace)
+        result = common.open_memory(home).feedback(answer_id, good=good, bad=bad, correction=correct, namespace=namespace)
         if as_json:
-            _print_json(result)
+            print_json(result)
             return
         what = {"good": "kept as an exemplar", "bad": "the exemplars it used were rated down",
                 "correct": f"correction learned (memory {', '.join(map(str, result['memory_ids'])) or 'unchanged'})"
@@ -159,7 +159,7 @@ def feedback(
         typer.echo(f"Answer {answer_id}: {what}.")
 
 
-@cli.app.command()
+@app.command()
 def chat(
     session: Optional[str] = typer.Option(None, "--session", help="Session id; an existing one is resumed"
                                           " (default: a new id).", show_default=False),
@@ -177,13 +177,13 @@ def chat(
     with handled():
         import uuid
 
-        cli._check_max_new_tokens(max_new_tokens)
-        m = cli._mllm(home, model=model, embedder=embedder)
+        common.check_max_new_tokens(max_new_tokens)
+        m = common.open_memory(home, model=model, embedder=embedder)
         if prompt is not None:
             m.prompts.get(prompt)
         session = session or uuid.uuid4().hex[:12]
         messages = m.history(session, namespace)
-        _stderr(f"Chat session {session} ({'resumed, ' + str(len(messages) // 2) + ' turn(s)' if messages else 'new'})"
+        stderr(f"Chat session {session} ({'resumed, ' + str(len(messages) // 2) + ' turn(s)' if messages else 'new'})"
                 f", namespace {namespace!r}, remember {'on' if remember else 'off'}. "
                 "/good /bad /correct TEXT /sources /quit")
         last = None
@@ -208,9 +208,9 @@ def chat(
                 last = stream.answer
                 messages += [{"role": "user", "content": line}, {"role": "assistant", "content": last.text}]
                 if last.remembered:
-                    _stderr(f"(remembered as memory #{', #'.join(map(str, last.remembered))})")
+                    stderr(f"(remembered as memory #{', #'.join(map(str, last.remembered))})")
             except MemoryLLMError as exc:  # one bad turn does not end the session
-                _stderr(f"Error: {exc}")
+                stderr(f"Error: {exc}")
 
 
 def _read_line() -> str | None:
@@ -235,16 +235,16 @@ def _chat_command(m, line: str, last, namespace: str) -> None:
     if last is None:
         raise MemoryLLMError("no answer yet")
     if command == "/sources":
-        cli._print_sources(last)
+        common.print_sources(last)
         return
     if command == "/correct" and not arg.strip():
         raise MemoryLLMError("/correct needs the right answer, e.g. /correct It opened in 1897.")
     m.feedback(last.id, good=command == "/good", bad=command == "/bad",
                correction=arg if command == "/correct" else None, namespace=namespace)
-    _stderr(f"(feedback recorded on answer {last.id})")
+    stderr(f"(feedback recorded on answer {last.id})")
 
 
-@cli.app.command()
+@app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
@@ -266,6 +266,6 @@ def serve(
         if api_key is not None and not api_key.strip():
             raise MemoryLLMError("--api-key is empty")
         if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-            _stderr(f"warning: serving on {host} without --api-key: anyone who can reach it can read the memory")
-        m = cli._mllm(home, model=model, embedder=embedder)
-        run(m, host, port, api_key, log=_stderr)
+            stderr(f"warning: serving on {host} without --api-key: anyone who can reach it can read the memory")
+        m = common.open_memory(home, model=model, embedder=embedder)
+        run(m, host, port, api_key, log=stderr)

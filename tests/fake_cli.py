@@ -16,7 +16,7 @@ GENERATING = {"ask", "eval", "consolidate"}
 
 
 def factory(home, generate: bool | None = None, **overrides):
-    """What cli._mllm does, with the fake embedder and (when `generate`, by default for the commands that
+    """What cli_common.open_memory does, with the fake embedder and (when `generate`, by default for the commands that
     generate) the tiny model: importing torch costs seconds, so the other commands go without."""
     from conftest import FakeEmbedder
 
@@ -32,9 +32,9 @@ def factory(home, generate: bool | None = None, **overrides):
 
 
 def main(argv: list[str]) -> None:
-    from memory_llm import cli
+    from memory_llm import cli, cli_common
 
-    cli._mllm = factory
+    cli_common.open_memory = factory
     sys.argv = ["mllm", *argv]
     cli.main()
 

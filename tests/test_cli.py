@@ -6,7 +6,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from memory_llm import MemoryLLM, cli
+from memory_llm import MemoryLLM, cli, cli_common
 
 runner = CliRunner()
 
@@ -17,7 +17,7 @@ def fake_models(monkeypatch, fake_embedder, tiny_generator, tmp_path):
         overrides = {k: v for k, v in overrides.items() if k not in ("embedder", "model")}
         return MemoryLLM(home, embedder=fake_embedder, generator=tiny_generator, **overrides)
 
-    monkeypatch.setattr(cli, "_mllm", factory)
+    monkeypatch.setattr(cli_common, "open_memory", factory)
 
 
 def mllm(*args, input=None):

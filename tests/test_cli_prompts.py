@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from memory_llm import MemoryLLM, cli
+from memory_llm import MemoryLLM, cli, cli_common
 
 runner = CliRunner()
 
@@ -16,7 +16,7 @@ def fake_models(monkeypatch, fake_embedder, tiny_generator):
         overrides = {k: v for k, v in overrides.items() if k not in ("embedder", "model")}
         return MemoryLLM(home, embedder=fake_embedder, generator=tiny_generator, max_new_tokens=6, **overrides)
 
-    monkeypatch.setattr(cli, "_mllm", factory)
+    monkeypatch.setattr(cli_common, "open_memory", factory)
 
 
 def mllm(*args, input=None):

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from memory_llm.store.db import Database, execute_in
-from memory_llm.store.vectors import Fingerprint, Sampler, VectorIndex, open_index
+from memory_llm.store.backends import open_index
+from memory_llm.store.vectors import Fingerprint, Sampler, VectorIndex
 
 logger = logging.getLogger(__name__)
 

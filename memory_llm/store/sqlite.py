@@ -45,7 +45,7 @@ class Store:
         lock_timeout: seconds to wait for another process's write before giving up.
         exact_index_max: up to this many memories the vector index is exact.
         ivf_nprobe: inverted lists searched per query once the index is approximate.
-        index_backend: the vector index implementation (see store/vectors.py `open_index`).
+        index_backend: the vector index implementation (see store/backends.py `open_index`).
     """
 
     def __init__(self, home: Path, *, lock_timeout: float = 30.0, exact_index_max: int = 50_000,
