@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import numpy as np
 
 from memory_llm.answering import Answer, Answerer, AnswerStream
-from memory_llm.config import DEFAULT_NAMESPACE, Settings, check_namespace
+from memory_llm.config import DEFAULT_NAMESPACE, Settings
 from memory_llm.errors import InputError, MemoryLLMError, StoreError
 from memory_llm.learning import Learner, LearnReport
 from memory_llm.serving import ServedModel
-from memory_llm.store import Hit, Store, content_uri
+from memory_llm.store import Hit, Store
 
 if TYPE_CHECKING:
-    from memory_llm.prompts import PromptChoice, PromptLibrary
+    from memory_llm.prompts import PromptLibrary
 
 logger = logging.getLogger(__name__)
 
@@ -131,22 +131,9 @@ class MemoryLLM:
               include: Sequence[str] = (), exclude: Sequence[str] = (), text_field: str | None = None,
               encoding: str = "utf-8", source: str | None = None,
               progress: Callable[[str, int, int], None] | None = None) -> LearnReport:
-        """Learn files, directories (recursively) and/or a text.
-
-        Named files are read before anything is stored, so a bad one stops the run with nothing written;
-        unreadable files met inside a directory are skipped and reported. Each source is committed in one
-        transaction; an unchanged source adds nothing; a changed one replaces its old chunks.
-
-        Args:
-            paths: files and directories.
-            text: a text to learn (its source is `source` or a hash of the text).
-            namespace: the namespace the memories belong to.
-            include / exclude: glob patterns for directory members.
-            text_field: the field holding the text in JSON/JSONL records.
-            progress: called as progress(phase, done, total).
-        Returns:
-            A LearnReport (files, chunks added, skipped, seconds).
-        """
+        """Learn files, directories (recursively) and/or a text into `namespace`; returns a LearnReport. A bad
+        named file stops the run with nothing written; each source is one transaction (Learner.learn has the
+        arguments in full)."""
         return self.learner.learn(paths, text=text, namespace=namespace, include=include, exclude=exclude,
                                   text_field=text_field, encoding=encoding, source=source, progress=progress)
 
@@ -210,21 +197,11 @@ class MemoryLLM:
             remember: store what the user states in the last message as a memory of the namespace (before
                 answering, so the answer can use it).
         """
-        from memory_llm.chat import check_messages, conversation_queries, split_messages, statements
+        from memory_llm.chat import answer_conversation
 
-        check_namespace(namespace)
-        messages = check_messages(messages)
-        system, history, question = split_messages(messages)
-        remembered: list[int] = []
-        said = " ".join(statements(question)) if remember else ""
-        if said:
-            uri = content_uri(f"chat:{session_id or '-'}", said)
-            remembered = self.learn(text=said, namespace=namespace, source=uri).memory_ids
-        prepared = self.answerer.prepare(question, k=k, namespace=namespace, use_memory=use_memory, prompt=prompt,
-                                         exemplars=exemplars, queries=conversation_queries(messages),
-                                         history=history, system=system)
-        return self.answerer.stream(question, prepared, namespace, use_memory, max_new_tokens, True, session_id,
-                                    remembered)
+        return answer_conversation(self.answerer, self.learn, messages, session_id=session_id, namespace=namespace,
+                                   remember=remember, k=k, use_memory=use_memory, prompt=prompt,
+                                   exemplars=exemplars, max_new_tokens=max_new_tokens)
 
     def history(self, session_id: str, namespace: str = DEFAULT_NAMESPACE, limit: int = 50) -> list[dict]:
         """A chat session's turns from the answer log, as messages (to resume it)."""
@@ -236,28 +213,12 @@ class MemoryLLM:
     # ---- feedback -----------------------------------------------------------------------------------
     def feedback(self, answer_id: int, *, good: bool = False, bad: bool = False, correction: str | None = None,
                  namespace: str | None = None) -> dict:
-        """Feedback on a logged answer: good (it becomes an exemplar, or its exemplar gains a point), bad
-        (the exemplars it used lose a point) or a correction (as bad, plus the correction is learned as a
-        memory and stored as an exemplar). With a namespace, only that namespace's answers are found.
+        """Feedback on a logged answer: good, bad or a correction (memory_llm.feedback). Returns {"answer_id",
+        "feedback", "exemplar_ids" (added or rated up), "memory_ids" (learned)}."""
+        from memory_llm.feedback import record_feedback
 
-        Returns:
-            {"answer_id", "feedback", "exemplar_ids" (added or rated up), "memory_ids" (learned)}.
-        """
-        if sum([good, bad, correction is not None]) != 1:
-            raise InputError("give exactly one of good, bad or a correction")
-        if correction is not None and not correction.strip():
-            raise InputError("the correction is empty")
-        answer = self.store.logged_answer(answer_id, namespace)
-        if answer is None:
-            raise InputError(f"unknown answer id {answer_id}" + (f" in namespace {namespace!r}" if namespace else ""))
-        kind = "good" if good else "bad" if bad else "correct"
-        memory_ids: list[int] = []
-        if correction is not None:
-            correction = correction.strip()
-            memory_ids = self.learn(text=f"{answer.question}\n{correction}", namespace=answer.namespace,
-                                    source=f"feedback:answer-{answer.id}").memory_ids
-        exemplar_ids = self.store.record_feedback(answer, kind, correction)
-        return {"answer_id": answer.id, "feedback": kind, "exemplar_ids": exemplar_ids, "memory_ids": memory_ids}
+        return record_feedback(self.store, self.learn, answer_id, good=good, bad=bad, correction=correction,
+                               namespace=namespace)
 
     # ---- forget / stats -----------------------------------------------------------------------------
     def forget(self, ids: Sequence[int] = (), *, source: str | None = None, namespace: str | None = None,

@@ -1,11 +1,17 @@
-"""Chat turns: checking OpenAI-style messages, what to retrieve for a conversation, what the user states."""
+"""Chat turns: checking OpenAI-style messages, what to retrieve for a conversation, what the user states, and
+answering a conversation's last turn."""
 
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
+from memory_llm.config import check_namespace
 from memory_llm.errors import InputError
+from memory_llm.store import content_uri
+
+if TYPE_CHECKING:
+    from memory_llm.answering import Answerer, AnswerStream
 
 ROLES = ("system", "user", "assistant")
 RECENT_USER_TURNS = 3  # the conversation query joins this many latest user turns
@@ -58,3 +64,23 @@ def statements(text: str) -> list[str]:
                 and not _NOT_A_STATEMENT.match(sentence)):
             out.append(sentence)
     return out
+
+
+def answer_conversation(answerer: "Answerer", learn: Callable, messages: Sequence[dict], *,
+                        session_id: str | None = None, namespace: str = "default", remember: bool = False,
+                        k: int | None = None, use_memory: bool = True, prompt: str | None = None,
+                        exemplars: bool = True, max_new_tokens: int | None = None) -> "AnswerStream":
+    """Answer the last user message of a conversation, streamed and logged with its session id (MemoryLLM.chat).
+    With `remember`, what the user states in it is learned first (`learn`: MemoryLLM.learn's signature)."""
+    check_namespace(namespace)
+    messages = check_messages(messages)
+    system, history, question = split_messages(messages)
+    remembered: list[int] = []
+    said = " ".join(statements(question)) if remember else ""
+    if said:
+        uri = content_uri(f"chat:{session_id or '-'}", said)
+        remembered = learn(text=said, namespace=namespace, source=uri).memory_ids
+    prepared = answerer.prepare(question, k=k, namespace=namespace, use_memory=use_memory, prompt=prompt,
+                                exemplars=exemplars, queries=conversation_queries(messages), history=history,
+                                system=system)
+    return answerer.stream(question, prepared, namespace, use_memory, max_new_tokens, True, session_id, remembered)
