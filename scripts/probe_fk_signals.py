@@ -37,12 +37,12 @@ def token_stats(router, seqs):
                 lambda m, a, o, k=k, sc=scale, rows=rows: rows.__setitem__((k, 0), (o.float() * sc).pow(2).sum(-1)[0])))
             hooks.append(mod.base_layer.register_forward_hook(
                 lambda m, a, o, k=k, rows=rows: rows.__setitem__((k, 1), o.float().pow(2).sum(-1)[0])))
-        gate, router._gate, router._busy = router._gate, None, True
+        gate, router.gate, router.busy = router.gate, None, True
         try:
             with torch.no_grad():
                 router.model.get_base_model()(input_ids=torch.tensor([s]))
         finally:
-            router._gate, router._busy = gate, False
+            router.gate, router.busy = gate, False
             for h in hooks:
                 h.remove()
         own = router.own_tokens(list(s), None)[0]

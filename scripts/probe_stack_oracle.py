@@ -8,22 +8,23 @@ import torch
 from memory_llm import MemoryLLM
 from memory_llm import evaluate as ev
 import memory_llm.adapters.routing as R
+import memory_llm.adapters.stack as S
 
 FORCE = {"k": None}
-orig = R.RouterStack._route
+orig = S.RouterStack._route
 
 def patched(self, mod, args, kwargs):
     if FORCE["k"] is None:
         return orig(self, mod, args, kwargs)
-    if any(r._busy for r in self.routers) or R._decoding(kwargs):
+    if any(r.busy for r in self.routers) or R._decoding(kwargs):
         return None
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     n = input_ids.shape[0]
     for k, r in enumerate(self.routers):
-        r._gate = R.Router._gate_of([k == FORCE["k"]] * n, input_ids.device)
+        r.gate = R.Router.gate_of([k == FORCE["k"]] * n, input_ids.device)
     return None
 
-R.RouterStack._route = patched
+S.RouterStack._route = patched
 work, out_path = Path(sys.argv[1]), sys.argv[2]
 m = MemoryLLM(work / "home")
 m.generator  # load
@@ -40,7 +41,7 @@ for rnd in ("r1", "r2"):
         row = []
         for r in routers:
             for o in routers:
-                o._gate = R.Router._gate_of([False], ids.device)
+                o.gate = R.Router.gate_of([False], ids.device)
             row.append(r.scores([ids[0].tolist()], batch_size=1)[0])
         rec["scores"].append(row)
     for k in list(range(len(routers))) + [-1]:

@@ -12,7 +12,8 @@ import torch
 
 from conftest import tiny_model, tiny_tokenizer
 from memory_llm.consolidate.recipe import Recipe, attach_lora, closed_prompt_ids
-from memory_llm.adapters.routing import Router, RouterStack, common_prefix
+from memory_llm.adapters.routing import Router, common_prefix
+from memory_llm.adapters.stack import RouterStack
 from memory_llm.generate import TransformersGenerator
 
 QUESTIONS = ["Name a colour.", "What is two plus two?", "Say hello.", "Describe rain in a sentence.", "Hi",

@@ -660,7 +660,8 @@ def _stacked_twice(tiny_generator, path, tails):
 def test_stacked_adapters_each_score_alone_and_a_prompt_gets_the_one_it_excites_most(tiny_generator, tmp_path):
     import torch
 
-    from memory_llm.adapters.routing import Router, RouterStack
+    from memory_llm.adapters.routing import Router
+    from memory_llm.adapters.stack import RouterStack
 
     t = _stacked_twice(tiny_generator, tmp_path, [[3, 3]])
     items, logits, adapted, base, alone, threshold = t.items, t.logits, t.adapted, t.base, t.alone, t.threshold
@@ -684,7 +685,8 @@ def test_stacked_adapters_are_chosen_by_the_nearest_key_and_act_only_where_their
     import numpy as np
     import torch
 
-    from memory_llm.adapters.routing import Router, RouterStack, contains
+    from memory_llm.adapters.routing import Router, contains
+    from memory_llm.adapters.stack import RouterStack
 
     t = _stacked_twice(tiny_generator, tmp_path, [[3, 3], [4, 4]])
     rows, logits, adapted, base, threshold, stacked = t.rows, t.logits, t.adapted, t.base, t.threshold, t.stacked
@@ -725,7 +727,8 @@ def test_stacked_adapters_are_chosen_by_the_nearest_key_and_act_only_where_their
 
 
 def test_prompt_embedder_embeds_a_chat_question_as_the_question(tiny_generator):
-    from memory_llm.adapters.routing import common_prefix, prompt_embedder
+    from memory_llm.adapters.routing import common_prefix
+    from memory_llm.adapters.stack import prompt_embedder
     from memory_llm.generate import build_messages
 
     seen = []

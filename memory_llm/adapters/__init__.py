@@ -4,7 +4,8 @@ keys) and loading them onto a model (attach). Serving imports only this package,
 from memory_llm.adapters.attach import attach, stack_on
 from memory_llm.adapters.keys import read_keys, save_keys
 from memory_llm.adapters.registry import AdapterRegistry, AdapterVersion
-from memory_llm.adapters.routing import Router, RouterStack, load_router, prompt_embedder, read_router
+from memory_llm.adapters.routing import Router, load_router, read_router
+from memory_llm.adapters.stack import RouterStack, prompt_embedder
 
 __all__ = ["AdapterRegistry", "AdapterVersion", "Router", "RouterStack", "attach", "load_router", "prompt_embedder",
            "read_keys", "read_router", "save_keys", "stack_on"]

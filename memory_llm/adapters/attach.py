@@ -7,7 +7,8 @@ from pathlib import Path
 
 from memory_llm.adapters.keys import read_keys
 from memory_llm.adapters.registry import AdapterVersion
-from memory_llm.adapters.routing import RouterStack, load_router
+from memory_llm.adapters.routing import load_router
+from memory_llm.adapters.stack import RouterStack
 from memory_llm.errors import StoreError
 
 

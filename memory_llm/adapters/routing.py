@@ -4,8 +4,8 @@ prompt excites it.
 The score of a prompt is read from the adapter itself: at each token, the energy the LoRA updates of a band of
 layers (the middle ones by default, Recipe.route_band) add to their layers' outputs, relative to the energy of
 those outputs; the prompt's score is the mean (or, for routers made before mean pooling, the largest) over its
-own tokens (the chat template's shared head skipped). scripts/probe_routing.py and scripts/probe_fk_signals.py
-compare this with other signals (BENCHMARKS.md). With the null-space projection (recipe.null_space_constraint)
+own tokens (the chat template's shared head skipped). labs/probe_routing.py and labs/probe_fk_signals.py
+compare this with other signals (docs/lab-notes.md). With the null-space projection (recipe.null_space_constraint)
 the update is near zero on generic inputs, so generic prompts score low and prompts about consolidated memories
 score high. A threshold, calibrated when the adapter is trained and stored beside it (router.json), decides per
 prompt (per row of a batch) whether the adapter is on for the whole generation; below it, the prompt gets the
@@ -13,28 +13,18 @@ base model exactly. Chat prompts (`ask`'s form) and raw text score on different 
 threshold, calibrated on the same generic prompts in that form. A lone adapter's router consults nothing outside
 the model: no index, no embedder.
 
-Adapters from several consolidation rounds can serve side by side (Recipe.max_stack), each with its own router.
-The activation score tells memory prompts from generic ones but not one round's memories from another's (on
-Fictional Knowledge both rounds' adapters scored both rounds' probes alike; BENCHMARKS.md), so a RouterStack
-chooses the adapter by content: each adapter keeps the sentence embeddings of its trained prompts (keys.npy, the
-home's embedder), a prompt goes to the adapter holding its nearest key, and that adapter's own router decides
-whether it acts. Without keys (adapters made before them) or an embedder, the prompt gets the adapter it excites
-most (score ÷ threshold) among those whose threshold it reaches.
+Stacked adapters (one per round) are routed together by adapters.stack.RouterStack.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import re
 from pathlib import Path
 from typing import Sequence
 
-from memory_llm.adapters.keys import unit
 from memory_llm.generate import continues_sequence
 
-logger = logging.getLogger(__name__)
 
 ROUTER_FILE = "router.json"
 POOLS = ("mean", "max")  # how a prompt's per-token scores make its score
@@ -63,9 +53,9 @@ class Router:
         lo, hi = round(band[0] * n), max(round(band[0] * n) + 1, round(band[1] * n))
         self.scored = [m for m in self.layers if depth.get(m) is None or lo <= depth[m] < hi]
         self._name = name
-        self._gate = None  # per-row 0/1 tensor for the running sequence; None: the adapter is on everywhere
+        self.gate = None  # per-row 0/1 tensor for the running sequence; None: the adapter is on everywhere
         self._sums: list | None = None  # [delta energy, output energy] per token while scoring
-        self._busy = False
+        self.busy = False  # True while the router scores (its own forward passes are not routed)
         self._hooks: list = []
         self.last: list[float] = []  # the scores of the last routed prefill (for provenance)
         self.last_chat: list[bool] = []  # whether each row of the last scored batch was in chat form
@@ -88,8 +78,8 @@ class Router:
             scale = m.scaling[self._name]
             hooks += [m.lora_B[self._name].register_forward_hook(lambda mod, a, out, s=scale: self._add(0, out, s)),
                       m.base_layer.register_forward_hook(lambda mod, a, out: self._add(1, out))]
-        self._sums, gate, self._busy = [0.0, 0.0], self._gate, True
-        self._gate = None
+        self._sums, gate, self.busy = [0.0, 0.0], self.gate, True
+        self.gate = None
         try:
             with torch.no_grad():
                 self.model.get_base_model()(input_ids=input_ids, attention_mask=attention_mask)
@@ -105,7 +95,7 @@ class Router:
                 self.last_chat.append(chat)
             return out
         finally:
-            self._sums, self._gate, self._busy = None, gate, False
+            self._sums, self.gate, self.busy = None, gate, False
             for h in hooks:
                 h.remove()
 
@@ -162,10 +152,10 @@ class Router:
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
-        self._hooks, self._gate = [], None
+        self._hooks, self.gate = [], None
 
     def _apply_gate(self, mod, args, out):
-        gate = self._gate
+        gate = self.gate
         if gate is None or gate.shape[0] != out.shape[0]:
             return out
         return out * gate.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
@@ -176,11 +166,11 @@ class Router:
         return bool(self.layers) and self.layers[0].disable_adapters
 
     def _route(self, mod, args, kwargs):
-        if self._busy or continues_sequence(args, kwargs):  # a decoding step keeps the prefill's decision
+        if self.busy or continues_sequence(args, kwargs):  # a decoding step keeps the prefill's decision
             return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._gate = None if input_ids is None or self.disabled else \
-            self._gate_of(self.decide(input_ids, kwargs.get("attention_mask")), input_ids.device)
+        self.gate = None if input_ids is None or self.disabled else \
+            self.gate_of(self.decide(input_ids, kwargs.get("attention_mask")), input_ids.device)
         return None
 
     def decide(self, input_ids, attention_mask=None) -> list[bool]:
@@ -192,7 +182,8 @@ class Router:
         return self.last_on
 
     @staticmethod
-    def _gate_of(on: Sequence[bool], device):
+    def gate_of(on: Sequence[bool], device):
+        """The per-row gate tensor for `on` (1: the adapter acts on that row)."""
         import torch
 
         return torch.as_tensor([float(x) for x in on], device=device)
@@ -213,171 +204,6 @@ class Router:
     def name(self) -> str:
         """The peft adapter name this router gates."""
         return self._name
-
-
-class RouterStack:
-    """The routers of adapters stacked on one model (one adapter per consolidation round; run.py, Recipe.max_stack).
-    At a prefill each row gets at most one adapter. With `keys` for every adapter and `embed` ((token rows, chat
-    head) → sentence embeddings; `prompt_embedder`), the row's adapter is the one holding the key nearest to it, and it acts
-    when its router, scoring with only that adapter acting (as it was calibrated), lets it, or when the row is as
-    similar to that key as the router's `similarity` (a question about a memory in other words than trained; a
-    veto still holds). Otherwise each router
-    scores the rows alone and a row gets, of the adapters whose threshold it reaches, the one it excites most
-    (score ÷ threshold). Quacks like a Router for its users (veto, after, active, last_on, remove)."""
-
-    def __init__(self, routers: Sequence[Router], keys: Sequence | None = None, embed=None):
-        if not routers:
-            raise ValueError("a router stack needs a router")
-        self.routers = list(routers)
-        if keys is not None and len(keys) != len(self.routers):
-            raise ValueError("a router stack needs one key set per router")
-        self.keys = None if keys is None or embed is None or any(k is None or not len(k) for k in keys) \
-            else [unit(k) for k in keys]
-        self.embed = embed
-        self._hooks: list = []
-        self.last_on: list[bool] = []  # whether some adapter acted on each row of the last routed prefill
-        self.last: list[float] = []  # each row's chosen adapter's score ÷ threshold (0: no adapter acted)
-        self.last_adapter: list[str | None] = []  # the adapter that acted on each row (None: the base model)
-
-    @property
-    def by_content(self) -> bool:
-        """Whether the adapter is chosen by the prompt's nearest key (else by activation)."""
-        return self.keys is not None
-
-    @property
-    def veto(self) -> list[int]:
-        return self.routers[0].veto
-
-    @veto.setter
-    def veto(self, part: list[int]) -> None:
-        for r in self.routers:
-            r.veto = part
-
-    @property
-    def after(self) -> list[int]:
-        return self.routers[0].after
-
-    @after.setter
-    def after(self, part: list[int]) -> None:
-        for r in self.routers:
-            r.after = part
-
-    def install(self) -> "RouterStack":
-        for r in self.routers:
-            r.remove()
-            r.install(route=False)
-        if not self._hooks:
-            inner = self.routers[0].model.get_base_model()
-            self._hooks = [inner.register_forward_pre_hook(self._route, with_kwargs=True)]
-        return self
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        for r in self.routers:
-            r.remove()
-
-    def nearest(self, rows: Sequence[Sequence[int]]) -> list[int]:
-        """Each row's adapter by content: the index of the router whose keys hold the row's nearest key."""
-        return self.nearest_keys(rows)[0]
-
-    def nearest_keys(self, rows: Sequence[Sequence[int]]) -> tuple[list[int], list[float]]:
-        """Each row's adapter by content (see nearest) and the row's cosine similarity to that nearest key."""
-        import numpy as np
-
-        queries = unit(np.asarray(self.embed([list(r) for r in rows], self.routers[0].head), dtype=np.float32))
-        best = np.stack([(queries @ k.T).max(axis=1) for k in self.keys], axis=1)
-        return [int(i) for i in best.argmax(axis=1)], [float(x) for x in best.max(axis=1)]
-
-    def _route(self, mod, args, kwargs):
-        if any(r._busy for r in self.routers) or continues_sequence(args, kwargs):
-            return None
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None or self.routers[0].disabled:
-            for r in self.routers:
-                r._gate = None
-            return None
-        self.decide(input_ids, kwargs.get("attention_mask"))
-        return None
-
-    def decide(self, input_ids, mask=None) -> list[bool]:
-        """Choose each row's adapter and whether it acts (kept in last, last_on, last_adapter), and set the gates."""
-        device, n = input_ids.device, input_ids.shape[0]
-        chosen, near = None, [False] * n
-        if self.by_content:
-            rows, masks = input_ids.tolist(), mask if mask is not None else [None] * n
-            try:
-                chosen, sims = self.nearest_keys([row[self.routers[0].own_tokens(row, m)[0]]
-                                                  for row, m in zip(rows, masks)])
-                bars = [self.routers[k].similarity for k in chosen]
-                veto = self.routers[0].veto
-                near = [bar is not None and sim >= bar and not contains(row, veto)
-                        for bar, sim, row in zip(bars, sims, rows)]
-            except ValueError as exc:  # keys from another embedder (another width): choose by activation
-                logger.warning("adapter keys do not match the embedder (%s): choosing adapters by activation", exc)
-                self.keys = None
-        excitement = []
-        for k, r in enumerate(self.routers):  # each scores with the others' adapters off
-            if chosen is not None and k not in chosen:  # no row chose it: not scored
-                r.last, r.last_on, r.last_chat = [0.0] * n, [False] * n, [False] * n
-                excitement.append([0.0] * n)
-                continue
-            for other in self.routers:
-                other._gate = Router._gate_of([False] * n, device)
-            on = r.decide(input_ids, mask)
-            excitement.append([self._excitement(s / max(r.threshold_for(c), 1e-12), o, near[i],
-                                                chosen is None or chosen[i] == k)
-                               for i, (s, c, o) in enumerate(zip(r.last, r.last_chat, on))])
-        best = [max(range(len(self.routers)), key=lambda k: excitement[k][i]) for i in range(n)]
-        self.last = [excitement[best[i]][i] for i in range(n)]
-        self.last_on = [x > 0 for x in self.last]
-        self.last_adapter = [self.routers[best[i]]._name if on else None for i, on in enumerate(self.last_on)]
-        for k, r in enumerate(self.routers):
-            r.last_on = [on and best[i] == k for i, on in enumerate(self.last_on)]
-            r._gate = Router._gate_of(r.last_on, device)
-        return self.last_on
-
-    @staticmethod
-    def _excitement(ratio: float, passed: bool, near: bool, mine: bool) -> float:
-        """A row's excitement of one adapter: its score ÷ threshold where its router passed it, at least 1 where
-        it is near the adapter's keys (Router.similarity), 0 where it chose another adapter or neither holds."""
-        if not mine:
-            return 0.0
-        return max(ratio, 1.0) if near else ratio if passed else 0.0
-
-    @property
-    def active(self) -> bool | None:
-        """Whether an adapter acted on the last single prompt routed (None before any)."""
-        return None if len(self.last_on) != 1 else self.last_on[0]
-
-    @property
-    def acted(self) -> str | None:
-        """The adapter that acted on the last single prompt routed (None: none, or before any)."""
-        return None if len(self.last_adapter) != 1 else self.last_adapter[0]
-
-
-def prompt_embedder(tokenizer, embed):
-    """(token rows, chat head) → unit sentence embeddings of each row's question, for RouterStack's choice. A row is
-    a prompt's own tokens (after the chat head); its question is the text after the last user-turn marker (the
-    head's tail from its last special token: later turns of a conversation carry one) up to the next special token
-    (the turn's end), so a chat question embeds as the question alone, as its key was made, and raw text as itself.
-    `embed` is texts → vectors (the home's embedder)."""
-    special = set(tokenizer.all_special_ids)
-
-    def run(rows, head=()):
-        head = list(head)
-        last = max((i for i, t in enumerate(head) if t in special), default=None)
-        marker = head[last:] if last is not None else []
-        texts = []
-        for row in rows:
-            row = list(row)
-            start = max((i + len(marker) for i in occurrences(row, marker)), default=0)
-            cut = next((i for i in range(start, len(row)) if row[i] in special), len(row))
-            text = tokenizer.decode(row[start:cut]).strip()  # after retrieved sources: "Question: ..." (the
-            texts.append(re.sub(r"^question:\s*", "", text, flags=re.I))  # router's `after`), as the question
-        return embed(texts)
-    return run
 
 
 def read_router(directory: Path) -> dict | None:
