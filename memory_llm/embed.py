@@ -55,7 +55,7 @@ class SentenceEmbedder:
 
     def _encode_few(self, texts: Sequence[str]) -> np.ndarray:
         """A question or two: one torch thread is faster (measured 20 ms vs 65-490 ms with 2 threads right after
-        a generation, scripts/probe_retrieve.py), the thread pool's wake-up dominates such small work."""
+        a generation, labs/probe_retrieve.py), the thread pool's wake-up dominates such small work."""
         import torch
 
         with _THREADS_LOCK:

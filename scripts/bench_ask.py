@@ -374,7 +374,7 @@ def main() -> None:
 NOTES = """
 Method notes: (b) runs raw generate in a worker thread because ask's generation runs in one (the streamer's);
 on this shared, overloaded machine generation in the main thread measured 6-10x slower than in a worker thread
-(scripts/probe_threads.py), which would make the comparison meaningless. Greedy decoding of identical ids yields
+(labs/probe_threads.py), which would make the comparison meaningless. Greedy decoding of identical ids yields
 identical tokens, so the token counts match without forcing min_new_tokens (the script checks the texts).
 """
 

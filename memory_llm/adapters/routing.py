@@ -4,8 +4,8 @@ prompt excites it.
 The score of a prompt is read from the adapter itself: at each token, the energy the LoRA updates of a band of
 layers (the middle ones by default, Recipe.route_band) add to their layers' outputs, relative to the energy of
 those outputs; the prompt's score is the mean (or, for routers made before mean pooling, the largest) over its
-own tokens (the chat template's shared head skipped). labs/probe_routing.py and labs/probe_fk_signals.py
-compare this with other signals (docs/lab-notes.md). With the null-space projection (recipe.null_space_constraint)
+own tokens (the chat template's shared head skipped). labs/probe_routing.py compares
+this with other signals (docs/lab-notes.md). With the null-space projection (recipe.null_space_constraint)
 the update is near zero on generic inputs, so generic prompts score low and prompts about consolidated memories
 score high. A threshold, calibrated when the adapter is trained and stored beside it (router.json), decides per
 prompt (per row of a batch) whether the adapter is on for the whole generation; below it, the prompt gets the

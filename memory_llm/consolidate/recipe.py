@@ -30,7 +30,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class Recipe:
-    """Hyper-parameters; the defaults are the measured ones (scripts/sweep_consolidation.py, BENCHMARKS.md)."""
+    """Hyper-parameters; the defaults are the measured ones (labs/sweep_consolidation.py, docs/consolidation.md)."""
 
     rank: int = 16
     alpha: int = 32

@@ -3,7 +3,7 @@
 single-threaded. Needs a learned home:
 
     MLLM_CACHE=/tmp/mcache .venv/bin/mllm learn data/sample --home /tmp/probe-home
-    MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/probe_retrieve.py /tmp/probe-home [--reps 7]
+    MLLM_CACHE=/tmp/mcache .venv/bin/python labs/probe_retrieve.py /tmp/probe-home [--reps 7]
 
 Each rep first runs a short generation (as ask does between two questions), then times each retrieval step.
 Prints a JSON line of medians in ms.

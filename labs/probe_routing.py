@@ -1,10 +1,10 @@
 """Which routing signal separates prompts about consolidated memories from generic ones? One adapter is trained
-on the locality lab's items (run scripts/sweep_locality.py --work DIR first), then every candidate score is
+on the locality lab's items (run labs/sweep_locality.py --work DIR first), then every candidate score is
 computed for generic prompts (the 60 covariance prompts, the gate's 60 held-out ones, 40 general-knowledge
 probes) and for the memory's prompts (trained items, held-out paraphrases, the 4 fact probes). Per score: the
 separation margin min(memory held-out) / max(generic held-out) (above 1 means a threshold exists) and the AUC.
 
-    MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/probe_routing.py --work /tmp/locality '{"lr": 1e-2, "epochs": 8}'
+    MLLM_CACHE=/tmp/mcache .venv/bin/python labs/probe_routing.py --work /tmp/locality '{"lr": 1e-2, "epochs": 8}'
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_e2e_consolidate import PROBES  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "labs"))
 from sweep_locality import lab_data  # noqa: E402
 
 

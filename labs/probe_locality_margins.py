@@ -3,7 +3,7 @@ continuation (32 tokens, as the gate makes it) is teacher-forced back through th
 position the gap between its top-1 and top-2 logits is taken. A position with a small gap flips under almost
 any change to the weights, so the share of such positions bounds the agreement a real update can keep.
 
-    MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/probe_locality_margins.py
+    MLLM_CACHE=/tmp/mcache .venv/bin/python labs/probe_locality_margins.py
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ retrieved sources), then where the router let the adapter act
 
 Prints accuracies against rag and writes every answer to --out. Not part of the product: a diagnostic.
 
-    MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/probe_served_choosers.py /tmp/bench-served-XXXX --out F.json
+    MLLM_CACHE=/tmp/mcache .venv/bin/python labs/probe_served_choosers.py /tmp/bench-served-XXXX --out F.json
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 once and kept in the work folder's home, so every configuration (and a later rerun with --work) trains on the
 same items, each from the base model.
 
-    MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/sweep_consolidation.py --n 2 --work /tmp/sweep \
+    MLLM_CACHE=/tmp/mcache .venv/bin/python labs/sweep_consolidation.py --n 2 --work /tmp/sweep \
         --configs '{"lr": 3e-4}' '{"lr": 1e-3, "locality_weight": 5}'
 Prints one JSON line per configuration: gate metrics, closed-book accuracy on the records' probes, and
 general-knowledge accuracy on data/general_probes.jsonl (the base model answers all 80).
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from prepare_fictional_knowledge import prepare  # noqa: E402
 
 GENERAL = Path(__file__).resolve().parents[1] / "data" / "general_probes.jsonl"

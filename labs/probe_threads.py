@@ -4,7 +4,7 @@ faiss-cpu bundles its own libgomp, torch another)? Greedy generation of N tokens
 in the main thread and in a fresh worker thread, before and after faiss searches in the main thread, and with
 faiss.omp_set_num_threads(1). Prints a JSON line; medians of --reps. Usage:
 
-    MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/probe_threads.py [--tokens 16] [--reps 3]
+    MLLM_CACHE=/tmp/mcache .venv/bin/python labs/probe_threads.py [--tokens 16] [--reps 3]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ agreement) and the strict 16-token share; closed-book hits on the 4 fact probes;
 on the items; which of the first 40 general-knowledge probes (data/general_probes.jsonl) the base model
 answered and the adapter no longer does. About 3-5 minutes per configuration on 2 quiet CPU cores.
 
-    MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/sweep_locality.py --work /tmp/locality \
+    MLLM_CACHE=/tmp/mcache .venv/bin/python labs/sweep_locality.py --work /tmp/locality \
         '{"lr": 1e-3, "epochs": 4, "null_space_energy": 0}' '{"lr": 1e-3, "epochs": 4}'
 
 Configuration keys are Recipe fields, plus "cloze_only" (train on the cloze items alone), "layers" ([lo, hi):

@@ -1,9 +1,9 @@
 """A quick consolidation probe on the three invented facts of tests/test_e2e_consolidate.py (one memory):
 for each recipe, the gate's metrics, closed-book accuracy on 4 cloze probes of the facts, and which of 16
 general-knowledge questions the adapter gets wrong that the base model answered. Minutes, not hours: the
-first look at a recipe before scripts/sweep_consolidation.py.
+first look at a recipe before labs/sweep_consolidation.py.
 
-    MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/probe_consolidation.py '{"lr": 3e-4, "epochs": 8}'
+    MLLM_CACHE=/tmp/mcache .venv/bin/python labs/probe_consolidation.py '{"lr": 3e-4, "epochs": 8}'
 """
 
 from __future__ import annotations
