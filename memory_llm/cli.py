@@ -214,7 +214,7 @@ def doctor(repair: bool = typer.Option(False, "--repair", help="Rebuild what can
 
 @app.command(name="eval")
 def eval_(
-    file: Path = typer.Argument(..., help="JSON Lines probe file (see design.md)."),
+    file: Path = typer.Argument(..., help="JSON Lines probe file (format: docs/eval-format.md)."),
     mode: str = typer.Option("rag", "--mode", help="base (nothing), rag (retrieval), closed (adapter only),"
                                                     " hybrid (each probe answered both ways, closed and rag; the more"
                                                     " confident answer is kept) or served (exactly what `ask` does:"

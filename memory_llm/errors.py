@@ -18,4 +18,4 @@ class StoreError(MemoryLLMError):
 
 
 class EvalFormatError(InputError):
-    """An eval file does not follow the probe format of design.md."""
+    """An eval file does not follow the probe format of docs/eval-format.md."""

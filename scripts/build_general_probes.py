@@ -13,7 +13,7 @@ probes are kept, taken round-robin across categories so that every category is r
 Candidates are also screened statically: no answer alternative may occur in the question itself, and
 alternatives must not be so short that they match by accident (words of >= 3 letters, numbers >= 10).
 
-Output (design.md's eval format), one probe per line:
+Output (the eval format of docs/eval-format.md), one probe per line:
     {"id": "gk-001", "kind": "qa", "input": "What is the capital of France?", "answers": [["Paris"]],
      "tags": ["general", "capital"]}
 

@@ -2,7 +2,7 @@
 
 Writes, under --out:
   docs/fk_NNN.txt   each record's `train_context` (NNN = the record's index in the dataset)
-  eval.jsonl        one cloze probe per line (design.md's eval format), 15 per record:
+  eval.jsonl        one cloze probe per line (the eval format of docs/eval-format.md), 15 per record:
                     {"id": "fk000-mem-0", "kind": "cloze", "input": <prefix>, "answers": [[<target>]],
                      "tags": ["mem", "doc:fk_000"]}   (kinds of probe: mem, gen, hard_gen)
   eval_chat.jsonl   the same probes as questions in `ask`'s chat form (kind qa): "Complete this sentence: ..."
@@ -40,7 +40,7 @@ def load_records(data: str | Path = DEFAULT_DATA) -> list[dict]:
 
 
 def probes_for(index: int, record: dict) -> list[dict]:
-    """The cloze probes (mem, gen, hard_gen) of one record, in design.md's eval format."""
+    """The cloze probes (mem, gen, hard_gen) of one record, in the eval format of docs/eval-format.md."""
     out = []
     for kind in PROBE_KINDS:
         inputs, targets = record[f"{kind}_input"], record[f"{kind}_target"]

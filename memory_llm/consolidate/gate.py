@@ -24,7 +24,7 @@ GENERATE_BATCH = 32  # rows a batched generation of short closed-book prompts ru
 
 @dataclass
 class Floors:
-    """What a candidate must reach to be promoted (settings; see design.md)."""
+    """What a candidate must reach to be promoted (settings; docs/eval-format.md, "Metrics built on probes")."""
 
     reliability: float = 0.5
     locality: float = 0.95

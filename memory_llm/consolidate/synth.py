@@ -5,7 +5,7 @@
   (the last rewrite is held out: paraphrased probes never trained on, for generalization);
 - qa: questions sampled at high temperature, answered by the teacher (the model with the chunk in context); with
   `sentence_questions`, also questions asked about each sentence in turn (every fact gets a question: question
-  coverage is what carries knowledge into chat-form answers; BENCHMARKS.md), answered by the teacher or, with
+  coverage is what carries knowledge into chat-form answers; docs/lab-notes.md), answered by the teacher or, with
   `sentence_answers`, by the sentence asked about.
 """
 

@@ -30,7 +30,7 @@ def _faiss() -> ModuleType:
 class FaissIndex:
     """FAISS: exact (IndexIDMap2 over IndexFlatIP) while small; IVF (IndexIVFFlat, inner product) when large.
 
-    IVF rather than HNSW for large homes (measured, BENCHMARKS.md): at 1M vectors IVF nlist=4000 nprobe=16
+    IVF rather than HNSW for large homes (measured: docs/lab-notes.md, vector search): at 1M vectors IVF nlist=4000 nprobe=16
     reaches recall@10 0.97 at ~1.8 ms where HNSW M=32 efSearch=128 stopped at 0.91, and IVF removes ids in
     place, so re-learning a source does not rebuild the index.
     """
