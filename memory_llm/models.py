@@ -72,9 +72,14 @@ def load_embedder(name: str, device: str = "auto"):
 
             return SentenceTransformer(path, device=resolve_device(device))
         except (OSError, ValueError) as exc:
-            hint = "" if os.environ.get("MLLM_ALLOW_DOWNLOAD") or Path(path).exists() else \
-                " (not a local path nor in the local hub cache; set MLLM_ALLOW_DOWNLOAD=1 to download it)"
-            raise ModelError(f"cannot load embedder {name!r}{hint}: {_first_line(exc)}") from None
+            raise ModelError(f"cannot load embedder {name!r}{_offline_hint(path)}: {_first_line(exc)}") from None
+
+
+def _offline_hint(path: str) -> str:
+    """Why a model that failed to load may be missing: offline, it must be a local path or already cached."""
+    if os.environ.get("MLLM_ALLOW_DOWNLOAD") or Path(path).exists():
+        return ""
+    return " (not a local path nor in the local hub cache; set MLLM_ALLOW_DOWNLOAD=1 to download it)"
 
 
 def resolve_model(name: str) -> tuple[str, str | None]:
@@ -124,9 +129,7 @@ def load_causal_lm(name: str, cache_dir: Path, device: str = "auto", dtype: str 
             tokenizer = AutoTokenizer.from_pretrained(directory)
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
-            hint = "" if os.environ.get("MLLM_ALLOW_DOWNLOAD") or Path(directory).exists() else \
-                " (not a local path nor in the local hub cache; set MLLM_ALLOW_DOWNLOAD=1 to download it)"
-            raise ModelError(f"cannot load model {name!r}{hint}: {_first_line(exc)}") from None
+            raise ModelError(f"cannot load model {name!r}{_offline_hint(directory)}: {_first_line(exc)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
