@@ -12,7 +12,7 @@ import numpy as np
 
 from memory_llm.answering import Answer, Answerer, AnswerStream
 from memory_llm.config import DEFAULT_NAMESPACE, Settings
-from memory_llm.errors import InputError, MemoryLLMError, StoreError
+from memory_llm.errors import InputError, MemoryLLMError
 from memory_llm.learning import Learner, LearnReport
 from memory_llm.serving import ServedModel
 from memory_llm.store import Hit, Store
@@ -236,27 +236,9 @@ class MemoryLLM:
     def doctor(self, repair: bool = False) -> dict:
         """Check the home's health; with repair=True, rebuild what can be rebuilt from SQLite, roll a broken
         current adapter back to the newest intact one, and re-check."""
-        def run() -> list[dict]:
-            return self.store.check() + [self.adapters.check(self.settings.model)]
+        from memory_llm.doctor import diagnose
 
-        try:
-            self.store
-        except StoreError as exc:  # a file too damaged to open: nothing can be checked or rebuilt from it
-            if "locked" in str(exc):
-                raise
-            failed = {"check": "sqlite", "ok": False, "repairable": False,
-                      "detail": f"the database file is damaged and cannot be opened ({exc}); restore memory.sqlite"
-                                " from a backup"}
-            return {"healthy": False, "checks": [failed], "repaired": []}
-        checks = run()
-        repaired: list[str] = []
-        if repair and any(c["repairable"] for c in checks[:-1]):
-            repaired += self.store.repair()
-        if repair and checks[-1]["repairable"]:
-            repaired.append(self.adapters.repair(self.settings.model))
-        if repaired:
-            checks = run()
-        return {"healthy": all(c["ok"] for c in checks), "checks": checks, "repaired": repaired}
+        return diagnose(lambda: self.store, self.adapters, self.settings.model, repair)
 
     def sources(self, namespace: str | None = None) -> list[dict]:
         return self.store.list_sources(namespace)
