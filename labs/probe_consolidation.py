@@ -37,7 +37,7 @@ def main() -> None:
     print(json.dumps({"base": base, "general": general["accuracy"]}), flush=True)
     for cfg in configs:
         t = time.time()
-        s = m.consolidate(full=True, recipe=Recipe(**json.loads(cfg)), floors=Floors(0, 0, 0, 1))
+        s = m.consolidate(full=True, recipe=Recipe.from_dict(json.loads(cfg)), floors=Floors(0, 0, 0, 1))
         closed = m.evaluate(facts, "closed")["accuracy"]
         after = m.evaluate(gk, "closed")
         lost = [b["id"] for b, a in zip(general["probes"], after["probes"]) if b["correct"] and not a["correct"]]

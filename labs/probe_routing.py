@@ -35,34 +35,36 @@ def main() -> None:
     from peft.tuners.lora import LoraLayer
 
     from memory_llm import MemoryLLM
+    from memory_llm.consolidate import examples as E
     from memory_llm.consolidate import recipe as R
+    from memory_llm.consolidate import train as T
     from memory_llm.adapters.routing import common_prefix
 
     m = MemoryLLM(args.work / "home")
     train_items, held, contexts, loc_train, loc_eval, general = lab_data(m)
     gen = m.new_generator()
-    recipe = R.Recipe(**json.loads(args.config))
-    examples = R.prepare_items(gen, train_items, contexts, recipe)
-    loc = R.prepare_locality(gen, loc_train, recipe)
+    recipe = R.Recipe.from_dict(json.loads(args.config))
+    examples = E.prepare_items(gen, train_items, contexts, recipe)
+    loc = E.prepare_locality(gen, loc_train, recipe)
     saved = args.work / ("adapter-" + hashlib.sha1(args.config.encode()).hexdigest()[:10])
     if saved.is_dir():  # trained before with this configuration: reuse it
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(gen.model, str(saved))
     else:
-        model = R.attach_lora(gen.model, recipe)
-        constrain = R.null_space_constraint(model, [e.ids for e in loc], recipe.null_space_energy) \
+        model = T.attach_lora(gen.model, recipe)
+        constrain = T.null_space_constraint(model, [e.ids for e in loc], recipe.null_space_energy) \
             if recipe.null_space_energy else None
-        R.train(model, examples + loc, recipe, constrain=constrain)
+        T.train(model, examples + loc, recipe, constrain=constrain)
         model.save_pretrained(saved)
 
     def chat(p):
-        return R.closed_prompt_ids(gen, p)
+        return E.closed_prompt_ids(gen, p)
 
     sets = {"generic_train": [chat(p) for p in loc_train], "generic_eval": [chat(p) for p in loc_eval],
             "general": [chat(p["input"]) for p in general],
-            "trained": [R.student_prompt_ids(gen, it) for it in train_items],
-            "held_out": [R.student_prompt_ids(gen, it) for it in held],
+            "trained": [E.student_prompt_ids(gen, it) for it in train_items],
+            "held_out": [E.student_prompt_ids(gen, it) for it in held],
             "probes": [gen.tokenizer(q, add_special_tokens=False)["input_ids"] for q, _ in PROBES]}
     prefix = common_prefix(sets["generic_train"])  # the chat template's shared head: skipped when pooling
     layers = [mm for mm in model.modules() if isinstance(mm, LoraLayer) and "default" in mm.lora_B]

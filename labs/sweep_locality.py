@@ -49,7 +49,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from memory_llm import MemoryLLM
+    from memory_llm.consolidate import examples as E
     from memory_llm.consolidate import recipe as R
+    from memory_llm.consolidate import train as T
     from memory_llm.consolidate.gate import Floors, item_accuracy, locality
 
     home = args.work / "home"
@@ -69,7 +71,7 @@ def main() -> None:
     def general_correct() -> list[bool]:
         outs = []
         for i in range(0, len(general), 8):
-            outs += gen.generate_batch([R.closed_prompt_ids(gen, p["input"])
+            outs += gen.generate_batch([E.closed_prompt_ids(gen, p["input"])
                                         for p in general[i:i + 8]], 32)
         return [all(any(a.lower() in o.lower() for a in g) for g in p["answers"]) for p, o in zip(general, outs)]
 
@@ -86,11 +88,11 @@ def main() -> None:
         gen.model, started = base, time.time()
         key = ("items", recipe.top_k, recipe.temperature)
         if key not in cache:
-            cache[key] = R.prepare_items(gen, train_items, contexts, recipe)
+            cache[key] = E.prepare_items(gen, train_items, contexts, recipe)
         examples = [e for e, it in zip(cache[key], train_items) if it.kind == "cloze" or not lab.get("cloze_only")]
         key = ("loc", recipe.top_k, recipe.temperature, recipe.locality_tokens, recipe.locality_prompts)
         if key not in cache:
-            cache[key] = R.prepare_locality(gen, loc_train[:recipe.locality_prompts], recipe)
+            cache[key] = E.prepare_locality(gen, loc_train[:recipe.locality_prompts], recipe)
         loc = cache[key]
         if lab.get("layers"):
             from peft import LoraConfig, get_peft_model
@@ -99,7 +101,7 @@ def main() -> None:
                 r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0, target_modules=list(recipe.target_modules),
                 layers_to_transform=list(range(*lab["layers"])), task_type="CAUSAL_LM"))
         else:
-            model = R.attach_lora(base, recipe)
+            model = T.attach_lora(base, recipe)
         gen.model = model
         constrain = None
         if recipe.null_space_energy:
@@ -108,14 +110,14 @@ def main() -> None:
                 key = ("cov", lab["cov_tokens"])
                 if key not in cache:
                     with model.disable_adapter():
-                        chats = [R.closed_prompt_ids(gen, p) for p in loc_train]
+                        chats = [E.closed_prompt_ids(gen, p) for p in loc_train]
                         cache[key] = [a + b for a, b in zip(chats, gen.generate_batch(chats, lab["cov_tokens"],
                                                                                       return_ids=True))]
                 sequences = cache[key]
-            constrain = R.null_space_constraint(model, sequences, recipe.null_space_energy)
+            constrain = T.null_space_constraint(model, sequences, recipe.null_space_energy)
         if lab.get("output_energy"):
             constrain = _with_output_projection(model, [e.ids for e in loc], lab["output_energy"], constrain)
-        stats = R.train(model, examples + (loc if recipe.locality_weight > 0 else []), recipe,
+        stats = T.train(model, examples + (loc if recipe.locality_weight > 0 else []), recipe,
                         constrain=constrain)
         def report(**extra) -> None:
             near = locality(gen, loc_eval, model.disable_adapter)

@@ -259,6 +259,8 @@ def consolidate(
     full: bool = typer.Option(False, "--full", help="Rebuild the adapter from all memories."),
     namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Only this namespace's new memories.",
                                             show_default=False),
+    recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="TOML file of recipe fields to change"
+                                               " (docs/consolidation.md lists them).", show_default=False),
     home: Optional[Path] = HOME,
     as_json: bool = JSON,
 ) -> None:
@@ -268,13 +270,15 @@ def consolidate(
     (current adapter kept); 4 time budget reached (partial work kept); 75 another consolidation is running; 1 error.
     """
     with handled():
+        from memory_llm.consolidate.recipe import Recipe
         from memory_llm.consolidate.run import EXIT_LOCKED, ConsolidationLocked
 
+        recipe = Recipe.from_toml(recipe_file) if recipe_file is not None else None  # a bad file fails first
         m = common.open_memory(home)
         try:
             with progress_bar(as_json) as progress:
                 summary = m.consolidate(max_minutes=max_minutes, dry_run=dry_run, full=full, namespace=namespace,
-                                        progress=progress)
+                                        recipe=recipe, progress=progress)
         except ConsolidationLocked as exc:
             stderr(f"Error: {exc}")
             raise typer.Exit(EXIT_LOCKED)

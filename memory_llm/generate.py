@@ -130,6 +130,21 @@ class Generator(Protocol):
                stop: threading.Event | None = None) -> Iterator[str]: ...
 
 
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0):
+    """Token sequences as one left-padded batch (generation continues every row at the same position): (ids,
+    attention mask), LongTensors."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for r, s in enumerate(sequences):
+        if len(s):
+            ids[r, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[r, width - len(s):] = 1
+    return ids, mask
+
+
 def load_generator(settings: "Settings") -> Generator:
     """The generator backend the settings name (today: transformers in-process, for any hub id, local path or
     GGUF)."""
@@ -186,13 +201,9 @@ class TransformersGenerator:
 
         if not prompts:
             return []
-        width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
+        ids, mask = left_pad(prompts, pad)
+        width = ids.shape[1]
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       output_scores=confidence, return_dict_in_generate=confidence,

@@ -57,8 +57,9 @@ def naive_tokens_per_s(m, steps: int = 8) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from memory_llm.consolidate.recipe import (Recipe, answer_ids, attach_lora, prepare_items, student_prompt_ids,
-                                               teacher_prompt_ids, train)
+    from memory_llm.consolidate.examples import answer_ids, prepare_items, student_prompt_ids, teacher_prompt_ids
+    from memory_llm.consolidate.recipe import Recipe
+    from memory_llm.consolidate.train import attach_lora, train
 
     recipe = Recipe(epochs=1)
     items = [i for i in m.store.items(m.store.memory_ids()) if not i.held_out]
@@ -129,7 +130,7 @@ def main() -> None:
     OPEN = Floors(0.0, 0.0, 0.0, 1.0)  # always promote, so closed/hybrid can be measured; the default gate's
     # verdict on the same metrics is reported beside them
 
-    recipe = Recipe(**json.loads(args.recipe))
+    recipe = Recipe.from_dict(json.loads(args.recipe))
 
     work = Path(tempfile.mkdtemp(prefix="bench-consolidation-"))
     r1 = prepare(args.n, 0, work / "r1")

@@ -34,7 +34,7 @@ def main() -> None:
     from memory_llm.consolidate.gate import Floors, decide
     from memory_llm.consolidate.recipe import Recipe
 
-    recipe = Recipe(**json.loads(args.recipe))
+    recipe = Recipe.from_dict(json.loads(args.recipe))
     m = MemoryLLM(args.work / "home")
     if m.adapters.current_name() is None:
         sys.exit(f"{args.work}: no consolidated adapter; run round 1 first (bench_consolidation.py)")

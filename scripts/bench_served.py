@@ -172,7 +172,7 @@ def main() -> None:
     eval_file = work / "eval.jsonl"
     eval_file.write_text("\n".join(json.dumps(p) for p in probes) + "\n", encoding="utf-8")
     general = ROOT / "data" / "general_probes.jsonl"
-    recipe = Recipe(**{**json.loads(args.recipe), "seed": args.seed})
+    recipe = Recipe.from_dict({**json.loads(args.recipe), "seed": args.seed})
     m = MemoryLLM(work / "home", adapter_with_sources=args.adapter_with_sources)
     t = time.time()
     for d in docs:

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from conftest import tiny_model, tiny_tokenizer
-from memory_llm.consolidate.recipe import Recipe, attach_lora, closed_prompt_ids
+from memory_llm.consolidate.examples import closed_prompt_ids
+from memory_llm.consolidate.recipe import Recipe
+from memory_llm.consolidate.train import attach_lora
 from memory_llm.adapters.routing import Router, common_prefix
 from memory_llm.adapters.stack import RouterStack
 from memory_llm.generate import TransformersGenerator
@@ -171,7 +173,7 @@ def test_stacked_adapters_each_act_on_every_decoding_step_of_the_rows_that_chose
 
 
 def test_teacher_targets_run_a_shared_chunk_once_and_match_the_full_forward(tiny_generator):
-    from memory_llm.consolidate.recipe import _top_k_targets
+    from memory_llm.consolidate.examples import top_k_targets
 
     chunk = [5, 9, 12, 7, 3, 22, 14]
     seqs = [chunk + [4, 8, 15, 16], chunk + [4, 30, 31], chunk + [40, 41, 42, 43, 44], [6, 9, 12, 7, 50, 51]]
@@ -181,10 +183,10 @@ def test_teacher_targets_run_a_shared_chunk_once_and_match_the_full_forward(tiny
     hook = tiny_generator.model.register_forward_pre_hook(lambda mod, args, kw: forwards.append(kw["input_ids"].shape),
                                                           with_kwargs=True)
     try:
-        shared = _top_k_targets(tiny_generator.model, seqs, spans, k=5, temperature=2.0, groups=groups)
+        shared = top_k_targets(tiny_generator.model, seqs, spans, k=5, temperature=2.0, groups=groups)
     finally:
         hook.remove()
-    plain = _top_k_targets(tiny_generator.model, seqs, spans, k=5, temperature=2.0)
+    plain = top_k_targets(tiny_generator.model, seqs, spans, k=5, temperature=2.0)
     assert (1, 7) in forwards and (3, 5) in forwards  # the chunk once, then the three items' own tokens
     for (js, ps), (jp, pp) in zip(shared, plain):
         assert torch.equal(js, jp) and torch.allclose(ps, pp, atol=1e-4)

@@ -183,3 +183,13 @@ def test_consolidate_and_adapters_commands(tmp_path, monkeypatch):
     assert "base model answers" in mllm("adapters", "rollback").stdout
     assert_clean_error(mllm("adapters", "show"), "no current adapter")
     assert_clean_error(mllm("adapters", "show", "v0042"), "no adapter version 'v0042'")
+
+
+def test_consolidate_recipe_file_errors_are_one_line(tmp_path):
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("epochz = 2\n")
+    assert_clean_error(mllm("consolidate", "--recipe", str(unknown)), "unknown recipe field 'epochz'")
+    invalid = tmp_path / "invalid.toml"
+    invalid.write_text('route_pool = "median"\n')
+    assert_clean_error(mllm("consolidate", "--recipe", str(invalid)), "route_pool='median'")
+    assert_clean_error(mllm("consolidate", "--recipe", str(tmp_path / "none.toml")), "cannot read")

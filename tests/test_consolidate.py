@@ -41,7 +41,7 @@ def test_one_cut_per_sentence_supervises_the_rest_of_it(tiny_generator):
     from types import SimpleNamespace
 
     items = synthesize(RewriteOnly(tiny_generator), [SimpleNamespace(id=3, text=FACTS[0])], rewrites=1, questions=0,
-                       cuts=(0.4,), answer_words=30)[3]
+                       cuts=(0.4,), answer_words=30, held_out_rewrite=True, sentence_questions=0)[3]
     assert [(i.prompt, i.answer, i.held_out) for i in items] == [
         ("The lighthouse of Varn was", "built in 1820 by the engineer Lisbet Holm.", False),
         ("In 1820 the engineer Lisbet", "Holm built the Varn lighthouse on the rocks.", False),
@@ -66,7 +66,7 @@ def test_rewrites_trained_and_held_out(tiny_generator, rewrites, held_out_rewrit
 
     gen = RewriteOnly(tiny_generator)
     items = synthesize(gen, [SimpleNamespace(id=3, text=FACTS[0])], rewrites=rewrites, questions=0,
-                       held_out_rewrite=held_out_rewrite)[3]
+                       held_out_rewrite=held_out_rewrite, sentence_questions=0, cuts=(0.4, 0.6, 0.8), answer_words=8)[3]
     rewritten = [i for i in items if i.prompt.startswith("In 1820")]
     per_rewrite = len(cloze_items(3, "In 1820 the engineer Lisbet Holm built the Varn lighthouse on the rocks."))
     assert gen.calls == trained + held
@@ -76,7 +76,7 @@ def test_rewrites_trained_and_held_out(tiny_generator, rewrites, held_out_rewrit
 
 
 def test_open_book_items_carry_the_memory_with_a_distractor_or_the_distractor_alone():
-    from memory_llm.consolidate.recipe import open_book_items
+    from memory_llm.consolidate.examples import open_book_items
 
     contexts = {1: "Memory one.", 2: "Memory two.", 3: "Memory three.", -4: "An exemplar."}
     items = [Item(1, "qa", "Q1?", "A1"), Item(2, "qa", "Q2?", "A2"), Item(1, "cloze", "Memory", "one."),
@@ -104,7 +104,8 @@ def test_sentence_questions_ask_about_every_sentence(tiny_generator):
 
     gen = Asker()
     memories = [SimpleNamespace(id=1, text=FACTS[0] + " It is tall."), SimpleNamespace(id=2, text=FACTS[1])]
-    items = synthesize(gen, memories, rewrites=0, held_out_rewrite=False, questions=0, sentence_questions=2)
+    items = synthesize(gen, memories, rewrites=0, held_out_rewrite=False, questions=0, sentence_questions=2,
+                       sentence_answers=False)
     # two questions for each sentence of ≥ 4 words (2 of the 3), sampled warm; one answer per distinct question
     assert gen.calls == [(4, 0.7), (2, 0.0)]
     assert [i.prompt for i in items[1] if i.kind == "qa"] == ["Who built the lighthouse of Varn?"]
@@ -129,7 +130,7 @@ def test_synthesis_samples_the_same_items_for_the_same_seed(tiny_generator):
 
     def items(seed):
         made = synthesize(Sampler(), [SimpleNamespace(id=1, text=FACTS[0])], rewrites=0, held_out_rewrite=False,
-                          questions=3, seed=seed)[1]
+                          questions=3, seed=seed, sentence_questions=0, cuts=(0.4, 0.6, 0.8), answer_words=8)[1]
         return [(i.kind, i.prompt, i.answer, i.held_out) for i in made]
     assert items(3) == items(3) != items(4)
 
@@ -406,7 +407,7 @@ def test_confidence_is_the_mean_log_probability_of_the_first_tokens(tiny_generat
 def test_position_logits_match_the_full_forward(tiny_generator):
     import torch
 
-    from memory_llm.consolidate.recipe import position_logits
+    from memory_llm.consolidate.examples import position_logits
 
     model = tiny_generator.model
     seqs = [[5, 9, 12, 7, 3, 22], [4, 8, 15]]
@@ -421,14 +422,15 @@ def test_position_logits_match_the_full_forward(tiny_generator):
 def test_logits_by_kind_match_one_padded_forward(tiny_generator):
     import torch
 
-    from memory_llm.consolidate.recipe import Example, _logits_by_kind, position_logits
+    from memory_llm.consolidate.examples import Example, position_logits
+    from memory_llm.consolidate.train import logits_by_kind
 
     seqs = [[5, 9, 12, 7], [4, 8, 15, 9, 30, 31, 40, 41, 42, 7, 6], [11, 12, 13, 14, 15], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
     positions = [[1, 2], [5, 6, 7, 8, 9], [2, 3], [4, 5, 6, 7]]
     kinds = ["item", "locality", "item", "locality"]
     batch = [Example(s, p, None, None, k) for s, p, k in zip(seqs, positions, kinds)]
     with torch.inference_mode():
-        split, joint = _logits_by_kind(tiny_generator.model, batch), position_logits(tiny_generator.model, seqs, positions)
+        split, joint = logits_by_kind(tiny_generator.model, batch), position_logits(tiny_generator.model, seqs, positions)
     assert [g.shape for g in split] == [j.shape for j in joint]
     assert all(torch.allclose(g, j, atol=1e-4) for g, j in zip(split, joint))
 
@@ -438,7 +440,8 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_weights(tiny_ge
 
     import torch
 
-    from memory_llm.consolidate.recipe import Checkpoint, Example, attach_lora, train
+    from memory_llm.consolidate.examples import Example
+    from memory_llm.consolidate.train import Checkpoint, attach_lora, train
 
     g = torch.Generator().manual_seed(0)
     examples = []
@@ -495,7 +498,8 @@ def test_null_space_constraint_keeps_generic_outputs_while_items_still_move(tiny
 
     import torch
 
-    from memory_llm.consolidate.recipe import Example, attach_lora, null_space_constraint, train
+    from memory_llm.consolidate.examples import Example
+    from memory_llm.consolidate.train import attach_lora, null_space_constraint, train
 
     g = torch.Generator().manual_seed(0)
     generic = [torch.randint(3, 9, (12,), generator=g).tolist() for _ in range(24)]  # inputs in a small subspace
@@ -542,7 +546,8 @@ def _adapter_trained_off_generic(tiny_generator):
     import torch
     from conftest import tiny_model
 
-    from memory_llm.consolidate.recipe import Example, attach_lora, null_space_constraint, train
+    from memory_llm.consolidate.examples import Example
+    from memory_llm.consolidate.train import attach_lora, null_space_constraint, train
 
     g = torch.Generator().manual_seed(0)
     generic = [torch.randint(3, 9, (12,), generator=g).tolist() for _ in range(24)]
@@ -773,7 +778,7 @@ def test_router_settings_read_as_they_were_made(tmp_path):
 
 
 def test_loss_curve_averages_each_tenth_of_the_plan():
-    from memory_llm.consolidate.recipe import loss_curve
+    from memory_llm.consolidate.train import loss_curve
 
     assert loss_curve([4.0, 2.0, 3.0, 1.0], 0, 4, points=2) == [3.0, 2.0]
     assert loss_curve([3.0, 1.0], 2, 4, points=2) == [2.0]  # resumed at step 2: the second half only
@@ -795,7 +800,7 @@ def test_sources_marker_is_found_in_prompts_with_sources_only(tiny_generator):
 def test_a_small_round_trains_at_least_min_steps_and_a_large_one_its_epochs():
     from types import SimpleNamespace
 
-    from memory_llm.consolidate.recipe import plan_batches
+    from memory_llm.consolidate.train import plan_batches
 
     def examples(n_items, n_loc=4):
         return [SimpleNamespace(ids=[1] * (5 + i % 3), kind="item") for i in range(n_items)] + \
@@ -812,7 +817,7 @@ def test_a_small_round_trains_at_least_min_steps_and_a_large_one_its_epochs():
 def _fact_examples(n: int = 8):
     import torch
 
-    from memory_llm.consolidate.recipe import Example
+    from memory_llm.consolidate.examples import Example
 
     g = torch.Generator().manual_seed(0)
     return [Example(torch.randint(40, 80, (10,), generator=g).tolist(), [4, 5, 6, 7], torch.full((4, 1), 7),
@@ -823,10 +828,10 @@ def test_training_that_diverges_stops_before_its_update_and_says_so(tiny_generat
     import copy
     import math
 
-    from memory_llm.consolidate.recipe import _diverging, attach_lora, train
+    from memory_llm.consolidate.train import attach_lora, diverging, train
 
-    assert _diverging([3.0, float("nan")], 4, 1.5) and not _diverging([3.0] * 7 + [9.0], 4, 1.5)
-    assert _diverging([3.0] * 4 + [5.0] * 4, 4, 1.5) and not _diverging([3.0] * 4 + [4.0] * 4, 4, 1.5)
+    assert diverging([3.0, float("nan")], 4, 1.5) and not diverging([3.0] * 7 + [9.0], 4, 1.5)
+    assert diverging([3.0] * 4 + [5.0] * 4, 4, 1.5) and not diverging([3.0] * 4 + [4.0] * 4, 4, 1.5)
     recipe = Recipe(epochs=8, batch_size=4, rank=4, alpha=8, locality_per_batch=0, min_steps=0)
     stats = {}
     for lr in (2e-2, 1e30):  # a finite rise is hard to provoke in a tiny model (clipped Adam); overflow is not
@@ -856,7 +861,7 @@ def test_mixed_precision_trains_under_bf16_only_where_the_hardware_computes_it(t
 
     import torch
 
-    from memory_llm.consolidate import recipe as rc
+    from memory_llm.consolidate import train as rc
 
     recipe = Recipe(epochs=8, batch_size=4, rank=4, alpha=8, locality_per_batch=0, min_steps=0)
     model = rc.attach_lora(copy.deepcopy(tiny_generator.model), recipe)

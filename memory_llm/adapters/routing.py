@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from memory_llm.generate import continues_sequence
+from memory_llm.generate import continues_sequence, left_pad
 
 
 ROUTER_FILE = "router.json"
@@ -120,19 +120,11 @@ class Router:
 
     def scores(self, sequences: Sequence[Sequence[int]], batch_size: int = 8) -> list[float]:
         """The routing score of each prompt (token ids), left-padded in batches."""
-        import torch
-
         device = next(self.model.parameters()).device
         out: list[float] = []
         seqs = [list(s) for s in sequences]
         for i in range(0, len(seqs), batch_size):
-            batch = seqs[i:i + batch_size]
-            width = max(len(s) for s in batch)
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, s in enumerate(batch):
-                ids[r, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
-                mask[r, width - len(s):] = 1
+            ids, mask = left_pad(seqs[i:i + batch_size])
             out += self._score_rows(ids.to(device), mask.to(device))
         return out
 

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from memory_llm.adapters.keys import unit
 from memory_llm.adapters.routing import Router, common_prefix
-from memory_llm.consolidate.recipe import closed_prompt_ids, student_prompt_ids
+from memory_llm.consolidate.examples import closed_prompt_ids, student_prompt_ids
 
 
 def calibrate(negatives: Sequence[float], margin: float) -> float:

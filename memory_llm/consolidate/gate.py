@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from memory_llm.consolidate.recipe import closed_prompt_ids, student_prompt_ids
+from memory_llm.consolidate.examples import closed_prompt_ids, student_prompt_ids
 from memory_llm.consolidate.synth import Item
 from memory_llm.generate import cache_kwargs, output_cache
 

@@ -19,17 +19,9 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from memory_llm.adapters import AdapterRegistry, attach, prompt_embedder, save_keys, stack_on
 from memory_llm.consolidate.gate import Floors, base_continuations, decide, item_accuracy, locality
-from memory_llm.consolidate.recipe import (
-    Checkpoint,
-    Recipe,
-    attach_lora,
-    null_space_constraint,
-    open_book_items,
-    prepare_items,
-    prepare_open_book,
-    prepare_locality,
-    train,
-)
+from memory_llm.consolidate.examples import open_book_items, prepare_items, prepare_locality, prepare_open_book
+from memory_llm.consolidate.recipe import Recipe
+from memory_llm.consolidate.train import Checkpoint, attach_lora, null_space_constraint, train
 from memory_llm.consolidate.calibrate import fit_router, similarity_bar
 from memory_llm.consolidate.synth import Item, synthesize
 from memory_llm.errors import MemoryLLMError, StoreError

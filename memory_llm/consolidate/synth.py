@@ -17,6 +17,7 @@ import re
 
 from memory_llm.generate import build_messages
 from memory_llm.ingest.chunker import split_sentences
+from memory_llm.consolidate.recipe import Recipe
 from memory_llm.store.records import Item
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ QUESTION_PROMPT = "{text}\n\nWrite one short question about a fact stated in the
 SENTENCE_QUESTION_PROMPT = ("{text}\n\nWrite one short question that this sentence of the text above answers:"
                             " \"{sentence}\"\nWrite only the question.")
 
+
+_DEFAULT = Recipe()  # synthesize's defaults are the recipe's (one source of defaults)
 
 def cloze_items(memory_id: int, text: str, held_out: bool = False, fractions=(0.4, 0.6, 0.8),
                 max_answer_words: int = 8) -> list[Item]:
@@ -52,10 +55,11 @@ def _clean_question(text: str) -> str | None:
     return None
 
 
-def synthesize(generator, memories: list, *, rewrites: int = 1, questions: int = 4, held_out_qa: int = 1,
-               held_out_rewrite: bool = True, seed: int = 0, batch_size: int = 16, cuts=(0.4, 0.6, 0.8),
-               answer_words: int = 8, sentence_questions: int = 0,
-               sentence_answers: bool = False) -> dict[int, list[Item]]:
+def synthesize(generator, memories: list, *, rewrites: int = _DEFAULT.rewrites, questions: int = _DEFAULT.questions,
+               held_out_qa: int = 1, held_out_rewrite: bool = _DEFAULT.held_out_rewrite, seed: int = _DEFAULT.seed,
+               batch_size: int = 16, cuts=_DEFAULT.cloze_cuts, answer_words: int = _DEFAULT.cloze_answer_words,
+               sentence_questions: int = _DEFAULT.sentence_questions,
+               sentence_answers: bool = _DEFAULT.sentence_answers) -> dict[int, list[Item]]:
     """Items for each memory (id → items): `rewrites` trained rewrites plus one held out (`held_out_rewrite`).
     Cloze items cut each sentence at `cuts` (fractions of its words) and answer with up to `answer_words` words.
     `questions` are sampled about the whole memory, `sentence_questions` about each of its sentences (of ≥ 4
