@@ -133,7 +133,9 @@ def child_stages(args) -> None:
     import faiss  # noqa: F401
 
     mark("import faiss")
-    cli._quiet_libraries()
+    from memory_llm.cli_common import quiet_libraries
+
+    quiet_libraries()
     from memory_llm.assistant import MemoryLLM
     from memory_llm.generate import build_messages
     from memory_llm.retrieve import pack

@@ -572,7 +572,7 @@ def test_router_gives_generic_prompts_the_base_model_and_facts_the_adapter(tiny_
     generic_scores, item_scores = router.scores(generic[:12]), router.scores([e.ids for e in items])
     # a prompt's score does not depend on the padding side (training pads on the right, generation on the left)
     seq, pad = items[0].ids, [1] * len(items[0].ids)
-    right, left = router._score_rows(torch.tensor([seq + [0, 0], [0, 0] + seq]),
+    right, left = router.score_rows(torch.tensor([seq + [0, 0], [0, 0] + seq]),
                                      torch.tensor([pad + [0, 0], [0, 0] + pad]))
     assert right == pytest.approx(item_scores[0], rel=1e-3) and left == pytest.approx(item_scores[0], rel=1e-3)
     assert max(generic_scores) * 2 < min(item_scores), (generic_scores, item_scores)

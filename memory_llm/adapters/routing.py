@@ -70,7 +70,8 @@ class Router:
     def _add(self, which: int, out, scale: float = 1.0) -> None:
         self._sums[which] = self._sums[which] + (out.float() * scale).pow(2).sum(-1)
 
-    def _score_rows(self, input_ids, attention_mask=None) -> list[float]:
+    def score_rows(self, input_ids, attention_mask=None) -> list[float]:
+        """The routing score of each row of a padded batch (the mask marks real tokens), the adapter acting."""
         import torch
 
         hooks = []
@@ -125,7 +126,7 @@ class Router:
         seqs = [list(s) for s in sequences]
         for i in range(0, len(seqs), batch_size):
             ids, mask = left_pad(seqs[i:i + batch_size])
-            out += self._score_rows(ids.to(device), mask.to(device))
+            out += self.score_rows(ids.to(device), mask.to(device))
         return out
 
     # ---- gating -------------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ class Router:
 
     def decide(self, input_ids, attention_mask=None) -> list[bool]:
         """Score a batch's rows and decide which rows the adapter acts on (also kept in last, last_on)."""
-        self.last = self._score_rows(input_ids, attention_mask)
+        self.last = self.score_rows(input_ids, attention_mask)
         rows = input_ids.tolist() if self.veto else [[]] * len(self.last)
         self.last_on = [s >= self.threshold_for(chat) and not contains(row, self.veto)
                         for s, chat, row in zip(self.last, self.last_chat, rows)]
