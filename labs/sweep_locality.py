@@ -142,7 +142,7 @@ def main() -> None:
 
 def _route(gen, model, recipe, loc_train, loc_eval, general, train_items, held, margin):
     """Fit the product's router (consolidate.calibrate.fit_router), print every prompt set's scores against its threshold."""
-    from memory_llm.consolidate.recipe import closed_prompt_ids, student_prompt_ids
+    from memory_llm.consolidate.examples import closed_prompt_ids, student_prompt_ids
     from memory_llm.consolidate.calibrate import fit_router
     from memory_llm.consolidate.run import calibration_prompts
 
@@ -184,7 +184,7 @@ def _with_output_projection(model, sequences, energy, inner):
         finally:
             for h in hooks:
                 h.remove()
-    from memory_llm.consolidate.recipe import top_directions
+    from memory_llm.consolidate.train import top_directions
 
     bases = [(m.lora_B["default"].weight, top_directions(covs[m.base_layer], energy)) for m in layers]
 
