@@ -9,7 +9,7 @@ PY=${PY:-.venv/bin/python}
 OUT=.device
 rm -rf "$OUT" && mkdir -p "$OUT/lm" "$OUT/embedder" "$OUT/wheels"
 # the causal LM: the converted default's small files
-LM=$("$PY" -c "from memory_llm.config import Settings; from memory_llm.models import load_causal_lm, resolve_model, converted_dir
+LM=$("$PY" -c "from memory_llm.config import Settings; from memory_llm.models import resolve_model, converted_dir
 import sys; s = Settings.load(); d, g = resolve_model(s.model); print(converted_dir(s.cache_dir, d, g) if g else d)")
 test -f "$LM/config.json" || { echo "device_bundle: no converted model at $LM (run make demo first)" >&2; exit 1; }
 find "$LM" -maxdepth 1 -type f ! -name '*.safetensors' ! -name '*.bin' ! -name '*.gguf' -exec cp {} "$OUT/lm/" \;

@@ -74,7 +74,7 @@ def faiss_rows(n: int, dim: int = 384, queries: int = 200) -> list[tuple[str, st
         return rows
     res = faiss.StandardGpuResources()
     gpu = p50(faiss.index_cpu_to_gpu(res, 0, faiss.IndexFlatIP(dim)))
-    rows.append((f"faiss GPU flat, same vectors: search p50", f"{gpu:.2f} ms ({cpu / gpu:.1f}× CPU)"))
+    rows.append(("faiss GPU flat, same vectors: search p50", f"{gpu:.2f} ms ({cpu / gpu:.1f}× CPU)"))
     return rows
 
 
