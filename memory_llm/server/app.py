@@ -87,5 +87,8 @@ def run(m, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
 
     m.generator, m.embedder, m.prompts  # load before the first request, not during it
     app = create_app(m, api_key)
-    log(f"mllm serve: http://{host}:{port}/v1 (model {MODEL_ID!r}, base {m.settings.model}); Ctrl-C to stop")
+    engine = getattr(getattr(m.generator, "client", None), "root", None) if getattr(m.generator, "remote", False) \
+        else None
+    log(f"mllm serve: http://{host}:{port}/v1 (model {MODEL_ID!r}, base {m.settings.model}"
+        f"{f', generating on {engine}' if engine else ''}); Ctrl-C to stop")
     uvicorn.run(app, host=host, port=port, log_level="warning")
