@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -16,13 +17,15 @@ class FakeEngine:
     `requests` records (path, body) of every POST; `api_key` makes every route need it."""
 
     def __init__(self, generator, model_id: str = "base-model", api_key: str | None = None,
-                 max_model_len: int = 4096):
+                 max_model_len: int = 4096, delay: float = 0.0):
         from memory_llm.generate import TransformersGenerator
 
         self.gen = TransformersGenerator(copy.deepcopy(generator.model), generator.tokenizer, generator.name)
         self.base_model, self.model_id, self.api_key, self.max_model_len = self.gen.model, model_id, api_key, max_model_len
         self.adapters: dict[str, str] = {}  # name → path
         self.requests: list[tuple[str, dict]] = []
+        self.delay = delay  # seconds each completion takes at least (outside the model lock: they overlap)
+        self.inflight = self.max_inflight = 0  # completions being answered at once, now and at most
         self.lock = threading.Lock()
         engine = self
 
@@ -76,7 +79,15 @@ class FakeEngine:
                 if model != engine.model_id and model not in engine.adapters:
                     return self._send(404, {"error": {"message": f"The model `{model}` does not exist."}})
                 prompts = body["prompt"] if body["prompt"] and isinstance(body["prompt"][0], list) else [body["prompt"]]
-                outs = [engine.complete(model, p, body) for p in prompts]
+                with engine.lock:
+                    engine.inflight += 1
+                    engine.max_inflight = max(engine.max_inflight, engine.inflight)
+                try:
+                    time.sleep(engine.delay)
+                    outs = [engine.complete(model, p, body) for p in prompts]
+                finally:
+                    with engine.lock:
+                        engine.inflight -= 1
                 if not body.get("stream"):
                     choices = [{"index": i, "text": text, "finish_reason": "stop", "logprobs": lp,
                                 **({"token_ids": ids} if body.get("return_token_ids") else {})}

@@ -321,3 +321,61 @@ def test_content_route_rules(tiny_generator, fake_embedder):
     assert route.choose([with_sources]) == ["mem-v0001"]  # routed on the question after the sources
     always = ContentRoute([RemoteAdapter("v0001", "mem-v0001", routed=False)], embed)
     assert always.choose(rows) == ["mem-v0001"] * 4 and always.always is not None
+
+
+def test_server_generates_concurrently_on_an_engine(tmp_path, tiny_generator, fake_embedder):
+    """`mllm serve` over an engine runs chat completions at once (the engine batches them); each answer, and the
+    adapter chosen for it, is the one in-process gives when asked alone."""
+    import threading
+    import time
+    import urllib.request
+
+    import uvicorn
+
+    from memory_llm import MemoryLLM
+    from memory_llm.server import create_app
+
+    home = tmp_path / "home"
+    router = {"threshold": 1e9, "band": [0.0, 1.0], "head": chat_head(tiny_generator), "pool": "mean",
+              "similarity": 0.9}
+    make_version(home, "v0001", tiny_generator, seed=7, router=router, keys=fake_embedder.encode(QUESTIONS[:2]))
+    promote(home, "v0001")
+    local = MemoryLLM(home, embedder=fake_embedder, generator=fresh(tiny_generator), max_new_tokens=8)
+    expected = [local.ask(q, use_memory=False, log=False).text for q in QUESTIONS]
+    with FakeEngine(fresh(tiny_generator), delay=0.3) as engine:
+        m = MemoryLLM(home, embedder=fake_embedder, generator=remote(engine, tiny_generator), max_new_tokens=8)
+        m.generator  # loaded (and the adapter published) before serving, as `run` does
+        app = create_app(m)
+        assert app.state.worker.workers > 1
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        answers: list = [None] * len(QUESTIONS)
+
+        def ask(i: int) -> None:
+            body = {"model": "mllm", "use_memory": False, "messages": [{"role": "user", "content": QUESTIONS[i]}]}
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                             data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as r:
+                answers[i] = json.load(r)["choices"][0]["message"]["content"]
+
+        try:
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(QUESTIONS))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            server.should_exit = True
+            thread.join(10)
+        assert answers == expected
+        assert engine.max_inflight > 1  # generated at once, not one after another
+        assert sorted(engine.models_used()) == ["base-model", "base-model", "mem-v0001", "mem-v0001"]
+        m.close()
+    local.close()

@@ -19,6 +19,7 @@ in-process it may also act on a prompt that excites it without being near its ke
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -64,9 +65,25 @@ class ContentRoute:
         self.adapters, self.embed, self.head = list(adapters), embed, list(head)
         self.veto: list[int] = []  # a prompt holding this token sequence gets the base model
         self.after: list[int] = []  # a prompt holding this token sequence is routed on the tokens after it
-        self.last_on: list[bool] = []
-        self.last_adapter: list[str | None] = []  # version names (as in-process: the adapter that acted)
-        self.last_similarity: list[float] = []
+        self._last = threading.local()  # the last choice, per thread: the server answers several requests at once
+
+    def _get(self, name: str) -> list:
+        return getattr(self._last, name, [])
+
+    @property
+    def last_on(self) -> list[bool]:
+        """Whether an adapter acts on each row of this thread's last choice."""
+        return self._get("on")
+
+    @property
+    def last_adapter(self) -> list[str | None]:
+        """The version acting on each row of this thread's last choice (None: the base model)."""
+        return self._get("adapter")
+
+    @property
+    def last_similarity(self) -> list[float]:
+        """Each row's similarity to its nearest key in this thread's last choice."""
+        return self._get("similarity")
 
     @property
     def always(self) -> RemoteAdapter | None:
@@ -100,9 +117,9 @@ class ContentRoute:
                     sims[i] = float(best[j, k])
                     if sims[i] >= candidates[k].similarity:
                         chosen[i] = candidates[k]
-        self.last_similarity = sims
-        self.last_on = [a is not None for a in chosen]
-        self.last_adapter = [a.version if a is not None else None for a in chosen]
+        self._last.similarity = sims
+        self._last.on = [a is not None for a in chosen]
+        self._last.adapter = [a.version if a is not None else None for a in chosen]
         return [a.name if a is not None else None for a in chosen]
 
     def decide(self, input_ids, mask=None) -> list[bool]:

@@ -18,6 +18,7 @@ from memory_llm.server.worker import GenerationWorker
 logger = logging.getLogger(__name__)
 
 MODEL_ID = "mllm"
+ENGINE_WORKERS = 8  # chat completions generated at once when an engine (vLLM) generates; it batches them
 
 
 def create_app(m, api_key: str | None = None, model_id: str = MODEL_ID) -> FastAPI:
@@ -35,7 +36,9 @@ def create_app(m, api_key: str | None = None, model_id: str = MODEL_ID) -> FastA
 
     app = FastAPI(title="memory_llm", version="1", dependencies=[Depends(check_key)], docs_url=None,
                   redoc_url=None, openapi_url=None)
-    app.state.memory, app.state.model_id, app.state.worker = m, model_id, GenerationWorker()
+    remote = bool(getattr(getattr(m, "served", None), "remote", False))
+    app.state.memory, app.state.model_id = m, model_id
+    app.state.worker = GenerationWorker(ENGINE_WORKERS if remote else 1)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
