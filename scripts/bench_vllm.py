@@ -10,6 +10,8 @@ port with the converted default model (fp32, --enable-lora), so the two never sh
          `mllm serve` runs them (one after another: its worker serializes generation) and as one left-padded
          batch (generate_batch); on vLLM as concurrent HTTP requests (the engine batches them). Generated
          tokens / wall seconds; also the first-token latency each client sees when all stream at once.
+  mllm serve: the same through a real `mllm serve` process (in-process, then --generator openai on the vLLM;
+         memory off, so only generation differs): first content delta and completion tokens / wall.
 
     MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/bench_vllm.py            # prints a markdown table and JSON
 """
@@ -141,12 +143,62 @@ def torch_row(row):
     return torch.tensor([row])
 
 
+def serve_bench(args, engine_url: str | None, home: Path) -> dict:
+    """A real `mllm serve` (in-process, or --generator openai at engine_url): --clients clients at once, each one
+    streamed request (first content delta) and then one non-streamed request (completion tokens / wall)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "memory_llm", "serve", "--port", str(port), "--home", str(home)]
+    if engine_url:
+        cmd += ["--generator", "openai", "--base-url", engine_url]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(home / "serve.log").open("w"))
+    base = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5):
+                break
+        except OSError:
+            if proc.poll() is not None or time.perf_counter() - t0 > 300:
+                raise SystemExit(f"mllm serve did not start; see {home / 'serve.log'}")
+            time.sleep(0.3)
+
+    def post(i: int, stream: bool):
+        body = {"model": "mllm", "use_memory": False, "stream": stream, "max_tokens": args.new_tokens,
+                "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]}
+        request = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        start = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=600) as r:
+            if not stream:
+                return json.load(r)["usage"]["completion_tokens"]
+            first = None
+            for line in r:
+                if first is None and line.startswith(b"data: {") and b'"content": "' in line \
+                        and b'"content": ""' not in line:
+                    first = time.perf_counter() - start
+            return first
+
+    try:
+        post(0, False)  # warm
+        firsts, walls, tokens = [], [], 0
+        for _ in range(args.runs):
+            firsts += concurrent(lambda i: post(i, True), args.clients)[1]
+            wall, counts = concurrent(lambda i: post(i, False), args.clients)
+            walls.append(wall)
+            tokens = sum(counts)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return {"first_token_loaded_s": median(firsts), "tokens": tokens, "tokens_per_s": tokens / median(walls)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=4, help="concurrent requests")
     ap.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per request")
     ap.add_argument("--runs", type=int, default=3, help="repetitions (medians)")
     ap.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
+    ap.add_argument("--no-serve", action="store_true", help="skip the rounds through a real `mllm serve`")
     args = ap.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
@@ -192,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     batch_wall = time.perf_counter() - t0
     batch_tokens = sum(len(o) for o in batched)
 
+    serve_home = work / "home"
+    serve_home.mkdir()
+    serve_local = None if args.no_serve else serve_bench(args, None, serve_home)
+
     log("starting vLLM")
     port = free_port()
     proc, ready = start_vllm(Path(args.vllm_python), checkpoint_dir("smollm2", cache), port, work / "vllm.log")
@@ -209,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         mixed_wall = time.perf_counter() - t0
         wall_mixed, mixed_concurrent = concurrent(
             lambda i: engine.generate_batch([rows[i]], args.new_tokens, return_ids=True)[0], len(rows))
+        engine.route = None
+        for name in engine.adapters():
+            engine.unload_adapter(name)
+        serve_remote = None if args.no_serve else serve_bench(args, f"http://127.0.0.1:{port}/v1", serve_home)
     finally:
         proc.terminate()
         try:
@@ -237,6 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         [f"{n} concurrent, LoRA on half, tokens/s", f"{mixed_tokens / wall_mixed:.1f}", "", ""],
         ["vLLM server ready (s)", f"{ready:.1f}", "", ""],
     ]
+    if serve_local and serve_remote:
+        rows_out += [
+            [f"`mllm serve`, {n} clients streaming at once: first token (s, median)",
+             f"{serve_remote['first_token_loaded_s']:.3f}", f"{serve_local['first_token_loaded_s']:.3f}",
+             f"{serve_local['first_token_loaded_s'] / serve_remote['first_token_loaded_s']:.2f}x"],
+            [f"`mllm serve`, {n} clients at once: tokens/s", f"{serve_remote['tokens_per_s']:.1f}",
+             f"{serve_local['tokens_per_s']:.1f}", f"{serve_remote['tokens_per_s'] / serve_local['tokens_per_s']:.2f}x"],
+        ]
     print(f"{today()}, {machine()}; `{command_line()}`; {args.new_tokens} greedy tokens, medians of {args.runs}\n")
     print(table(["measure", "vLLM", "in-process", "ratio (in-process / vLLM, or vLLM / in-process for tokens/s)"],
                 rows_out))
@@ -245,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                       "in_process_batch_tokens_per_s": batch_tokens / batch_wall, "ready_s": ready,
                       "equal_base": equal_base, "equal_mixed": equal_mixed,
                       "equal_mixed_concurrent": equal_mixed_concurrent, "mixed_batch_wall_s": mixed_wall,
-                      "mixed_concurrent_tokens_per_s": mixed_tokens / wall_mixed}, indent=1))
+                      "mixed_concurrent_tokens_per_s": mixed_tokens / wall_mixed,
+                      "serve_in_process": serve_local, "serve_vllm": serve_remote}, indent=1))
     return 0 if equal_base == n and equal_mixed == n and equal_mixed_concurrent == n else 1
 
 
