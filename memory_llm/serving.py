@@ -108,8 +108,11 @@ class ServedModel:
         return route
 
     def reload(self) -> None:
-        """Pick up a newly promoted (or rolled back) adapter in a running instance. On an engine the engine's
-        other mem-* adapters are unloaded now and the current version is published at the next use."""
+        """Pick up a newly promoted (or rolled back) adapter in a running instance. On an engine the current
+        version is published now (a failure is logged: the promotion or rollback has happened all the same),
+        and, where this instance served another, the engine's other mem-* adapters are unloaded."""
+        from memory_llm.errors import MemoryLLMError
+
         with self._lock:
             if self.router is not None:
                 self.router.remove()
@@ -117,24 +120,24 @@ class ServedModel:
             gen = self._generator
             if gen is not None and getattr(gen, "remote", False):
                 gen.route = None
-                if self.use_adapter:
-                    self._unpublish_others()
             elif gen is not None and hasattr(gen.model, "unload"):
                 gen.model = gen.model.unload()
             self._attached, self.adapter_version, self.keys = False, None, []
+            if self.remote and self.use_adapter:
+                try:
+                    self.generator  # noqa: B018  (loads the engine client if need be, publishes the current version)
+                    if gen is not None:
+                        self._unpublish_others()
+                except MemoryLLMError as exc:
+                    logger.warning("the engine did not take the current adapter: %s", exc)
 
     def _unpublish_others(self) -> None:
-        """Unload the engine's mem-* adapters that the current version does not serve (a failure is logged: the
-        promotion or rollback that called reload has happened all the same)."""
+        """Unload the engine's mem-* adapters that the current version does not serve."""
         from memory_llm.adapters import AdapterRegistry
         from memory_llm.adapters.remote import engine_name, unpublish
-        from memory_llm.errors import MemoryLLMError
 
-        try:
-            current = AdapterRegistry(self.settings.home).current()
-            unpublish(self._generator, keep=[engine_name(v) for v in current.stack] if current else [])
-        except MemoryLLMError as exc:
-            logger.warning("could not unload earlier adapters from the engine: %s", exc)
+        current = AdapterRegistry(self.settings.home).current()
+        unpublish(self._generator, keep=[engine_name(v) for v in current.stack] if current else [])
 
     def base_context(self):
         """A context in which the generator runs as the base model (no adapter)."""

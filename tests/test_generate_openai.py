@@ -36,7 +36,8 @@ def chat(gen, question: str) -> list[int]:
     return gen.chat_ids([{"role": "user", "content": question}])[0].tolist()
 
 
-def make_version(home, name: str, tiny, seed: int, *, stack=(), router: dict | None = None, keys=None):
+def make_version(home, name: str, tiny, seed: int, *, stack=(), router: dict | None = None, keys=None,
+                 base: str = "smollm2"):
     """An adapter version as consolidation writes it: a peft LoRA (non-zero: it changes the output), manifest,
     and optionally router.json and keys.npy."""
     import torch
@@ -57,7 +58,7 @@ def make_version(home, name: str, tiny, seed: int, *, stack=(), router: dict | N
         (path / "router.json").write_text(json.dumps(router))
     if keys is not None:
         save_keys(path, keys)
-    (path / "manifest.json").write_text(json.dumps({"base_model": "smollm2", "version": name, "memories": [],
+    (path / "manifest.json").write_text(json.dumps({"base_model": base, "version": name, "memories": [],
                                                     "stack": list(stack)}))
     return path
 
@@ -134,7 +135,7 @@ def test_engine_errors_are_one_line(tiny_generator):
             gen.generate_batch([[5, 6, 7]], 3)
 
 
-def test_settings_choose_the_backend(tmp_path, tiny_generator, fake_embedder):
+def test_settings_choose_the_backend(tmp_path, tiny_generator, fake_embedder, caplog):
     """generator_backend = openai: ask loads the tokenizer locally and generates on the engine."""
     from memory_llm import MemoryLLM
     from memory_llm.config import Settings
@@ -160,6 +161,22 @@ def test_settings_choose_the_backend(tmp_path, tiny_generator, fake_embedder):
         assert type(m.new_generator()).__name__ == "TransformersGenerator"
         m.close()
         local.close()
+        # a promotion in a process that has not generated yet (`mllm consolidate`) is published at once
+        make_version(tmp_path / "home3", "v0001", tiny_generator, seed=8, base=str(model_dir))
+        promote(tmp_path / "home3", "v0001")
+        c = MemoryLLM(tmp_path / "home3", embedder=fake_embedder, model=str(model_dir), generator_backend="openai",
+                      generator_base_url=engine.url)
+        c.reload_adapter()
+        assert set(engine.adapters) == {"mem-v0001"}
+        c.close()
+    # the engine gone: the promotion stands, a warning says the engine did not take it
+    c = MemoryLLM(tmp_path / "home3", embedder=fake_embedder, model=str(model_dir), generator_backend="openai",
+                  generator_base_url=engine.url)
+    with caplog.at_level("WARNING", logger="memory_llm.serving"):
+        c.reload_adapter()
+    assert "the engine did not take the current adapter: cannot reach the generator" in caplog.text
+    assert c.adapters.current_name() == "v0001"
+    c.close()
 
 
 @pytest.mark.parametrize("args,message", [
