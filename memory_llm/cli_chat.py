@@ -253,11 +253,19 @@ def serve(
                                           show_default=False),
     model: Optional[str] = MODEL,
     embedder: Optional[str] = EMBEDDER,
+    generator: Optional[str] = typer.Option(None, "--generator", help="Who generates: transformers (in-process,"
+                                            " default) or openai (an OpenAI-compatible engine such as vLLM at"
+                                            " --base-url; docs/server.md).", show_default=False),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="The engine's URL for --generator openai, e.g."
+                                           " http://127.0.0.1:8001/v1.", show_default=False),
+    generator_api_key: Optional[str] = typer.Option(None, "--generator-api-key", envvar="MLLM_GENERATOR_API_KEY",
+                                                    help="Bearer token the engine wants (--api-key is this"
+                                                    " server's own).", show_default=False),
     home: Optional[Path] = HOME,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/models, /v1/chat/completions, streaming) answering with memory,
     plus /v1/memories, /v1/search, /v1/forget and /v1/feedback. Namespace per request: X-Namespace header or
-    the `user` field."""
+    the `user` field. With --generator openai an engine (vLLM) generates and serves the adapters."""
     with handled():
         from memory_llm.server import run
 
@@ -267,5 +275,6 @@ def serve(
             raise MemoryLLMError("--api-key is empty")
         if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
             stderr(f"warning: serving on {host} without --api-key: anyone who can reach it can read the memory")
-        m = common.open_memory(home, model=model, embedder=embedder)
+        m = common.open_memory(home, model=model, embedder=embedder, generator_backend=generator,
+                               generator_base_url=base_url, generator_api_key=generator_api_key)
         run(m, host, port, api_key, log=stderr)

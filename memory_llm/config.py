@@ -81,6 +81,11 @@ class Settings:
                                             " probability (geometric mean); with skip_retrieval_similarity both"
                                             " must hold; 0: off")
     lock_timeout: float = _opt(30.0, "Seconds to wait for the store's write lock before a clear error")
+    generator_backend: str = _opt("transformers", "Who generates: transformers (in-process) | openai (an"
+                                  " OpenAI-compatible engine such as vLLM at generator_base_url; docs/server.md)")
+    generator_base_url: str = _opt("", "The engine's API root for generator_backend = openai, e.g."
+                                   " http://127.0.0.1:8001/v1")
+    generator_api_key: str = _opt("", "Bearer token the engine wants (generator_backend = openai); empty: none")
     home: Path = _opt(None, "Memory home (MLLM_HOME)")
     cache_dir: Path = _opt(None, "Converted-model cache (MLLM_CACHE)")
 
@@ -113,6 +118,10 @@ class Settings:
             raise InputError(f"setting device={self.device!r} must be auto, cpu, cuda or mps")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InputError(f"setting dtype={self.dtype!r} must be auto, float32, bfloat16 or float16")
+        if self.generator_backend not in ("transformers", "openai"):
+            raise InputError(f"setting generator_backend={self.generator_backend!r} must be transformers or openai")
+        if self.generator_backend == "openai" and not self.generator_base_url.strip():
+            raise InputError("setting generator_backend='openai' needs generator_base_url (the engine's URL)")
 
     @property
     def config_path(self) -> Path:

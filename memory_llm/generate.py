@@ -9,6 +9,8 @@ import re
 import threading
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
+from memory_llm.models import CONFIDENCE_TOKENS, chat_token_ids  # noqa: F401  (CONFIDENCE_TOKENS: re-exported)
+
 if TYPE_CHECKING:
     from memory_llm.config import Settings
 
@@ -20,7 +22,6 @@ SYSTEM_PROMPT = (
     "contain the answer, answer from what you know and say so."
 )
 CLOSED_SYSTEM_PROMPT = "You are a helpful assistant. Answer the question concisely."
-CONFIDENCE_TOKENS = 3  # a continuation's confidence: the mean log-probability of its first tokens (hybrid eval)
 SOURCES_END = "</sources>"  # closes the retrieved-sources block of every prompt that has one
 
 
@@ -145,9 +146,15 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0):
     return ids, mask
 
 
-def load_generator(settings: "Settings") -> Generator:
-    """The generator backend the settings name (today: transformers in-process, for any hub id, local path or
-    GGUF)."""
+def load_generator(settings: "Settings", in_process: bool = False) -> Generator:
+    """The generator backend the settings name: transformers in-process (any hub id, local path or GGUF), or with
+    generator_backend = "openai" an OpenAI-compatible engine at generator_base_url (generate_openai). With
+    in_process, always a torch model (consolidation trains one)."""
+    if settings.generator_backend == "openai" and not in_process:
+        from memory_llm.generate_openai import OpenAIGenerator
+
+        return OpenAIGenerator.load(settings.model, settings.cache_dir, settings.generator_base_url,
+                                    settings.generator_api_key or None)
     return TransformersGenerator.load(settings.model, settings.cache_dir, settings.device, settings.dtype)
 
 
@@ -176,11 +183,7 @@ class TransformersGenerator:
         """Token ids of messages through the chat template (plain concatenation if the model has none)."""
         import torch
 
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = "\n\n".join(m["content"] for m in messages) + "\n\nAnswer:"
-        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = chat_token_ids(self.tokenizer, messages)
         return ids.to(self.device) if isinstance(ids, torch.Tensor) else ids
 
     def _gen_kwargs(self, max_new_tokens: int, temperature: float) -> dict:

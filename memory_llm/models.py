@@ -1,4 +1,5 @@
-"""Model resolution and loading: the offline defaults, hub ids, local dirs and GGUF files; device and dtype."""
+"""Model resolution and loading: the offline defaults, hub ids, local dirs and GGUF files; device and dtype; the
+tokenizer alone and its chat template (what every generator backend shares)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from memory_llm.errors import ModelError
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONFIDENCE_TOKENS = 3  # a continuation's confidence: the mean log-probability of its first tokens (hybrid eval)
 _load_lock = threading.Lock()
 
 
@@ -134,6 +136,49 @@ def load_causal_lm(name: str, cache_dir: Path, device: str = "auto", dtype: str 
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     return model, tokenizer
+
+
+def checkpoint_dir(name: str, cache_dir: Path) -> str:
+    """The directory (or hub id) transformers loads the model `name` from: for a GGUF (the default model), its
+    dense checkpoint in the cache, converted now if it is not there yet. An engine serving the same model (vLLM,
+    docs/server.md) is started on this directory."""
+    _offline_by_default()
+    directory, gguf_file = resolve_model(name)
+    if not gguf_file:
+        return directory
+    target = converted_dir(cache_dir, directory, gguf_file)
+    with _load_lock:
+        if not (target / "config.json").exists():
+            try:
+                _convert_gguf(directory, gguf_file, target)
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"cannot convert model {name!r}: {_first_line(exc)}") from None
+    return str(target)
+
+
+def load_tokenizer(name: str, cache_dir: Path):
+    """The tokenizer of the model `name` alone (no weights), with a pad token (generation over an engine)."""
+    from transformers import AutoTokenizer
+
+    directory = checkpoint_dir(name, cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer of {name!r}{_offline_hint(directory)}: {_first_line(exc)}") \
+            from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def chat_token_ids(tokenizer, messages: list[dict]):
+    """Token ids of messages through the tokenizer's chat template (plain concatenation if it has none), as a
+    1 × n LongTensor: what every generator backend (generate, generate_openai) generates from."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = "\n\n".join(m["content"] for m in messages) + "\n\nAnswer:"
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
 
 def _convert_gguf(directory: str, gguf_file: str, target: Path) -> None:

@@ -5,13 +5,16 @@ Serving reaches adapters only through memory_llm.adapters (never memory_llm.cons
 from __future__ import annotations
 
 import copy
+import logging
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import numpy as np
 
 from memory_llm.config import Settings
+
+logger = logging.getLogger(__name__)
 
 
 class ServedModel:
@@ -48,15 +51,23 @@ class ServedModel:
             return self._generator
 
     def new_generator(self):
-        """A separate base model (no adapter) for consolidation, leaving the serving one untouched."""
+        """A separate base model (no adapter) for consolidation, leaving the serving one untouched; in-process
+        even when an engine serves (consolidation trains a torch model)."""
         from memory_llm.generate import TransformersGenerator, load_generator
 
-        if self._injected is not None:
+        if self._injected is not None and not self.remote:
             g = self._injected
             model = copy.deepcopy(g.model)
             model = model.unload() if hasattr(model, "unload") else model
             return TransformersGenerator(model, g.tokenizer, g.name)
-        return load_generator(self.settings)
+        return load_generator(self.settings, in_process=True)
+
+    @property
+    def remote(self) -> bool:
+        """Whether an engine out of process generates (generate_openai): adapters are published to it."""
+        gen = self._generator if self._generator is not None else self._injected
+        return bool(getattr(gen, "remote", False)) if gen is not None else \
+            self.settings.generator_backend == "openai"
 
     def attach_current(self) -> None:
         """Serve the promoted adapter (if any) on top of the base model; it records the base it was made for."""
@@ -70,9 +81,13 @@ class ServedModel:
             return
         registry.check_base(current, self.settings.model)
         gen = self._generator
-        gen.model, self.router = attach(gen.model, current, embed=prompt_embedder(gen.tokenizer, self.embed))
-        if self.router is not None:  # a prompt that carries sources is routed on its question (the tokens after
-            # the sources); with adapter_with_sources off it gets the base model reading them
+        if self.remote:
+            self.router = self._publish(current)
+        else:
+            gen.model, self.router = attach(gen.model, current, embed=prompt_embedder(gen.tokenizer, self.embed))
+        if self.router is not None and not getattr(self.router, "always", None):  # a prompt that carries sources
+            # is routed on its question (the tokens after the sources); with adapter_with_sources off it gets the
+            # base model reading them
             marker = sources_marker(gen.tokenizer)
             if self.settings.adapter_with_sources:
                 self.router.after = marker
@@ -81,19 +96,55 @@ class ServedModel:
         self.keys = [k for k in (read_keys(v.path) for v in current.stack) if k is not None]
         self.adapter_version = current.name
 
+    def _publish(self, current):
+        """Publish the current version's adapters to the engine (adapters.remote) and route requests among them.
+        Adapters already there stay (another process on this home may be serving them); reload unloads."""
+        from memory_llm.adapters import prompt_embedder
+        from memory_llm.adapters.remote import publish
+
+        gen = self._generator
+        route = publish(gen, current, embed=prompt_embedder(gen.tokenizer, self.embed))
+        gen.route = route.choose
+        return route
+
     def reload(self) -> None:
-        """Pick up a newly promoted (or rolled back) adapter in a running instance."""
+        """Pick up a newly promoted (or rolled back) adapter in a running instance. On an engine the current
+        version is published now (a failure is logged: the promotion or rollback has happened all the same),
+        and, where this instance served another, the engine's other mem-* adapters are unloaded."""
+        from memory_llm.errors import MemoryLLMError
+
         with self._lock:
             if self.router is not None:
                 self.router.remove()
                 self.router = None
-            if self._generator is not None and hasattr(self._generator.model, "unload"):
-                self._generator.model = self._generator.model.unload()
+            gen = self._generator
+            if gen is not None and getattr(gen, "remote", False):
+                gen.route = None
+            elif gen is not None and hasattr(gen.model, "unload"):
+                gen.model = gen.model.unload()
             self._attached, self.adapter_version, self.keys = False, None, []
+            if self.remote and self.use_adapter:
+                try:
+                    self.generator  # noqa: B018  (loads the engine client if need be, publishes the current version)
+                    if gen is not None:
+                        self._unpublish_others()
+                except MemoryLLMError as exc:
+                    logger.warning("the engine did not take the current adapter: %s", exc)
+
+    def _unpublish_others(self) -> None:
+        """Unload the engine's mem-* adapters that the current version does not serve."""
+        from memory_llm.adapters import AdapterRegistry
+        from memory_llm.adapters.remote import engine_name, unpublish
+
+        current = AdapterRegistry(self.settings.home).current()
+        unpublish(self._generator, keep=[engine_name(v) for v in current.stack] if current else [])
 
     def base_context(self):
         """A context in which the generator runs as the base model (no adapter)."""
-        model = self.generator.model
+        gen = self.generator
+        if getattr(gen, "remote", False):
+            return _unrouted(gen)
+        model = gen.model
         return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
 
     def trained_similarity(self, vector) -> float:
@@ -118,8 +169,11 @@ class ServedModel:
             return True
         import torch
 
-        with torch.no_grad():
-            on = self.router.decide(ids.to(self.generator.device))
+        if self.remote:
+            on = self.router.decide(ids)
+        else:
+            with torch.no_grad():
+                on = self.router.decide(ids.to(self.generator.device))
         return bool(on and on[0])
 
     def acted(self) -> tuple[bool | None, str | None]:
@@ -137,3 +191,13 @@ class ServedModel:
         if router is not None and len(router.last_on) == n:
             return list(router.last_on)
         return [self.adapter_version is not None] * n
+
+
+@contextmanager
+def _unrouted(generator):
+    """Requests go to the engine's base model while inside (an engine generator's route switched off)."""
+    route, generator.route = generator.route, None
+    try:
+        yield
+    finally:
+        generator.route = route

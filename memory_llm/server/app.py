@@ -18,6 +18,7 @@ from memory_llm.server.worker import GenerationWorker
 logger = logging.getLogger(__name__)
 
 MODEL_ID = "mllm"
+ENGINE_WORKERS = 8  # chat completions generated at once when an engine (vLLM) generates; it batches them
 
 
 def create_app(m, api_key: str | None = None, model_id: str = MODEL_ID) -> FastAPI:
@@ -35,7 +36,9 @@ def create_app(m, api_key: str | None = None, model_id: str = MODEL_ID) -> FastA
 
     app = FastAPI(title="memory_llm", version="1", dependencies=[Depends(check_key)], docs_url=None,
                   redoc_url=None, openapi_url=None)
-    app.state.memory, app.state.model_id, app.state.worker = m, model_id, GenerationWorker()
+    remote = bool(getattr(getattr(m, "served", None), "remote", False))
+    app.state.memory, app.state.model_id = m, model_id
+    app.state.worker = GenerationWorker(ENGINE_WORKERS if remote else 1)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
@@ -87,5 +90,8 @@ def run(m, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
 
     m.generator, m.embedder, m.prompts  # load before the first request, not during it
     app = create_app(m, api_key)
-    log(f"mllm serve: http://{host}:{port}/v1 (model {MODEL_ID!r}, base {m.settings.model}); Ctrl-C to stop")
+    engine = getattr(getattr(m.generator, "client", None), "root", None) if getattr(m.generator, "remote", False) \
+        else None
+    log(f"mllm serve: http://{host}:{port}/v1 (model {MODEL_ID!r}, base {m.settings.model}"
+        f"{f', generating on {engine}' if engine else ''}); Ctrl-C to stop")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,5 +1,6 @@
 """Generation is serialized: one worker thread runs every chat completion, one at a time (the model is not safe
-for concurrent `generate`, and on a CPU two generations only slow each other down). Requests queue for it."""
+for concurrent `generate`, and on a CPU two generations only slow each other down). Requests queue for it.
+When an engine generates (generator_backend = openai) several workers run at once: the engine batches them."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from typing import Any, Callable
 
 
 class GenerationWorker:
-    """Runs answer streams on one thread, one at a time; pieces are handed to the event loop as they come."""
+    """Runs answer streams on `workers` threads (one: one at a time); a job is prepared, generated and finished on
+    one thread (per-request routing state is thread-local); pieces are handed to the event loop as they come."""
 
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mllm-generate")
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mllm-generate")
 
     async def start(self, make_stream: Callable[[], Any]) -> tuple[asyncio.Queue, threading.Event]:
         """Queue a job; returns once its stream is prepared (or raises its preparation error) with a queue of
