@@ -130,3 +130,28 @@ def test_the_worker_entry_says_how_to_call_it(tmp_path):
     from memory_llm.consolidate.distributed import main
 
     assert main([]) == 2 and main([str(tmp_path)]) == 2
+
+
+def test_the_cli_takes_processes_and_a_launcher_and_fails_in_one_line(monkeypatch, fake_embedder, tiny_generator,
+                                                                     tmp_path):
+    from typer.testing import CliRunner
+
+    from memory_llm import MemoryLLM, cli, cli_common
+
+    monkeypatch.setattr(cli_common, "open_memory", lambda home, **kw: MemoryLLM(
+        home, embedder=fake_embedder, generator=tiny_generator))
+    runner = CliRunner()
+
+    def mllm(*args):
+        return runner.invoke(cli.app, list(args))
+    assert mllm("learn", "--text", "The lighthouse of Varn was built in 1820.").exit_code == 0
+    assert mllm("consolidate", "--processes", "0").exit_code == 2  # typer's usage error
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("epochs = 1\nrank = 4\nalpha = 8\nlocality_prompts = 4\nquestions = 1\nmin_steps = 0\n")
+    for launcher, says in (("torchrun -m x", "must contain {job}"), ("torchrun '{job}", "not a command line"),
+                           ("false {job}", "training workers failed (exit 1)")):
+        out = mllm("consolidate", "--launcher", launcher, "--recipe", str(recipe))
+        err = out.stderr.strip()
+        assert out.exit_code == 1 and err.startswith("Error: ") and says in err and len(err.splitlines()) == 1, err
+        assert "Traceback" not in out.output
+

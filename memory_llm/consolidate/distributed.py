@@ -77,7 +77,11 @@ def launcher_command(template: str, job: Path) -> list[str]:
     """A user's launch line (for several machines) with {job} replaced by the job directory."""
     if "{job}" not in template:
         raise InputError("--launcher must contain {job}, where the job directory goes (docs/consolidation.md)")
-    return [part.replace("{job}", str(job)) for part in shlex.split(template)]
+    try:
+        parts = shlex.split(template)
+    except ValueError as exc:
+        raise InputError(f"--launcher is not a command line: {exc}") from None
+    return [part.replace("{job}", str(job)) for part in parts]
 
 
 def train_in_processes(model, examples: list[Example], recipe: Recipe, job: Path, *, processes: int = 1,
@@ -167,8 +171,8 @@ def run_workers(command: list[str], job: Path, processes: int, progress: Callabl
     if proc.returncode != 0 or not (job / "result.json").exists():
         tail = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
         why = next((line for line in reversed(tail) if "Error" in line or "error" in line), tail[-1] if tail else "")
-        raise TrainingError(f"training workers failed (exit {proc.returncode}): {why.strip()[:300]}"
-                            f" (log: {log})")
+        why = f": {why.strip()[:300]}" if why.strip() else ""
+        raise TrainingError(f"training workers failed (exit {proc.returncode}){why} (log: {log})")
 
 
 def relay_progress(job: Path, progress: Callable | None, seen):

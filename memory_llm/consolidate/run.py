@@ -23,7 +23,7 @@ from memory_llm.consolidate.examples import open_book_items, prepare_items, prep
 from memory_llm.consolidate.recipe import Recipe
 from memory_llm.consolidate.train import Checkpoint, attach_lora, null_space_constraint, train
 from memory_llm.consolidate.calibrate import fit_router, similarity_bar
-from memory_llm.consolidate.distributed import train_in_processes
+from memory_llm.consolidate.distributed import launcher_command, train_in_processes
 from memory_llm.consolidate.synth import Item, synthesize
 from memory_llm.errors import InputError, MemoryLLMError, StoreError
 
@@ -136,6 +136,8 @@ def consolidate(store: Store, settings: Settings, *, new_generator: Callable[[],
     recipe, floors = recipe or Recipe(), floors or Floors()
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
         raise InputError(f"processes must be a whole number >= 1, not {processes!r}")
+    if launcher:
+        launcher_command(launcher, Path("job"))  # a malformed line fails now, not after synthesis
     spread = processes > 1 or bool(launcher)  # training runs in worker processes; the rest stays here
     registry = AdapterRegistry(settings.home)
     with consolidation_lock(settings.home):
