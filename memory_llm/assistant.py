@@ -257,13 +257,15 @@ class MemoryLLM:
 
     # ---- consolidation -------------------------------------------------------------------------------
     def consolidate(self, *, max_minutes: float | None = None, dry_run: bool = False, full: bool = False,
-                    namespace: str | None = None, recipe=None, floors=None, progress=None):
+                    namespace: str | None = None, recipe=None, floors=None, progress=None, processes: int = 1,
+                    launcher: str | None = None):
         """Distil memories into a LoRA adapter (see memory_llm.consolidate.run). Returns a Summary."""
         from memory_llm.consolidate.run import consolidate
 
         summary = consolidate(self.store, self.settings, new_generator=self.new_generator, embed=self.embed_texts,
                               max_minutes=max_minutes, dry_run=dry_run, full=full, namespace=namespace,
-                              recipe=recipe, floors=floors, progress=progress)
+                              recipe=recipe, floors=floors, progress=progress, processes=processes,
+                              launcher=launcher)
         if summary.status == "promoted":
             self.reload_adapter()
         return summary

@@ -261,6 +261,11 @@ def consolidate(
                                             show_default=False),
     recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="TOML file of recipe fields to change"
                                                " (docs/consolidation.md lists them).", show_default=False),
+    processes: int = typer.Option(1, "--processes", min=1, help="Train in this many processes (one per GPU, or"
+                                  " CPU processes); the same result as one."),
+    launcher: Optional[str] = typer.Option(None, "--launcher", help="Command that starts the training workers"
+                                           " itself, with {job} for the job directory (several machines: see"
+                                           " docs/consolidation.md).", show_default=False),
     home: Optional[Path] = HOME,
     as_json: bool = JSON,
 ) -> None:
@@ -278,7 +283,8 @@ def consolidate(
         try:
             with progress_bar(as_json) as progress:
                 summary = m.consolidate(max_minutes=max_minutes, dry_run=dry_run, full=full, namespace=namespace,
-                                        recipe=recipe, progress=progress)
+                                        recipe=recipe, progress=progress, processes=processes,
+                                        launcher=launcher)
         except ConsolidationLocked as exc:
             stderr(f"Error: {exc}")
             raise typer.Exit(EXIT_LOCKED)

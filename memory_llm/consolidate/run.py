@@ -23,8 +23,9 @@ from memory_llm.consolidate.examples import open_book_items, prepare_items, prep
 from memory_llm.consolidate.recipe import Recipe
 from memory_llm.consolidate.train import Checkpoint, attach_lora, null_space_constraint, train
 from memory_llm.consolidate.calibrate import fit_router, similarity_bar
+from memory_llm.consolidate.distributed import launcher_command, train_in_processes
 from memory_llm.consolidate.synth import Item, synthesize
-from memory_llm.errors import MemoryLLMError, StoreError
+from memory_llm.errors import InputError, MemoryLLMError, StoreError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -114,7 +115,8 @@ def consolidation_lock(home: Path) -> Iterator[None]:
 def consolidate(store: Store, settings: Settings, *, new_generator: Callable[[], Generator],
                 embed: Callable[[list[str]], np.ndarray], max_minutes: float | None = None, dry_run: bool = False,
                 full: bool = False, namespace: str | None = None, recipe: Recipe | None = None,
-                floors: Floors | None = None, progress: Callable[[str, int, int], None] | None = None) -> Summary:
+                floors: Floors | None = None, progress: Callable[[str, int, int], None] | None = None,
+                processes: int = 1, launcher: str | None = None) -> Summary:
     """Run one consolidation round on a home (see the module docstring). It uses components only.
 
     Args:
@@ -123,6 +125,8 @@ def consolidate(store: Store, settings: Settings, *, new_generator: Callable[[],
         new_generator: makes a fresh base model (no adapter), kept apart from any serving one.
         embed: texts → unit sentence embeddings (the home's embedder), for routing keys.
         max_minutes, dry_run, full, namespace, recipe, floors, progress: as `mllm consolidate` documents them.
+        processes: train in this many local processes (memory_llm.consolidate.distributed); 1: in this one.
+        launcher: a command line with {job} that starts the training workers itself (several machines).
 
     Returns:
         A Summary; when its status is "promoted" the caller's serving model should reload its adapter.
@@ -130,6 +134,11 @@ def consolidate(store: Store, settings: Settings, *, new_generator: Callable[[],
     start = time.time()
     deadline = start + max_minutes * 60 if max_minutes else None
     recipe, floors = recipe or Recipe(), floors or Floors()
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise InputError(f"processes must be a whole number >= 1, not {processes!r}")
+    if launcher:
+        launcher_command(launcher, Path("job"))  # a malformed line fails now, not after synthesis
+    spread = processes > 1 or bool(launcher)  # training runs in worker processes; the rest stays here
     registry = AdapterRegistry(settings.home)
     with consolidation_lock(settings.home):
         registry.discard_staging()
@@ -219,7 +228,7 @@ def consolidate(store: Store, settings: Settings, *, new_generator: Callable[[],
         gen.model = model
         training_set = examples + replay + (loc if recipe.locality_weight > 0 else [])  # replay sampled above
         constrain = null_space_constraint(model, [e.ids for e in loc], recipe.null_space_energy) \
-            if recipe.null_space_energy and loc else None
+            if recipe.null_space_energy and loc and not spread else None  # workers build their own
         reserve = 120.0  # seconds kept for evaluation within a budget
         train_deadline = deadline - reserve if deadline else None
         lr = recipe.lr * (recipe.later_lr_scale if current is not None else 1.0)
@@ -227,9 +236,15 @@ def consolidate(store: Store, settings: Settings, *, new_generator: Callable[[],
         plan = _plan_key(recipe, new, keep_covered, init, training_set)
         for retry in range(recipe.diverge_retries + 1):  # a diverged run starts again at half the learning rate
             checkpoint = Checkpoint(registry.root / ".checkpoint", f"{plan}@lr={lr!r}")
-            stats = train(model, training_set, recipe, deadline=train_deadline, checkpoint=checkpoint,
-                          constrain=constrain, progress=(lambda s, t, _: progress("train", s, t)) if progress else None,
-                          lr=lr)
+            relay = (lambda s, t, _: progress("train", s, t)) if progress else None
+            if spread:
+                stats = train_in_processes(model, training_set, recipe, registry.staging(), processes=processes,
+                                           launcher=launcher, lr=lr, deadline=train_deadline, checkpoint=checkpoint,
+                                           locality=[e.ids for e in loc] if recipe.null_space_energy else None,
+                                           progress=relay)
+            else:
+                stats = train(model, training_set, recipe, deadline=train_deadline, checkpoint=checkpoint,
+                              constrain=constrain, progress=relay, lr=lr)
             stats["retries"] = retry
             if not stats["diverged"] or retry == recipe.diverge_retries:
                 break

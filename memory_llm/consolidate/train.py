@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from memory_llm.consolidate.examples import Example, position_logits
 
@@ -25,6 +25,23 @@ if TYPE_CHECKING:
     from memory_llm.consolidate.recipe import Recipe
 
 logger = logging.getLogger(__name__)
+
+
+class Group(Protocol):
+    """The processes that train one adapter together (memory_llm.consolidate.distributed makes one): each step
+    every process runs its share of the batch, and the sums over all of them make one process's step."""
+
+    rank: int
+    size: int
+
+    def share(self, batch: list[int]) -> list[int]:
+        """This process's part of a step's batch (the parts of all processes make the batch, without overlap)."""
+
+    def sum_(self, flat) -> None:
+        """Sum a 1-d tensor over the processes, in place (every process gets the same bits)."""
+
+    def broadcast(self, tensor):
+        """The first process's tensor (any shape), on every process."""
 
 
 def attach_lora(model, recipe: Recipe, init_from: str | None = None):
@@ -49,13 +66,15 @@ def top_directions(cov, energy: float):
     return v[:, -k:].float()
 
 
-def null_space_constraint(peft_model, sequences: Sequence[Sequence[int]], energy: float) -> Callable[[], None]:
+def null_space_constraint(peft_model, sequences: Sequence[Sequence[int]], energy: float,
+                          share: Callable | None = None) -> Callable[[], None]:
     """Keep the LoRA update off the inputs that generic prompts produce (the null-space projection of
     AlphaEdit, Fang et al. 2025, applied to LoRA's input side): per LoRA layer, the eigen-directions of the base
     model's inputs on `sequences` that hold `energy` of their energy are found, and every LoRA A is projected
     onto the rest, so B·A·x ≈ 0 for generic x while inputs that differ from them (the new facts) still move.
     Returns the projection; call it after each optimizer step (it also runs once here). Layers that read the
-    same tensor (q/k/v, gate/up) share one covariance."""
+    same tensor (q/k/v, gate/up) share one covariance. `share` (several processes: Group.broadcast) makes every
+    process use the first one's directions, so their projections, and so their weights, stay identical."""
     import torch
     from peft.tuners.lora import LoraLayer
 
@@ -96,7 +115,8 @@ def null_space_constraint(peft_model, sequences: Sequence[Sequence[int]], energy
                 h.remove()
     bases = []
     for g in groups.values():
-        u = top_directions(covs[g[0]], energy).to(device)
+        u = top_directions(covs[g[0]], energy)
+        u = (share(u) if share else u).to(device)
         bases += [(m.lora_A[name].weight, u) for m in g]
 
     def project() -> None:
@@ -135,7 +155,7 @@ def plan_batches(examples: list[Example], recipe: Recipe) -> list[list[int]]:
 
 def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: float | None = None,
           progress: Callable[[int, int, dict], None] | None = None, checkpoint: Checkpoint | None = None,
-          constrain: Callable[[], None] | None = None, lr: float | None = None) -> dict:
+          constrain: Callable[[], None] | None = None, lr: float | None = None, group: Group | None = None) -> dict:
     """Distillation loop: batches of similar length; loss = KL(teacher‖student)·T² on answer tokens (+ CE on
     the answer) and KL(base‖student)·T² on locality tokens. Stops at the deadline (time.time()) if given.
     With a checkpoint, training state is saved every `checkpoint.every` seconds and at a deadline stop, and a
@@ -143,7 +163,12 @@ def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: floa
     `lr` overrides recipe.lr (run.py scales it when continuing an adapter). A loss that is not finite, or a tenth
     of the steps whose mean loss is `recipe.diverge_ratio` × the first tenth's, stops the loop with
     `diverged` set (before the update). The stats include the loss curve: the mean loss over each tenth of the
-    planned steps run here."""
+    planned steps run here.
+
+    group: the processes training together (memory_llm.consolidate.distributed). Each runs its share of every
+    step's batch, its loss scaled to the whole batch's counts, and the gradients, the loss and the deadline are
+    summed over the processes in one all-reduce; so every process takes the step one process would take, and
+    they end with identical weights. Only the first (rank 0) writes checkpoints."""
     import torch
 
     torch.manual_seed(recipe.seed)
@@ -162,18 +187,29 @@ def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: floa
     tokens, started, stopped_early, diverged, saved_at = 0, time.perf_counter(), False, False, time.time()
     losses: list[float] = []
     window = max(4, total // 10)
+    writes = group is None or group.rank == 0
     for batch in plan[step:]:
-        if deadline is not None and time.time() > deadline:
+        late = deadline is not None and time.time() > deadline
+        if group is None and late:
             stopped_early = True
             break
-        with autocast():
-            loss = batch_loss(peft_model, [examples[i] for i in batch], recipe, device)
-        losses.append(loss.item())
+        if group is None:
+            with autocast():
+                loss = batch_loss(peft_model, [examples[i] for i in batch], recipe, device)
+            value = loss.item()
+        else:  # the update waits for the divergence check below, as one process's does
+            value, late = group_step(group, peft_model, params, opt, [examples[i] for i in batch], recipe, device,
+                                     autocast, late)
+            if late:
+                stopped_early = True
+                break
+        losses.append(value)
         if diverging(losses, window, recipe.diverge_ratio):
             diverged = True
             break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if group is None:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if constrain:
@@ -183,10 +219,10 @@ def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: floa
         tokens += sum(len(examples[i].ids) for i in batch)
         if progress:
             progress(step, total, {"loss": losses[-1]})
-        if checkpoint and step < total and time.time() - saved_at >= checkpoint.every:
+        if checkpoint and writes and step < total and time.time() - saved_at >= checkpoint.every:
             checkpoint.save(peft_model, opt, sched, step)
             saved_at = time.time()
-    if checkpoint and stopped_early and step > resumed_at:
+    if checkpoint and writes and stopped_early and step > resumed_at:
         checkpoint.save(peft_model, opt, sched, step)
     peft_model.eval()
     seconds = time.perf_counter() - started
@@ -197,6 +233,33 @@ def train(peft_model, examples: list[Example], recipe: Recipe, *, deadline: floa
             "loss_curve": loss_curve(losses, resumed_at, total),
             "loss_first": round(losses[0], 4) if losses else None,
             "loss_last": round(sum(losses[-5:]) / len(losses[-5:]), 4) if losses else None}
+
+
+def group_step(group: Group, model, params: list, opt, batch: list[Example], recipe: Recipe, device, autocast,
+               late: bool) -> tuple[float, bool]:
+    """One step's gradients over a group: this process's share of the batch, its loss divided by the whole
+    batch's counts (so the shares' losses add up to the batch's loss), backward, then one all-reduce of the
+    gradients, the loss and the deadline flag. Returns (the batch's loss, whether any process is past the
+    deadline); the gradients in `params` are the batch's."""
+    import torch
+
+    counts = (sum(e.kind == "item" for e in batch), sum(e.kind != "item" for e in batch))
+    mine = [batch[i] for i in group.share(list(range(len(batch))))]
+    opt.zero_grad(set_to_none=True)
+    value = 0.0
+    if mine:
+        with autocast():
+            loss = batch_loss(model, mine, recipe, device, counts=counts)
+        loss.backward()
+        value = loss.item()
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+                     + [torch.tensor([value, float(late)], device=params[0].device)])
+    group.sum_(flat)
+    at = 0
+    for p in params:
+        p.grad = flat[at:at + p.numel()].view_as(p).to(p.dtype)
+        at += p.numel()
+    return flat[-2].item(), bool(flat[-1].item())
 
 
 def training_autocast(model) -> Callable:
@@ -307,7 +370,10 @@ def logits_by_kind(model, batch: list[Example]) -> list:
     return out
 
 
-def batch_loss(model, batch: list[Example], recipe: Recipe, device):
+def batch_loss(model, batch: list[Example], recipe: Recipe, device, counts: tuple[int, int] | None = None):
+    """The distillation loss of a batch: the items' mean KL and CE plus the locality examples' mean KL, weighted.
+    counts: (items, locality examples) of the whole step when `batch` is one process's share of it; the share's
+    terms are then divided by those, so the shares' losses add up to the whole batch's."""
     import torch
     import torch.nn.functional as F
 
@@ -326,8 +392,14 @@ def batch_loss(model, batch: list[Example], recipe: Recipe, device):
         else:
             loc_loss.append(kl)
     loss = logits[0].new_zeros(())
+    if counts is None:
+        if item_loss:
+            loss = loss + torch.stack(item_loss).mean() + recipe.ce_weight * torch.stack(ce_loss).mean()
+        if loc_loss:
+            loss = loss + recipe.locality_weight * torch.stack(loc_loss).mean()
+        return loss
     if item_loss:
-        loss = loss + torch.stack(item_loss).mean() + recipe.ce_weight * torch.stack(ce_loss).mean()
+        loss = loss + (torch.stack(item_loss).sum() + recipe.ce_weight * torch.stack(ce_loss).sum()) / counts[0]
     if loc_loss:
-        loss = loss + recipe.locality_weight * torch.stack(loc_loss).mean()
+        loss = loss + recipe.locality_weight * torch.stack(loc_loss).sum() / counts[1]
     return loss
