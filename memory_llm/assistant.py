@@ -55,7 +55,8 @@ class MemoryLLM:
             if self._store is None:
                 s = self.settings
                 self._store = Store(s.home, lock_timeout=s.lock_timeout, exact_index_max=s.exact_index_max,
-                                    ivf_nprobe=s.ivf_nprobe)
+                                    ivf_nprobe=s.ivf_nprobe, index_backend=s.vector_backend,
+                                    index_uri=s.milvus_uri, index_token=s.milvus_token)
             return self._store
 
     @property

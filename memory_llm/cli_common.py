@@ -75,6 +75,8 @@ def quiet_libraries() -> None:
     root.setLevel(logging.DEBUG if debug else logging.WARNING)
     for name in ("transformers", "sentence_transformers", "huggingface_hub", "faiss", "pypdf"):
         logging.getLogger(name).setLevel(logging.WARNING if debug else logging.ERROR)
+    for name in ("pymilvus", "milvus_lite"):  # they log each failed call; it reaches us as an error, said in one line
+        logging.getLogger(name).setLevel(logging.WARNING if debug else logging.CRITICAL)
 
 
 class _StderrHandler(logging.Handler):

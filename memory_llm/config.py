@@ -66,6 +66,11 @@ class Settings:
     max_new_tokens: int = _opt(200, "Tokens generated at most for an answer")
     exact_index_max: int = _opt(50_000, "Up to this many memories the vector index is exact; above it IVF")
     ivf_nprobe: int = _opt(16, "Inverted lists searched per query (large indexes; more = better recall, slower)")
+    vector_backend: str = _opt("faiss", "The vector index: faiss (a file in the home) | milvus (pip install"
+                               " 'memory-llm[milvus]'; the namespace filters inside the engine)")
+    milvus_uri: str = _opt("", "Milvus server (http://host:19530) or a Milvus Lite .db path; empty: embedded"
+                           " Milvus Lite in <home>/index/milvus.db (one process at a time)")
+    milvus_token: str = _opt("", "Milvus token ('user:password' or an API key); empty: none")
     exemplar_k: int = _opt(3, "Few-shot exemplars added to a prompt at most (0: none)")
     exemplar_tokens: int = _opt(256, "Token budget for the few-shot exemplars")
     exemplar_min_rating: int = _opt(1, "Exemplars rated below this are not used")
@@ -122,6 +127,8 @@ class Settings:
             raise InputError(f"setting generator_backend={self.generator_backend!r} must be transformers or openai")
         if self.generator_backend == "openai" and not self.generator_base_url.strip():
             raise InputError("setting generator_backend='openai' needs generator_base_url (the engine's URL)")
+        if self.vector_backend not in ("faiss", "milvus"):
+            raise InputError(f"setting vector_backend={self.vector_backend!r} must be faiss or milvus")
 
     @property
     def config_path(self) -> Path:

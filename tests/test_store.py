@@ -180,8 +180,8 @@ def test_open_index_builds_reads_and_refuses_unknown_backends(tmp_path):
     assert not open_index(path, exact_max=2).fits(3)
     sample = np.stack([vec(i) for i in range(120)])
     assert open_index(path, dim=8, size=120, sample=lambda n: sample[:n], exact_max=50).kind == "ivf"
-    with pytest.raises(ValueError, match="unknown vector index backend 'milvus'"):
-        open_index(path, backend="milvus")
+    with pytest.raises(ValueError, match="unknown vector index backend 'nosuch'"):
+        open_index(path, backend="nosuch")
 
 
 def test_content_uris_name_text_by_its_hash():
@@ -199,6 +199,8 @@ class ListIndex:
     """A VectorIndex in plain numpy: the Store must need nothing beyond the protocol."""
 
     kind = "list"
+    filters = False
+    shared = False
 
     def __init__(self, dim: int):
         self.dim, self.vectors = dim, {}
@@ -206,7 +208,7 @@ class ListIndex:
     def __len__(self):
         return len(self.vectors)
 
-    def add(self, ids, vectors):
+    def add(self, ids, vectors, namespaces=None):
         self.vectors.update(zip(map(int, ids), vectors))
 
     def remove(self, ids):
@@ -214,13 +216,13 @@ class ListIndex:
             self.vectors.pop(int(i), None)
         return True
 
-    def search_many(self, queries, k):
+    def search_many(self, queries, k, namespace=None):
         ids = np.array(list(self.vectors), dtype=np.int64)
         scores = np.stack(list(self.vectors.values())) @ np.asarray(queries).T if len(ids) else np.zeros((0, 1))
         order = np.argsort(-scores.T, axis=1)[:, :k]
         return ids[order], np.take_along_axis(scores.T, order, axis=1)
 
-    def search(self, query, k):
+    def search(self, query, k, namespace=None):
         ids, scores = self.search_many(np.asarray(query).reshape(1, -1), k)
         return ids[0], scores[0]
 
@@ -231,6 +233,9 @@ class ListIndex:
 
     def fits(self, n):
         return True
+
+    def close(self):
+        pass
 
     def save(self, path):
         path.parent.mkdir(parents=True, exist_ok=True)

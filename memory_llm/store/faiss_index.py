@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -34,6 +34,9 @@ class FaissIndex:
     reaches recall@10 0.97 at ~1.8 ms where HNSW M=32 efSearch=128 stopped at 0.91, and IVF removes ids in
     place, so re-learning a source does not rebuild the index.
     """
+
+    filters = False  # namespaces are filtered by the store (over-fetch, then SQLite)
+    shared = False  # this process's copy, saved to one file
 
     def __init__(self, dim: int, kind: str = "flat", nprobe: int = 16, index: Any = None,
                  train: np.ndarray | None = None, nlist: int | None = None, exact_max: int = 50_000):
@@ -75,8 +78,8 @@ class FaissIndex:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Add vectors under their memory ids."""
+    def add(self, ids: np.ndarray, vectors: np.ndarray, namespaces: Sequence[str] | None = None) -> None:
+        """Add vectors under their memory ids (namespaces are not kept: this index does not filter)."""
         if len(ids):
             self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
                                     np.asarray(ids, dtype=np.int64))
@@ -86,14 +89,17 @@ class FaissIndex:
         self.index.remove_ids(np.asarray(ids, dtype=np.int64))
         return True
 
-    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query: np.ndarray, k: int, namespace: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores) of the k nearest vectors to one query, best first."""
+        _no_namespace(namespace)
         ids, scores = self.search_many(np.asarray(query, dtype=np.float32).reshape(1, -1), k)
         keep = ids[0] >= 0
         return ids[0][keep], scores[0][keep]
 
-    def search_many(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_many(self, queries: np.ndarray, k: int,
+                    namespace: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores) of shape (n, k); missing neighbours are -1."""
+        _no_namespace(namespace)
         faiss = _faiss()
         k = min(k, len(self))
         if k <= 0:
@@ -148,6 +154,9 @@ class FaissIndex:
                 os.unlink(tmp)
         _fsync_dir(path.parent)
 
+    def close(self) -> None:
+        """Nothing to release (the index is memory and a file)."""
+
     @classmethod
     def load(cls, path: Path, nprobe: int = 16, exact_max: int = 50_000) -> "FaissIndex":
         """Read an index file; raises RuntimeError/OSError when it is missing or unreadable."""
@@ -160,6 +169,11 @@ class FaissIndex:
             loaded._owner = index  # the downcast view does not own the C++ object: keep its owner alive
             return loaded
         raise RuntimeError(f"{path} is not an index this version writes")
+
+
+def _no_namespace(namespace: str | None) -> None:
+    if namespace is not None:
+        raise ValueError("FaissIndex does not filter by namespace (filters is False): the store filters")
 
 
 def remove_dead_temp_files(folder: Path) -> list[Path]:

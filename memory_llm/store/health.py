@@ -49,7 +49,7 @@ def check(database: Database, dense: DenseIndex) -> list[dict]:
         results.append(_result("index", agrees, f"{len(on_disk)} vectors agree with SQLite" if agrees
                                else f"index holds {len(on_disk)} vectors, SQLite {expected[0]} memories", True))
     except (RuntimeError, OSError):
-        results.append(_result("index", False, f"{dense.path} is missing or unreadable", True))
+        results.append(_result("index", False, f"{dense.location} is missing or unreadable", True))
     return results
 
 

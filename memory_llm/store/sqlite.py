@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 DB_NAME = "memory.sqlite"
 INDEX_NAME = "index/vectors.faiss"
+MILVUS_NAME = "index/milvus.db"  # the embedded Milvus Lite data (vector_backend milvus, no milvus_uri)
 LEXICAL_TERMS = 64
 
 
@@ -46,10 +47,12 @@ class Store:
         exact_index_max: up to this many memories the vector index is exact.
         ivf_nprobe: inverted lists searched per query once the index is approximate.
         index_backend: the vector index implementation (see store/backends.py `open_index`).
+        index_uri: Milvus: the server (http://host:port) or a Milvus Lite file; empty: <home>/index/milvus.db.
+        index_token: Milvus: the token, or empty.
     """
 
     def __init__(self, home: Path, *, lock_timeout: float = 30.0, exact_index_max: int = 50_000,
-                 ivf_nprobe: int = 16, index_backend: str = "faiss"):
+                 ivf_nprobe: int = 16, index_backend: str = "faiss", index_uri: str = "", index_token: str = ""):
         self.home = Path(home)
         self.exact_index_max, self.ivf_nprobe, self.lock_timeout = exact_index_max, ivf_nprobe, lock_timeout
         make_private_dir(self.home)
@@ -58,7 +61,8 @@ class Store:
         self.db: sqlite3.Connection = self._database.conn
         self._lock = self._database.lock
         self.vectors = DenseIndex(self._database, self.home / INDEX_NAME, backend=index_backend, nprobe=ivf_nprobe,
-                                  exact_max=exact_index_max)
+                                  exact_max=exact_index_max, uri=index_uri or str(self.home / MILVUS_NAME),
+                                  token=index_token)
         self.training = TrainingRecords(self._database)
         self.prompts = PromptRecords(self._database)
 
@@ -121,6 +125,7 @@ class Store:
             The new memories' ids, in chunk order.
         """
         now = time.time()
+        self.vectors.prepare_write()
         with self.write() as db:
             old = [r[0] for r in db.execute(
                 "SELECT m.id FROM memories m JOIN sources s ON s.id = m.source_id WHERE s.namespace = ? AND s.uri = ?",
@@ -138,12 +143,14 @@ class Store:
                      np.asarray(c.vector, dtype=np.float32).tobytes()))
                 ids.append(cur.lastrowid)
             prev = self._database.bump_generation()
+            self.vectors.write_shared((ids, [c.vector for c in chunks]), old, namespace)
         self.vectors.after_write(prev, added=(ids, [c.vector for c in chunks]), removed=old)
         return ids
 
     def forget(self, *, ids: Sequence[int] = (), source: str | None = None, namespace: str | None = None,
                everything: bool = False) -> int:
         """Delete memories by id, by source uri, or all (optionally within a namespace). Returns the count."""
+        self.vectors.prepare_write()
         with self.write() as db:
             where, args = forget_filter(ids, source, namespace, everything)
             gone = [r[0] for r in db.execute(f"SELECT m.id FROM memories m JOIN sources s ON s.id = m.source_id"
@@ -152,6 +159,7 @@ class Store:
                 execute_in(db, "DELETE FROM memories WHERE id IN ({marks})", gone)
                 db.execute("DELETE FROM sources WHERE id NOT IN (SELECT DISTINCT source_id FROM memories)")
                 prev = self._database.bump_generation()
+                self.vectors.write_shared(([], []), gone, "")
         if gone:
             self.vectors.after_write(prev, added=([], []), removed=gone)
         return len(gone)
@@ -229,6 +237,7 @@ class Store:
                 "SELECT namespace, count(*) FROM memories GROUP BY namespace ORDER BY namespace")}
         index = self.index() if memories else None
         return {"memories": memories, "sources": sources, "namespaces": by_ns,
+                "index_backend": self.vectors.backend,
                 "index_type": index.kind if index is not None else self.vectors.empty_kind(),
                 "index_size": len(index) if index is not None else 0,
                 "index_bytes": self.index_path.stat().st_size if self.index_path.exists() else 0,
@@ -328,7 +337,10 @@ class Store:
         return health.repair(self._database, self.vectors)
 
     def close(self) -> None:
-        """Save the index if it changed, and close the database."""
+        """Save the index if it changed, release it, and close the database."""
         with self._lock:
-            self.flush()
-            self._database.close()
+            try:
+                self.flush()
+            finally:
+                self.vectors.close()
+                self._database.close()
