@@ -45,9 +45,12 @@ def check(database: Database, dense: DenseIndex) -> list[dict]:
         return results
     try:
         on_disk = dense.load()
-        agrees = on_disk.fingerprint() == expected
-        results.append(_result("index", agrees, f"{len(on_disk)} vectors agree with SQLite" if agrees
-                               else f"index holds {len(on_disk)} vectors, SQLite {expected[0]} memories", True))
+        try:
+            agrees = on_disk.fingerprint() == expected
+            results.append(_result("index", agrees, f"{len(on_disk)} vectors agree with SQLite" if agrees
+                                   else f"index holds {len(on_disk)} vectors, SQLite {expected[0]} memories", True))
+        finally:
+            on_disk.close()  # a Milvus connection (an embedded file another process may want)
     except (RuntimeError, OSError):
         results.append(_result("index", False, f"{dense.location} is missing or unreadable", True))
     return results

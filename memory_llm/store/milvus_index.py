@@ -56,10 +56,9 @@ def _connect(uri: str, token: str) -> Any:
             if is_embedded(uri):
                 Path(uri).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # milvus_lite logs a traceback before pymilvus raises; the error below says it in one line
-            lite_log = logging.getLogger("milvus_lite.server_manager")
-            level, lite_log.level = lite_log.level, logging.CRITICAL
             try:
-                client = pymilvus.MilvusClient(uri=uri, token=token, timeout=30)
+                with _quiet("milvus_lite.server_manager"):
+                    client = pymilvus.MilvusClient(uri=uri, token=token, timeout=30)
             except pymilvus.MilvusException as exc:
                 if is_embedded(uri):
                     raise StoreError(
@@ -67,8 +66,6 @@ def _connect(uri: str, token: str) -> Any:
                         " a time: stop the other mllm process, or run `milvus-lite server --data-dir <dir>` and set"
                         " milvus_uri = \"http://127.0.0.1:19530\"") from None
                 raise StoreError(f"cannot reach Milvus at {uri} ({exc.message})") from None
-            finally:
-                lite_log.level = level
             entry = _clients[(uri, token)] = [client, 0]
         entry[1] += 1
         return entry[0]
@@ -160,9 +157,11 @@ class MilvusIndex:
                     raise RuntimeError(f"Milvus collection {collection!r} has an index this version does not write")
                 nlist = int(described.get("nlist") or described.get("params", {}).get("nlist") or 0)
                 client.load_collection(collection)  # a collection is released when its server restarts
+            # the index takes its own reference before this one goes: an embedded server must not stop in between
+            index = cls(uri, token, collection, dim=dim, kind=kind, nlist=nlist, nprobe=nprobe, exact_max=exact_max)
         finally:
-            _disconnect(uri, token)  # the index below holds its own reference
-        return cls(uri, token, collection, dim=dim, kind=kind, nlist=nlist, nprobe=nprobe, exact_max=exact_max)
+            _disconnect(uri, token)
+        return index
 
     # ---- the protocol --------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -227,7 +226,9 @@ class MilvusIndex:
     def ids(self) -> np.ndarray:
         """Every id the collection holds (in no particular order)."""
         out: list[int] = []
-        with self._errors("read the ids"):
+        # Milvus Lite lacks the timestamp call the iterator starts with: pymilvus warns and its gRPC server logs a
+        # traceback, then the iterator goes on with a client-side timestamp; neither is news to a user
+        with self._errors("read the ids"), _quiet("grpc._server", "pymilvus.client.iterator.query_iterator"):
             it = self.client.query_iterator(self.collection, batch_size=10_000, filter="", output_fields=["id"])
             try:
                 while batch := it.next():
@@ -259,6 +260,20 @@ class MilvusIndex:
 
     def _errors(self, doing: str) -> Any:
         return _errors(self.uri, doing)
+
+
+@contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Silence these loggers below CRITICAL for the duration."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 @contextmanager
