@@ -140,6 +140,18 @@ def test_an_index_that_disagrees_is_rebuilt_and_repaired(open_store):
     assert {c["check"]: c["ok"] for c in again.check()}["index"] is True
 
 
+def test_rows_a_rolled_back_write_left_in_the_index_are_seen(open_store):
+    store = open_store()
+    ids = store.replace_source("default", "a.txt", "ha", chunks(["one", "two"]))
+    index = store.index()
+    index.remove(np.asarray(ids[-1:]))  # a replace whose commit never came: old rows deleted, new ones inserted
+    index.add(np.asarray([ids[-1] + 1, ids[-1] + 2]), np.stack([vec(7), vec(8)]), ["default", "default"])
+    index.save(store.index_path)
+    again = open_store()
+    assert len(again.index()) == 2 and again.index().fingerprint() == store.sqlite_fingerprint()
+    assert [i for i, _ in again.dense(vec(1), 1)] == [ids[1]]
+
+
 def test_switches_to_ivf_when_large_and_back(open_store):
     store = open_store(exact_index_max=50)
     ids = store.replace_source("default", "a", "h", chunks([f"t{i}" for i in range(120)]))

@@ -242,6 +242,22 @@ class MilvusIndex:
         """`fingerprint_of` the ids the collection holds."""
         return fingerprint_of(self.ids())
 
+    def matches(self, expected: Fingerprint) -> bool:
+        """Whether the collection agrees with SQLite's fingerprint, checked in two small queries instead of reading
+        every id: the count, and that the largest id is there once with none beyond it.
+
+        Enough for what can go wrong: writes reach the collection inside the SQLite transaction, so a crash or a
+        failed write can leave only rows SQLite rolled back: inserts (ids beyond SQLite's largest, as ids are never
+        reused) or deletes (fewer rows). `fingerprint` reads every id (`mllm doctor`)."""
+        count, _, top = expected
+        with self._errors("check the collection"):
+            rows = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+            self._count = int(rows[0]["count(*)"])
+            if self._count != count or not count:
+                return self._count == count
+            over = self.client.query(self.collection, filter=f"id >= {int(top)}", output_fields=["id"], limit=2)
+        return [int(r["id"]) for r in over] == [int(top)]
+
     def fits(self, n: int) -> bool:
         """False when the structure no longer fits n (FAISS's rule: store/faiss_index.py `FaissIndex.fits`)."""
         kind = choose_kind(n, self.exact_max)
