@@ -152,12 +152,17 @@ def test_rows_a_rolled_back_write_left_in_the_index_are_seen(open_store):
     assert [i for i, _ in again.dense(vec(1), 1)] == [ids[1]]
 
 
-def test_switches_to_ivf_when_large_and_back(open_store):
+def test_switches_to_ivf_when_large_and_back(open_store, caplog):
     store = open_store(exact_index_max=50)
     ids = store.replace_source("default", "a", "h", chunks([f"t{i}" for i in range(120)]))
     index = store.index()
     assert index.kind == "ivf" and len(index) == 120 and index.nlist == 3
     assert [i for i, _ in store.dense(vec(7), 1)] == [ids[7]]
+    store.flush()
+    caplog.clear()
+    again = open_store(exact_index_max=50)
+    assert again.index().kind == "ivf" and [i for i, _ in again.dense(vec(7), 1)] == [ids[7]]
+    assert "rebuilding" not in caplog.text  # a reopened IVF is used as it is
     store.forget(ids=ids[:10])
     assert store.index() is index and len(index) == 110  # removed in place, no rebuild
     store.forget(source="a")

@@ -259,9 +259,10 @@ class MilvusIndex:
         return [int(r["id"]) for r in over] == [int(top)]
 
     def fits(self, n: int) -> bool:
-        """False when the structure no longer fits n (FAISS's rule: store/faiss_index.py `FaissIndex.fits`)."""
-        kind = choose_kind(n, self.exact_max)
-        return self.kind == kind and not (kind == "ivf" and ivf_nlist(n) > 2 * self.nlist)
+        """False when n calls for the other kind (FAISS's rule: store/faiss_index.py `choose_kind`). Unlike a FAISS
+        IVF, the lists never need rebuilding as the collection grows: Milvus trains them per sealed segment (and
+        Milvus Lite does not report nlist back, so a reopened collection could not compare it)."""
+        return self.kind == choose_kind(n, self.exact_max)
 
     def save(self, path: Path) -> None:
         """Flush: seal what was written into indexed segments (searches over unflushed rows are slower)."""
