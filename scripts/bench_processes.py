@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Consolidation in 2 processes vs 1, on the real default model: the same home, copied before the round.
 
---docs Fictional Knowledge documents are learned into one home, which is copied; `mllm consolidate --json` runs on
-one copy and `mllm consolidate --processes 2 --json` on the other (one after the other, alone on the machine).
+--docs Fictional Knowledge documents are learned into one home and consolidated once (that round synthesizes the
+training items, which the home keeps); the home is copied, and `mllm consolidate --full` retrains from the same
+items in 1 process on one copy and `--processes 2` on the other (one after the other, alone on the machine).
 Reported: status and gate metrics of both, the LoRA weights' largest relative difference per tensor
 (||w2 - w1|| / ||w1||), training steps and tokens/s, and wall time of the whole command.
 
@@ -30,9 +31,9 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def consolidate(home: Path, processes: int) -> tuple[dict, float]:
+def consolidate(home: Path, processes: int, extra: list[str]) -> tuple[dict, float]:
     mllm = Path(sys.executable).parent / "mllm"
-    cmd = [str(mllm), "consolidate", "--json", "--home", str(home)] + (
+    cmd = [str(mllm), "consolidate", "--json", "--home", str(home), *extra] + (
         ["--processes", str(processes)] if processes > 1 else [])
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -66,11 +67,14 @@ def main() -> None:
         one, two = work / "one", work / "two"
         subprocess.run([str(Path(sys.executable).parent / "mllm"), "learn", str(work / "fk" / "docs"), "--home",
                         str(one)], check=True, capture_output=True)
+        log("a first round synthesizes the training items (kept in the home)")
+        first, first_wall = consolidate(one, 1, [])
+        log(f"first round: {first['status']} in {first_wall:.0f}s")
         shutil.copytree(one, two)
         runs = {}
         for n, home in ((1, one), (2, two)):
-            log(f"{n} process(es): consolidate")
-            runs[n] = consolidate(home, n)
+            log(f"{n} process(es): consolidate --full")
+            runs[n] = consolidate(home, n, ["--full"])
             log(f"{n}: {runs[n][0]['status']} in {runs[n][1]:.0f}s")
         w1, w2 = weights(one), weights(two)
         worst = max((float(np.linalg.norm(w2[k] - w1[k]) / max(np.linalg.norm(w1[k]), 1e-12)) for k in w1),
@@ -88,7 +92,8 @@ def main() -> None:
     body = (f"{today()}, {machine()}. `{command_line()}`\n\n{table(headers, rows)}\n\n"
             f"LoRA weights, 2 processes vs 1: largest relative difference of a tensor **{worst:.2e}**; gate metrics"
             f" {'equal' if metrics_equal else 'differ'} ({len(runs[2][0].get('metrics') or {})} compared). "
-            f"{args.docs} Fictional Knowledge documents, the default model and recipe; 2 processes = 2 ranks over"
+            f"{args.docs} Fictional Knowledge documents, the default model and recipe; both rounds are `--full` rebuilds"
+            f" from the items a first round synthesized ({first_wall:.0f} s); 2 processes = 2 ranks over"
             f" gloo on the same 2 cores (each rank one thread), so no speed-up is expected here: the figure is the"
             f" cost of the launch. On GPUs each rank has its own device.")
     print(body)

@@ -50,10 +50,14 @@ def attach_lora(model, recipe: Recipe, init_from: str | None = None):
 
     if init_from:
         return PeftModel.from_pretrained(model, init_from, is_trainable=True)
+    import torch
+
     names = {n.split(".")[-1] for n, _ in model.named_modules()}
     config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0, bias="none",
                         target_modules=[t for t in recipe.target_modules if t in names], task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):  # the recipe's seed draws the starting LoRA, whatever ran before
+        torch.manual_seed(recipe.seed)
+        return get_peft_model(model, config)
 
 
 def top_directions(cov, energy: float):
