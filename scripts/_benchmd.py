@@ -23,6 +23,20 @@ def pct(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
+def log(msg: str) -> None:
+    """A timestamped progress line on stderr."""
+    print(f"[{_dt.datetime.now().strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a benchmark starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def median(values) -> float:
     return float(statistics.median(values))
 

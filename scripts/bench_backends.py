@@ -33,15 +33,11 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _benchmd import command_line, machine, median, table, today, write_section  # noqa: E402
+from _benchmd import command_line, free_port, log, machine, median, table, today, write_section  # noqa: E402
 
 BACKENDS = ("faiss", "milvus-lite", "milvus-server")
 SOURCES, NAMESPACES, K = 100, 10, 10
 FILTER_NS = "team3"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def store_kwargs(backend: str, uri: str) -> dict:
@@ -74,12 +70,6 @@ def make_data(work: Path, n: int, queries: int) -> None:
     np.save(work / "queries.npy", q)
     np.save(work / "truth.npy", truth)
     np.save(work / "truth_ns.npy", truth_ns)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(work: Path) -> tuple[subprocess.Popen, str]:

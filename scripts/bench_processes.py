@@ -24,11 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _benchmd import command_line, machine, table, today, write_section  # noqa: E402
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+from _benchmd import command_line, log, machine, table, today, write_section  # noqa: E402
 
 
 def consolidate(home: Path, processes: int, extra: list[str]) -> tuple[dict, float]:
@@ -84,9 +80,8 @@ def main() -> None:
         t = s.get("training") or {}
         m = s.get("metrics") or {}
         rows.append([n, s["status"], t.get("steps"), t.get("tokens_per_s"), f"{t.get('loss_first')} → "
-                     f"{t.get('loss_last')}", m.get("reliability"), m.get("locality"), m.get("general"),
-                     f"{wall:.0f}"])
-    headers = ["processes", "status", "steps", "tokens/s", "loss", "reliability", "locality", "general", "wall s"]
+                     f"{t.get('loss_last')}", m.get("reliability"), m.get("locality"), f"{wall:.0f}"])
+    headers = ["processes", "status", "steps", "tokens/s", "loss", "reliability", "locality", "wall s"]
     metrics_equal = all((runs[1][0].get("metrics") or {}).get(k) == v
                         for k, v in (runs[2][0].get("metrics") or {}).items())
     body = (f"{today()}, {machine()}. `{command_line()}`\n\n{table(headers, rows)}\n\n"

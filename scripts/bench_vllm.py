@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,21 +31,11 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchmd import command_line, machine, median, table, today  # noqa: E402
+from _benchmd import command_line, free_port, log, machine, median, table, today  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["When did the Larkspur Observatory open, and who founded it?", "What is the capital of France?",
              "Explain photosynthesis in one paragraph.", "Name three primary colours and a use of each."]
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_vllm(python: Path, checkpoint: str, port: int, logfile: Path) -> tuple[subprocess.Popen, float]:

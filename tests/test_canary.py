@@ -205,7 +205,7 @@ def test_batched_locality_matches_its_definitions_one_prompt_at_a_time():
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.02)
+                p.normal_(0, 0.01)  # strict 0.5, agreement 0.81 from the recipe-seeded start
     got = locality(gen, QUESTIONS, model.disable_adapter, tokens=12, strict_tokens=6, batch_size=4)
     assert got == _locality_one_at_a_time(gen, model, QUESTIONS, [True] * len(QUESTIONS))
     base = base_continuations(gen, QUESTIONS, model.disable_adapter, tokens=12)  # made once, for several adapters

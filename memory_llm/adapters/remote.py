@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 from memory_llm.adapters.keys import read_keys, unit
 from memory_llm.adapters.registry import AdapterVersion
-from memory_llm.adapters.routing import contains, occurrences, read_router
+from memory_llm.adapters.routing import LastRouted, contains, occurrences, read_router
 from memory_llm.errors import ModelError, StoreError
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class RemoteAdapter:
     routed: bool = True
 
 
-class ContentRoute:
+class ContentRoute(LastRouted):
     """Chooses, per prompt (token ids), the engine adapter that acts or None for the base model. Quacks like a
     Router for ServedModel (veto, after, active, acted, last_on, remove).
 
@@ -126,14 +126,6 @@ class ContentRoute:
         """Router's decide: whether an adapter acts on each row (a batch of ids)."""
         self.choose([[int(t) for t in row] for row in input_ids])
         return self.last_on
-
-    @property
-    def active(self) -> bool | None:
-        return None if len(self.last_on) != 1 else self.last_on[0]
-
-    @property
-    def acted(self) -> str | None:
-        return None if len(self.last_adapter) != 1 else self.last_adapter[0]
 
     def remove(self) -> None:
         """Nothing is hooked into a model: routing happens before the request."""

@@ -30,6 +30,24 @@ ROUTER_FILE = "router.json"
 POOLS = ("mean", "max")  # how a prompt's per-token scores make its score
 
 
+class LastRouted:
+    """What a router of several adapters tells about the last single prompt it routed, from its `last_on` and
+    `last_adapter` (one entry per row of the last batch)."""
+
+    last_on: Sequence[bool]
+    last_adapter: Sequence[str | None]
+
+    @property
+    def active(self) -> bool | None:
+        """Whether an adapter acted on the last single prompt routed (None before any)."""
+        return None if len(self.last_on) != 1 else self.last_on[0]
+
+    @property
+    def acted(self) -> str | None:
+        """The adapter that acted on the last single prompt routed (None: none, or before any)."""
+        return None if len(self.last_adapter) != 1 else self.last_adapter[0]
+
+
 class Router:
     """Scores prompts by the adapter's own activation and, once a threshold is set and `install`ed, gates the
     adapter per batch row at every forward that starts a sequence (a prefill)."""

@@ -14,13 +14,13 @@ import re
 from typing import Sequence
 
 from memory_llm.adapters.keys import unit
-from memory_llm.adapters.routing import Router, contains, occurrences
+from memory_llm.adapters.routing import LastRouted, Router, contains, occurrences
 from memory_llm.generate import continues_sequence
 
 logger = logging.getLogger(__name__)
 
 
-class RouterStack:
+class RouterStack(LastRouted):
     """The routers of adapters stacked on one model (one adapter per consolidation round; run.py, Recipe.max_stack).
     At a prefill each row gets at most one adapter. With `keys` for every adapter and `embed` ((token rows, chat
     head) → sentence embeddings; `prompt_embedder`), the row's adapter is the one holding the key nearest to it, and it acts
@@ -150,16 +150,6 @@ class RouterStack:
         if not mine:
             return 0.0
         return max(ratio, 1.0) if near else ratio if passed else 0.0
-
-    @property
-    def active(self) -> bool | None:
-        """Whether an adapter acted on the last single prompt routed (None before any)."""
-        return None if len(self.last_on) != 1 else self.last_on[0]
-
-    @property
-    def acted(self) -> str | None:
-        """The adapter that acted on the last single prompt routed (None: none, or before any)."""
-        return None if len(self.last_adapter) != 1 else self.last_adapter[0]
 
 
 def prompt_embedder(tokenizer, embed):
