@@ -149,11 +149,13 @@ class DenseIndex:
         return agrees and index.dim == dim and index.fits(len(index))
 
     def rebuild(self, dim: int | None = None) -> VectorIndex:
-        """Build the index from the embeddings in SQLite and save it (a shared one under the write lock, so no
-        write lands in between)."""
+        """Build the index from the embeddings in SQLite and save it: a shared one under the write lock, so no
+        write lands in between; a private one from one read snapshot (the ids, embeddings and generation agree),
+        saved under the write lock only if no write landed since (else the newer writer's save stands)."""
         db = self.database
-        with db.lock, (self._write() if self.shared else nullcontext()):
+        with db.lock, (self._write() if self.shared else self._snapshot()):
             dim = dim or int(db.meta("dim") or 0)
+            gen = db.generation()
             n = db.conn.execute("SELECT count(*) FROM memories").fetchone()[0]
 
             def sample(limit: int) -> np.ndarray:
@@ -169,9 +171,30 @@ class DenseIndex:
                 ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
                 vecs = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
                 index.add(ids, vecs, [r[1] for r in rows])
-            index.save(self.path)
-            self._replace(index, db.generation())
-            return index
+            if self.shared:
+                index.save(self.path)
+        if not self.shared:
+            try:
+                with db.lock, self._write():
+                    if db.generation() == gen:
+                        index.save(self.path)
+            except StoreError as exc:  # writers kept the lock past lock_timeout: the file stays behind
+                logger.warning("vector index not saved (%s); it is brought up to date when next opened", exc)
+        self._replace(index, gen)
+        return index
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """One read transaction (WAL: a consistent snapshot while writers go on), or the one already open."""
+        conn = self.database.conn
+        if conn.in_transaction:
+            yield
+            return
+        conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            conn.execute("COMMIT")
 
     def prepare_write(self) -> None:
         """Before a write transaction: a shared index must be open to take the write inside it."""
@@ -224,12 +247,19 @@ class DenseIndex:
             if not self._dirty:
                 return
             self._dirty = False
-            if self._index is not None and self._generation == self.database.generation():
-                self._index.save(self.path)
-            else:
-                index = self.index()  # reloads or rebuilds (a rebuild saves itself)
-                if index is not None and index.shared:
-                    index.save(self.path)
+            if self._index is not None:
+                try:  # a private index is saved inside a write transaction: no other process commits between
+                    # the check and the save, so the file never goes back to an older generation
+                    with nullcontext() if self._index.shared else self.database.write():
+                        if self._generation == self.database.generation():
+                            self._index.save(self.path)
+                            return
+                except StoreError as exc:  # writers kept the lock past lock_timeout: the file stays behind
+                    logger.warning("vector index not saved (%s); it is brought up to date when next opened", exc)
+                    return
+            index = self.index()  # reloads or rebuilds (a rebuild saves itself)
+            if index is not None and index.shared:
+                index.save(self.path)
 
     def close(self) -> None:
         """Release the index (a Milvus connection; an embedded Milvus Lite file for other processes)."""
