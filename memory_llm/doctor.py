@@ -6,12 +6,14 @@ from __future__ import annotations
 from typing import Callable
 
 from memory_llm.adapters import AdapterRegistry
+from memory_llm.adapters.registry import tenants
 from memory_llm.errors import StoreError
 from memory_llm.store import Store
 
 
 def diagnose(open_store: Callable[[], Store], adapters: AdapterRegistry, model: str, repair: bool = False) -> dict:
-    """Every check as {"check", "ok", "repairable", "detail"}; with repair, repair and check again.
+    """Every check as {"check", "ok", "repairable", "detail"}; with repair, repair and check again. The adapter
+    check runs on the shared registry and on each tenant's (check "adapters:<namespace>").
 
     Returns:
         {"healthy", "checks", "repaired" (what was repaired, in words)}.
@@ -26,15 +28,29 @@ def diagnose(open_store: Callable[[], Store], adapters: AdapterRegistry, model: 
                             " from a backup"}
         return {"healthy": False, "checks": [failed], "repaired": []}
 
+    registries = [adapters] + [AdapterRegistry(_home(adapters), ns) for ns in tenants(_home(adapters))]
+
     def run() -> list[dict]:
-        return store.check() + [adapters.check(model)]
+        return store.check() + [_labelled(r, r.check(model)) for r in registries]
 
     checks = run()
+    n = len(registries)
     repaired: list[str] = []
-    if repair and any(c["repairable"] for c in checks[:-1]):
+    if repair and any(c["repairable"] for c in checks[:-n]):
         repaired += store.repair()
-    if repair and checks[-1]["repairable"]:
-        repaired.append(adapters.repair(model))
+    for registry, check in zip(registries, checks[-n:]):
+        if repair and check["repairable"]:
+            repaired.append(registry.repair(model) + (f" (namespace {registry.namespace!r})"
+                                                      if registry.namespace is not None else ""))
     if repaired:
         checks = run()
     return {"healthy": all(c["ok"] for c in checks), "checks": checks, "repaired": repaired}
+
+
+def _home(registry: AdapterRegistry):
+    """The home a registry belongs to."""
+    return registry.root.parents[2] if registry.tenant else registry.root.parent
+
+
+def _labelled(registry: AdapterRegistry, check: dict) -> dict:
+    return check if registry.namespace is None else {**check, "check": f"adapters:{registry.namespace}"}

@@ -139,7 +139,7 @@ def evaluate_file(path: str | Path, mode: str, *, answerer, search: Callable, k:
     probes = load_probes(Path(path))[:limit]
     if prompt is not None:
         answerer.prompts.get(prompt)  # an unknown template fails before any model loads
-    served = answerer.served
+    served = answerer.served_for(namespace)  # a tenant namespace is evaluated on its own adapter
     gen = served.generator
     adapted = mode in ("closed", "hybrid")
     if adapted and served.adapter_version is None:
@@ -213,8 +213,9 @@ def _served_outputs(answerer, probes: list, paths: dict, *, k, namespace: str, p
         return ids
 
     def generate(prompts: list, new: int) -> list[str]:
-        texts = answerer.served.generator.generate_batch(prompts, new)
-        acted = answerer.served.acted_rows(len(prompts))
+        served = answerer.served_for(namespace)
+        texts = served.generator.generate_batch(prompts, new)
+        acted = served.acted_rows(len(prompts))
         for ids, on in zip(prompts, acted):
             for pid, sources, skipped in asked[tuple(ids)]:
                 paths[pid] = "adapter" if skipped or (on and not sources) else \

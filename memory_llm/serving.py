@@ -26,11 +26,15 @@ class ServedModel:
         generator: an injected Generator (tests, or one loaded model shared between instances).
         use_adapter: attach the promoted adapter (False: the base model always).
         lock: the facade's lock (the model is loaded once however many threads ask).
+        namespace: a tenant namespace: serve its own adapters (adapters/tenants/<slug>/) instead of the shared ones.
     """
 
     def __init__(self, settings: Settings, embed: Callable[[list[str]], np.ndarray], generator=None,
-                 use_adapter: bool = True, lock: threading.RLock | None = None):
+                 use_adapter: bool = True, lock: threading.RLock | None = None, namespace: str | None = None):
+        from memory_llm.adapters import AdapterRegistry
+
         self.settings, self.embed, self.use_adapter = settings, embed, use_adapter
+        self.registry = AdapterRegistry(settings.home, namespace)
         self._generator, self._injected = generator, generator
         self._lock = lock or threading.RLock()
         self._attached = False
@@ -62,6 +66,16 @@ class ServedModel:
             return TransformersGenerator(model, g.tokenizer, g.name)
         return load_generator(self.settings, in_process=True)
 
+    def sibling(self, namespace: str) -> "ServedModel":
+        """A ServedModel for a tenant namespace beside this one: the same settings and lock, its own generator (a copy
+        of an injected one; else loaded on first use: a model of its own in-process, a client of the same engine)."""
+        gen = None
+        if self._injected is not None:
+            gen = copy.copy(self._injected) if self.remote else self.new_generator()
+            if self.remote:
+                gen.route = None
+        return ServedModel(self.settings, self.embed, gen, self.use_adapter, self._lock, namespace=namespace)
+
     @property
     def remote(self) -> bool:
         """Whether an engine out of process generates (generate_openai): adapters are published to it."""
@@ -71,11 +85,11 @@ class ServedModel:
 
     def attach_current(self) -> None:
         """Serve the promoted adapter (if any) on top of the base model; it records the base it was made for."""
-        from memory_llm.adapters import AdapterRegistry, attach, prompt_embedder, read_keys
+        from memory_llm.adapters import attach, prompt_embedder, read_keys
         from memory_llm.generate import sources_marker
 
         self._attached = True
-        registry = AdapterRegistry(self.settings.home)
+        registry = self.registry
         current = registry.current()
         if current is None:
             return
@@ -94,7 +108,7 @@ class ServedModel:
             else:
                 self.router.veto = marker
         self.keys = [k for k in (read_keys(v.path) for v in current.stack) if k is not None]
-        self.adapter_version = current.name
+        self.adapter_version = current.label
 
     def _publish(self, current):
         """Publish the current version's adapters to the engine (adapters.remote) and route requests among them.
@@ -132,12 +146,13 @@ class ServedModel:
                     logger.warning("the engine did not take the current adapter: %s", exc)
 
     def _unpublish_others(self) -> None:
-        """Unload the engine's mem-* adapters that the current version does not serve."""
-        from memory_llm.adapters import AdapterRegistry
+        """Unload the engine's adapters of this registry (shared, or this tenant's) that the current version does not
+        serve; other tenants' stay."""
         from memory_llm.adapters.remote import engine_name, unpublish
 
-        current = AdapterRegistry(self.settings.home).current()
-        unpublish(self._generator, keep=[engine_name(v) for v in current.stack] if current else [])
+        current = self.registry.current()
+        unpublish(self._generator, keep=[engine_name(v) for v in current.stack] if current else [],
+                  tenant=self.registry.tenant)
 
     def base_context(self):
         """A context in which the generator runs as the base model (no adapter)."""
@@ -183,7 +198,8 @@ class ServedModel:
         active = self.router.active if self.router is not None else True
         used = self.router.acted if hasattr(self.router, "acted") else (self.adapter_version if active else None)
         # one adapter loads under peft's name "default" (also when served as a stack of one)
-        return active, self.adapter_version if used == "default" else used
+        return active, self.adapter_version if used == "default" else None if used is None else \
+            self.registry.label(used)
 
     def acted_rows(self, n: int) -> list[bool]:
         """Whether an adapter acted on each of the last batch's n rows."""

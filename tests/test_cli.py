@@ -179,7 +179,7 @@ def test_consolidate_and_adapters_commands(tmp_path, monkeypatch):
     assert rejected.exit_code == 3 and out["status"] == "rejected" and out["exit_code"] == 3
     assert any(r.startswith("failed: reliability") for r in out["reasons"])
     listed = json.loads(mllm("adapters", "list", "--json").stdout)
-    assert listed == {"current": None, "versions": [], "broken": []}
+    assert listed == {"namespace": None, "current": None, "versions": [], "broken": [], "tenants": []}
     assert "base model answers" in mllm("adapters", "rollback").stdout
     assert_clean_error(mllm("adapters", "show"), "no current adapter")
     assert_clean_error(mllm("adapters", "show", "v0042"), "no adapter version 'v0042'")

@@ -3,10 +3,15 @@
 A version directory is written under a temporary name and renamed into place when complete; `current` is a
 small file replaced atomically. A directory without a readable manifest and weights is never promoted or
 loaded; rollback names an earlier intact version.
+
+A tenant (a namespace consolidated on its own: `mllm consolidate --namespace NS`) has a registry of the same shape
+at adapters/tenants/<slug>/, with a `namespace` file naming it; only that namespace's requests are served from it,
+and its versions are labelled <slug>/vNNNN wherever names from several registries meet (ledger, answer log).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,6 +28,29 @@ from memory_llm.errors import InputError, ModelError, StoreError
 
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _VERSION = re.compile(r"^v(\d{4,})$")
+_PLAIN = re.compile(r"^[A-Za-z0-9_]{1,48}$")
+TENANTS = "tenants"  # adapters/tenants/<slug>/: one registry per tenant namespace
+
+
+def tenant_slug(namespace: str) -> str:
+    """The directory (and engine) name of a namespace's adapters: the namespace itself when it is plain (letters,
+    digits, underscores), else a readable part and a hash of it (any printable namespace is allowed)."""
+    if _PLAIN.match(namespace) and not _VERSION.match(namespace):
+        return namespace
+    readable = re.sub(r"[^A-Za-z0-9_]+", "_", namespace).strip("_")[:32] or "ns"
+    return f"{readable}_{hashlib.sha256(namespace.encode('utf-8')).hexdigest()[:10]}"
+
+
+def tenants(home: Path) -> dict[str, str]:
+    """The home's tenant namespaces (those consolidated on their own) → their slugs."""
+    out, root = {}, Path(home) / "adapters" / TENANTS
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            try:
+                out[(p / "namespace").read_text(encoding="utf-8")] = p.name
+            except OSError:
+                continue
+    return out
 
 
 @dataclass
@@ -32,6 +60,12 @@ class AdapterVersion:
     manifest: dict
     below: list = field(default_factory=list)  # the earlier versions whose adapters serve beside this one's
     # (manifest "stack": one adapter per consolidation round, oldest first; see run.py)
+    tenant: str | None = None  # the tenant's slug (adapters/tenants/<slug>/), None: the shared registry
+
+    @property
+    def label(self) -> str:
+        """The version's name where several registries' names meet: vNNNN, or <slug>/vNNNN for a tenant's."""
+        return f"{self.tenant}/{self.name}" if self.tenant else self.name
 
     @property
     def number(self) -> int:
@@ -44,8 +78,21 @@ class AdapterVersion:
 
 
 class AdapterRegistry:
-    def __init__(self, home: Path):
-        self.root = Path(home) / "adapters"
+    """The adapter versions of a home (namespace None: the shared ones), or of one tenant namespace."""
+
+    def __init__(self, home: Path, namespace: str | None = None):
+        self.namespace = namespace
+        self.tenant = None if namespace is None else tenant_slug(namespace)
+        self.root = Path(home) / "adapters" / (TENANTS if namespace is not None else "") / (self.tenant or "")
+
+    def label(self, name: str) -> str:
+        """A version name as the ledger and the answer log record it (<slug>/vNNNN for a tenant's)."""
+        return f"{self.tenant}/{name}" if self.tenant else name
+
+    @property
+    def exists(self) -> bool:
+        """Whether this registry has been written to (a tenant's: consolidated at least once, even if rejected)."""
+        return self.root.is_dir()
 
     # ---- reading ------------------------------------------------------------------------------------
     def _scan(self) -> tuple[list[AdapterVersion], list[str]]:
@@ -78,7 +125,7 @@ class AdapterRegistry:
         problem = _files_problem(path)
         if problem:
             raise StoreError(f"adapter {path.name} is broken: {problem}")
-        return AdapterVersion(path.name, path, manifest, self._below(path, manifest.get("stack") or []))
+        return AdapterVersion(path.name, path, manifest, self._below(path, manifest.get("stack") or []), self.tenant)
 
     def _below(self, path: Path, names) -> list[AdapterVersion]:
         """The intact earlier versions a version stacks on; a missing or broken one breaks the version too."""
@@ -132,8 +179,14 @@ class AdapterRegistry:
 
     def staging(self) -> Path:
         """A fresh temporary directory inside adapters/ for a candidate (renamed into place on commit)."""
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.create()
         return Path(tempfile.mkdtemp(prefix=".candidate-", dir=self.root))
+
+    def create(self) -> None:
+        """Make the registry's directory (a tenant's with its `namespace` file, which makes the namespace a tenant)."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.namespace is not None and not (self.root / "namespace").exists():
+            _write_atomic(self.root / "namespace", self.namespace)
 
     def commit(self, staged: Path, manifest: dict) -> AdapterVersion:
         """Write the manifest into a staged candidate and rename it to the next version (not yet current)."""

@@ -19,6 +19,7 @@ in-process it may also act on a prompt that excites it without being near its ke
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,19 @@ from memory_llm.errors import ModelError, StoreError
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "mem-"  # engine names of published adapters: mem-v0003
+PREFIX = "mem-"  # engine names of published adapters: mem-v0003, a tenant's mem-<slug>-v0003
 
 
 def engine_name(version: AdapterVersion | str) -> str:
-    """The name an adapter version is published under on the engine."""
-    return PREFIX + (version if isinstance(version, str) else version.name)
+    """The name an adapter version is published under on the engine (a tenant's carries its slug)."""
+    if isinstance(version, str):
+        return PREFIX + version
+    return PREFIX + (f"{version.tenant}-" if version.tenant else "") + version.name
+
+
+def engine_names(tenant: str | None):
+    """The pattern of the engine names of one registry's versions (tenant: its slug; None: the shared one)."""
+    return re.compile("^" + re.escape(PREFIX + (f"{tenant}-" if tenant else "")) + r"v\d{4,}$")
 
 
 @dataclass
@@ -178,12 +186,12 @@ def publish(generator, version: AdapterVersion, embed: Callable | None = None) -
     return ContentRoute(adapters, embed, head)
 
 
-def unpublish(generator, keep: Sequence[str] = ()) -> list[str]:
-    """Unload the engine's mem-* adapters except those named in `keep` (rollback, promotion); returns those
-    unloaded."""
-    gone = []
+def unpublish(generator, keep: Sequence[str] = (), tenant: str | None = None) -> list[str]:
+    """Unload the engine's adapters of one registry (the shared one, or the tenant's with this slug) except those
+    named in `keep` (rollback, promotion); other tenants' adapters stay. Returns those unloaded."""
+    gone, ours = [], engine_names(tenant)
     for name in generator.adapters():
-        if name.startswith(PREFIX) and name not in keep:
+        if ours.match(name) and name not in keep:
             generator.unload_adapter(name)
             gone.append(name)
     return gone

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from memory_llm.adapters import AdapterRegistry, attach, prompt_embedder, save_keys, stack_on
+from memory_llm.adapters.registry import tenants
 from memory_llm.consolidate.gate import Floors, base_continuations, decide, item_accuracy, locality
 from memory_llm.consolidate.examples import open_book_items, prepare_items, prepare_locality, prepare_open_book
 from memory_llm.consolidate.recipe import Recipe
@@ -60,6 +61,7 @@ class Summary:
     seconds: float = 0.0
     full: bool = False
     exemplars: int = 0  # prompt-library exemplars distilled in this round
+    namespace: str | None = None  # the tenant namespace consolidated on its own (None: the shared adapter)
 
     @property
     def exit_code(self) -> int:
@@ -139,14 +141,16 @@ def consolidate(store: Store, settings: Settings, *, new_generator: Callable[[],
     if launcher:
         launcher_command(launcher, Path("job"))  # a malformed line fails now, not after synthesis
     spread = processes > 1 or bool(launcher)  # training runs in worker processes; the rest stays here
-    registry = AdapterRegistry(settings.home)
+    registry = AdapterRegistry(settings.home, namespace)  # a namespace is consolidated on its own (a tenant)
     with consolidation_lock(settings.home):
         registry.discard_staging()
         current = registry.current()
         if current is not None:
             registry.check_base(current, settings.model)
-        existing = set(store.memory_ids(namespace))
-        all_existing = set(store.memory_ids())
+        # a tenant's adapter covers its namespace only; the shared one every namespace that is not a tenant
+        namespaces = [namespace] if namespace is not None else \
+            [ns for ns in store.stats()["namespaces"] if ns not in tenants(settings.home)]
+        existing = all_existing = {i for ns in namespaces for i in store.memory_ids(ns)}
         covered = set(current.manifest.get("memories", [])) if current else set()
         forgotten = covered - all_existing
         if forgotten and not full:
@@ -155,9 +159,8 @@ def consolidate(store: Store, settings: Settings, *, new_generator: Callable[[],
                            len(forgotten))
         new = sorted(existing if full else existing - covered)
         keep_covered = sorted((covered & all_existing) - set(new)) if not full else []
-        if full and namespace is not None:  # a full rebuild must keep the other namespaces' memories
-            new = sorted(all_existing)
-        good = store.exemplars(None if full else namespace, min_rating=1)  # the prompt library's good answers
+        good = [e for e in store.exemplars(namespace, min_rating=1)  # the prompt library's good answers
+                if e.namespace in namespaces]
         ex_covered = set(current.manifest.get("exemplars", [])) if current and not full else set()
         new_ex = [e for e in good if e.id not in ex_covered]
         old_ex = [e for e in good if e.id in ex_covered]
@@ -174,6 +177,7 @@ def consolidate(store: Store, settings: Settings, *, new_generator: Callable[[],
         # ---- setup: a fresh base model (the serving model keeps its adapter meanwhile) -------------------
         gen = new_generator()
         memories = store.get(new)
+        registry.create()  # a namespace consolidated on its own is a tenant from now on (docs/consolidation.md)
 
         # ---- synthesize (committed per batch of memories; reused by later runs) ------------------------------
         todo = [memories[i] for i in need_items if i in memories]
@@ -321,8 +325,9 @@ def consolidate(store: Store, settings: Settings, *, new_generator: Callable[[],
             "router": {"threshold": own_router.threshold, "raw_threshold": own_router.raw_threshold,
                        "pool": own_router.pool, **own_router.details} if own_router is not None else None})
         registry.promote(version.name)
-        store.record_ledger(version.name, covered_now)
-        summary.version, summary.message = version.name, f"promoted {version.name}" + (
+        store.record_ledger(version.label, covered_now)
+        summary.version, summary.message = version.name, f"promoted {version.label}" + (
+            f" for namespace {namespace!r} (only its requests get it)" if namespace is not None else "") + (
             f" (served beside {', '.join(v.name for v in below)})" if below else "")
         summary.seconds = time.time() - start
         return summary
