@@ -16,6 +16,7 @@ from memory_llm.serving import ServedModel
 from memory_llm.store import Hit, Store
 
 if TYPE_CHECKING:
+    from memory_llm.generate import Sampling
     from memory_llm.prompts import PromptChoice, PromptLibrary
 
 
@@ -39,6 +40,8 @@ class Answer:
     remembered: list[int] = field(default_factory=list)  # memories stored from the user's statements (chat)
     path: str = "model"  # what answered: retrieval | adapter | retrieval+adapter | model (neither)
     why: str = ""  # why that path, in a line
+    finish_reason: str = "stop"  # "stop": the answer ended (or a stop string cut it); "length": max tokens cut it
+    completion_tokens: int | None = None  # tokens generated (None: the generator did not say)
 
     @property
     def template(self) -> str | None:
@@ -59,8 +62,9 @@ class AnswerStream:
     """Iterate to receive text pieces as they are generated; `.answer` is complete afterwards."""
 
     def __init__(self, pieces: Iterator[str], finish: Callable[[str, float | None], Answer],
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, halt: threading.Event | None = None):
         self._pieces, self._finish, self._stop = pieces, finish, stop or threading.Event()
+        self._halt = halt  # the generation's own stop (also set by a stop string, which still finishes the answer)
         self.answer: Answer | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -76,6 +80,8 @@ class AnswerStream:
     def cancel(self) -> None:
         """Stop generating at the next token (the iteration then ends; a cancelled answer is not logged)."""
         self._stop.set()
+        if self._halt is not None:
+            self._halt.set()
 
     def result(self) -> Answer:
         """Wait for the whole answer (without reading the pieces)."""
@@ -105,14 +111,18 @@ class Answerer:
         store: where answers are logged.
         served: the model that answers (its adapter and router).
         prompts: the prompt library (templates, exemplars).
-        retrieve: (queries, k, namespace, vectors) → hits (vectors: a callable giving the queries' embeddings).
+        retrieve: (queries, k, namespace, vectors, floor=) → hits (vectors: a callable giving the queries' embeddings;
+            floor: the source floor, Settings.source_floor).
         embed: texts → sentence embeddings.
+        served_for: namespace → the model that answers it (a tenant's own adapter; default: `served` for all).
     """
 
     def __init__(self, settings: Settings, store: Store, served: ServedModel, prompts: "PromptLibrary",
-                 retrieve: Callable, embed: Callable[[list[str]], np.ndarray]):
+                 retrieve: Callable, embed: Callable[[list[str]], np.ndarray],
+                 served_for: Callable[[str], ServedModel] | None = None):
         self.settings, self.store, self.served, self.prompts = settings, store, served, prompts
         self.retrieve, self.embed = retrieve, embed
+        self.served_for = served_for or (lambda namespace: served)
 
     def prepare(self, question: str, *, k: int | None, namespace: str, use_memory: bool, prompt: str | None = None,
                  exemplars: bool = True, queries: list[str] | None = None, history: Sequence[dict] = (),
@@ -134,7 +144,8 @@ class Answerer:
             return vectors[0]
 
         t0 = time.perf_counter()
-        gen = self.served.generator
+        served = self.served_for(namespace)
+        gen = served.generator
         choice = self.prompts.choose(lambda: question_vectors()[0], namespace, prompt, exemplars, gen.count_tokens)
         t1 = time.perf_counter()
 
@@ -144,16 +155,16 @@ class Answerer:
 
         skipped, ids = None, None  # skipped: why retrieval was skipped (the adapter answers), in words
         at_similarity, at_confidence = self.settings.skip_retrieval_similarity, self.settings.skip_retrieval_confidence
-        if use_memory and not history and self.served.keys and (at_similarity > 0 or at_confidence > 0):
-            similarity = self.served.trained_similarity(question_vectors()[0])
+        if use_memory and not history and served.keys and (at_similarity > 0 or at_confidence > 0):
+            similarity = served.trained_similarity(question_vectors()[0])
             if at_similarity <= 0 or similarity >= at_similarity:
                 closed = prompt_ids([])
                 if at_confidence <= 0:
-                    if self.served.adapter_acts(closed):
+                    if served.adapter_acts(closed):
                         skipped = (f"the question is {similarity:.2f} similar to one adapter {{adapter}} was trained"
                                    f" on (skip_retrieval_similarity {at_similarity:g}) and its router let it act")
                 else:
-                    confidence = self.served.adapter_confidence(closed)
+                    confidence = served.adapter_confidence(closed)
                     if confidence is not None and confidence >= at_confidence:
                         skipped = (f"adapter {{adapter}} acted on the question and its answer starts with probability"
                                    f" {confidence:.2f} (skip_retrieval_confidence {at_confidence:g})")
@@ -161,7 +172,8 @@ class Answerer:
                     ids, hits = closed, []
         t2 = time.perf_counter()
         if ids is None:
-            hits = self.retrieve(queries, k, namespace, question_vectors) if use_memory else []
+            hits = self.retrieve(queries, k, namespace, question_vectors, floor=self.settings.source_floor) \
+                if use_memory else []
             t2 = time.perf_counter()
             hits = pack(hits, gen.count_tokens, self.settings.context_tokens)
             ids = prompt_ids(hits)
@@ -194,25 +206,59 @@ class Answerer:
         return ("retrieval+adapter" if acted else "retrieval"), f"{sources}; {adapter}"
 
     def stream(self, question: str, prepared: Prepared, namespace: str, use_memory: bool, max_new_tokens: int | None,
-                       log: bool, session_id: str | None = None, remembered: Sequence[int] = ()) -> AnswerStream:
+                       log: bool, session_id: str | None = None, remembered: Sequence[int] = (),
+                       sampling: "Sampling | None" = None, stop: Sequence[str] = ()) -> AnswerStream:
+        """Generate the prepared answer, streamed; `sampling` (default greedy) chooses the tokens, and the answer
+        ends before the first of the `stop` strings it would contain."""
         hits, ids, choice, timings, t0, skipped = prepared
         max_new = max_new_tokens or self.settings.max_new_tokens
+        served = self.served_for(namespace)
+        report: dict = {}
         t_gen = time.perf_counter()
 
         def finish(text: str, first: float | None) -> Answer:
             end = time.perf_counter()
             timings.update(generate=end - t_gen, first_token=(first or end) - t0, total=end - t0)
             answer = Answer(text.strip(), question, hits, timings, self.settings.model, namespace, use_memory,
-                            self.served.adapter_version, prompt=choice, session_id=session_id,
+                            served.adapter_version, prompt=choice, session_id=session_id,
                             remembered=list(remembered))
-            answer.adapter_active, answer.adapter_used = self.served.acted()
+            answer.adapter_active, answer.adapter_used = served.acted()
             answer.path, answer.why = self.path(answer, skipped)
+            answer.finish_reason = "stop" if report.get("stopped") else report.get("finish_reason", "stop")
+            answer.completion_tokens = report.get("completion_tokens")
             if log:
                 answer.id = self.store.log_answer(
                     namespace=namespace, question=question, answer=answer.text, template=choice.name,
                     exemplar_ids=[e.id for e in choice.exemplars], memory_ids=[h.memory.id for h in hits],
-                    model=self.settings.model, adapter=self.served.adapter_version, session_id=session_id)
+                    model=self.settings.model, adapter=served.adapter_version, session_id=session_id)
             return answer
 
-        stop = threading.Event()
-        return AnswerStream(self.served.generator.stream(ids, max_new, stop=stop), finish, stop)
+        cancel, halt = threading.Event(), threading.Event()
+        pieces = served.generator.stream(ids, max_new, stop=halt, sampling=sampling, report=report)
+        return AnswerStream(cut_at(pieces, stop, halt, report), finish, cancel, halt)
+
+
+def cut_at(pieces: Iterator[str], stops: Sequence[str], halt: threading.Event, report: dict) -> Iterator[str]:
+    """The pieces up to the first of the stop strings (excluded), holding back a tail that could begin one; at a
+    stop string the generation is halted (report["stopped"]) and the rest drained."""
+    stops = [s for s in stops if s]
+    if not stops:
+        yield from pieces
+        return
+    hold, buffer = max(map(len, stops)) - 1, ""
+    for piece in pieces:
+        buffer += piece
+        found = [i for i in (buffer.find(s) for s in stops) if i >= 0]
+        if found:
+            if min(found):
+                yield buffer[:min(found)]
+            report["stopped"] = True
+            halt.set()
+            for _ in pieces:  # the generation ends at its next token
+                pass
+            return
+        if len(buffer) > hold:
+            yield buffer[:len(buffer) - hold]
+            buffer = buffer[len(buffer) - hold:]
+    if buffer:
+        yield buffer

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import numpy as np
 
 from memory_llm.answering import Answer, Answerer, AnswerStream
-from memory_llm.config import DEFAULT_NAMESPACE, Settings
+from memory_llm.config import DEFAULT_NAMESPACE, Settings, check_namespace
 from memory_llm.errors import InputError, MemoryLLMError
+from memory_llm.generate import Sampling
 from memory_llm.learning import Learner, LearnReport
 from memory_llm.serving import ServedModel
 from memory_llm.store import Hit, Store
@@ -47,6 +48,7 @@ class MemoryLLM:
         self._answerer: Answerer | None = None
         self._lock = threading.RLock()
         self.served = ServedModel(settings, self.embed_texts, generator, use_adapter, self._lock)
+        self._tenants: dict[str, ServedModel] = {}  # tenant namespace → the model serving its own adapters
 
     # ---- components (lazy) ---------------------------------------------------------------------------
     @property
@@ -95,7 +97,7 @@ class MemoryLLM:
         with self._lock:
             if self._answerer is None:
                 self._answerer = Answerer(self.settings, self.store, self.served, self.prompts, self.retrieve,
-                                          self.embed_texts)
+                                          self.embed_texts, served_for=self.served_for)
             return self._answerer
 
     @property
@@ -117,9 +119,26 @@ class MemoryLLM:
         """A separate base model (no adapter) for consolidation, leaving the serving one untouched."""
         return self.served.new_generator()
 
-    def reload_adapter(self) -> None:
-        """Pick up a newly promoted (or rolled back) adapter in a running instance."""
-        self.served.reload()
+    def served_for(self, namespace: str) -> ServedModel:
+        """The model that answers a namespace: a tenant's (consolidated with `consolidate(namespace=...)`) serves
+        its own adapters and nothing of the shared ones; every other namespace gets the shared model. A tenant's is
+        made on first use: in-process a model of its own, on an engine a client routing to its own adapters."""
+        from memory_llm.adapters import AdapterRegistry
+
+        served = self._tenants.get(namespace)
+        if served is None and (AdapterRegistry(self.settings.home, namespace).root / "namespace").exists():
+            with self._lock:
+                served = self._tenants.setdefault(namespace, self.served.sibling(namespace))
+        return served or self.served
+
+    def reload_adapter(self, namespace: str | None = None) -> None:
+        """Pick up a newly promoted (or rolled back) adapter in a running instance (a tenant's: that namespace's;
+        None: the shared one and every tenant's)."""
+        if namespace is not None:
+            self.served_for(namespace).reload()
+            return
+        for served in [self.served, *self._tenants.values()]:
+            served.reload()
 
     def _bind_embedder(self) -> None:
         """Check (once per instance: it is a write transaction) that the home belongs to this embedder."""
@@ -145,9 +164,11 @@ class MemoryLLM:
             raise InputError("the query is empty")
         return self.retrieve([query], k, namespace)
 
-    def retrieve(self, queries: list[str], k: int | None, namespace: str, vectors=None) -> list[Hit]:
+    def retrieve(self, queries: list[str], k: int | None, namespace: str, vectors=None,
+                 floor: float = 0.0) -> list[Hit]:
         """The k best memories for several queries at once (a conversation's turns), fused; `vectors` is a callable
-        giving the queries' embeddings, called only when there is something to search."""
+        giving the queries' embeddings, called only when there is something to search; `floor`: leave out those
+        less similar to every query (retrieve.retrieve)."""
         from memory_llm.retrieve import retrieve
 
         k = self.settings.top_k if k is None else k
@@ -157,34 +178,41 @@ class MemoryLLM:
             return []
         self._bind_embedder()
         return retrieve(self.store, self.embedder, queries, k, namespace, self.settings.rrf_k,
-                        vectors() if vectors else None)
+                        vectors() if vectors else None, floor)
 
     def ask(self, question: str, *, k: int | None = None, namespace: str = DEFAULT_NAMESPACE,
             use_memory: bool = True, max_new_tokens: int | None = None, prompt: str | None = None,
-            exemplars: bool = True, log: bool = True) -> Answer:
+            exemplars: bool = True, log: bool = True, sampling: Sampling | None = None,
+            stop: Sequence[str] = ()) -> Answer:
         """Answer a question from memory (retrieval + prompt library + generation), with numbered sources,
         the template and exemplars used, timings and (when logged) an answer id for feedback."""
         return self.ask_stream(question, k=k, namespace=namespace, use_memory=use_memory,
-                               max_new_tokens=max_new_tokens, prompt=prompt, exemplars=exemplars, log=log).result()
+                               max_new_tokens=max_new_tokens, prompt=prompt, exemplars=exemplars, log=log,
+                               sampling=sampling, stop=stop).result()
 
     def ask_stream(self, question: str, *, k: int | None = None, namespace: str = DEFAULT_NAMESPACE,
                    use_memory: bool = True, max_new_tokens: int | None = None, prompt: str | None = None,
-                   exemplars: bool = True, log: bool = True) -> AnswerStream:
+                   exemplars: bool = True, log: bool = True, sampling: Sampling | None = None,
+                   stop: Sequence[str] = ()) -> AnswerStream:
         """Like ask, but iterate the result to receive text pieces as they are generated.
 
         Args:
             prompt: a template name; None chooses by similarity of the question to the descriptions.
             exemplars: add the most similar good exemplars of the namespace as few-shot turns.
             log: keep the answer in the answer log (its id is what `feedback` takes).
+            sampling: temperature, top_p, seed (memory_llm.generate.Sampling); default greedy.
+            stop: the answer ends before the first of these strings.
         """
         prepared = self.answerer.prepare(question, k=k, namespace=namespace, use_memory=use_memory, prompt=prompt,
                                          exemplars=exemplars)
-        return self.answerer.stream(question, prepared, namespace, use_memory, max_new_tokens, log)
+        return self.answerer.stream(question, prepared, namespace, use_memory, max_new_tokens, log,
+                                    sampling=sampling, stop=stop)
 
     # ---- chat ---------------------------------------------------------------------------------------
     def chat(self, messages: Sequence[dict], *, session_id: str | None = None, namespace: str = DEFAULT_NAMESPACE,
              remember: bool = False, k: int | None = None, use_memory: bool = True, prompt: str | None = None,
-             exemplars: bool = True, max_new_tokens: int | None = None) -> AnswerStream:
+             exemplars: bool = True, max_new_tokens: int | None = None, sampling: Sampling | None = None,
+             stop: Sequence[str] = ()) -> AnswerStream:
         """Answer the last user message of a conversation (OpenAI-style messages), streamed.
 
         Retrieval uses the conversation, not only the last turn; a system message replaces the template's
@@ -197,12 +225,13 @@ class MemoryLLM:
             namespace: whose memories, exemplars and answer log.
             remember: store what the user states in the last message as a memory of the namespace (before
                 answering, so the answer can use it).
+            sampling, stop: as ask_stream.
         """
         from memory_llm.chat import answer_conversation
 
         return answer_conversation(self.answerer, self.learn, messages, session_id=session_id, namespace=namespace,
                                    remember=remember, k=k, use_memory=use_memory, prompt=prompt,
-                                   exemplars=exemplars, max_new_tokens=max_new_tokens)
+                                   exemplars=exemplars, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop)
 
     def history(self, session_id: str, namespace: str = DEFAULT_NAMESPACE, limit: int = 50) -> list[dict]:
         """A chat session's turns from the answer log, as messages (to resume it)."""
@@ -260,23 +289,33 @@ class MemoryLLM:
     def consolidate(self, *, max_minutes: float | None = None, dry_run: bool = False, full: bool = False,
                     namespace: str | None = None, recipe=None, floors=None, progress=None, processes: int = 1,
                     launcher: str | None = None):
-        """Distil memories into a LoRA adapter (see memory_llm.consolidate.run). Returns a Summary."""
+        """Distil memories into a LoRA adapter (see memory_llm.consolidate.run). Returns a Summary.
+
+        With `namespace`, that namespace's memories go into an adapter of its own that only its requests get (a
+        tenant); without, every other namespace's go into the shared adapter."""
         from memory_llm.consolidate.run import consolidate
 
         summary = consolidate(self.store, self.settings, new_generator=self.new_generator, embed=self.embed_texts,
                               max_minutes=max_minutes, dry_run=dry_run, full=full, namespace=namespace,
                               recipe=recipe, floors=floors, progress=progress, processes=processes,
                               launcher=launcher)
+        summary.namespace = namespace
         if summary.status == "promoted":
-            self.reload_adapter()
+            self.reload_adapter(namespace)
         return summary
 
     @property
     def adapters(self):
-        """The adapter registry: versions, current, rollback."""
+        """The shared adapter registry: versions, current, rollback (a tenant's: `adapter_registry(namespace)`)."""
+        return self.adapter_registry()
+
+    def adapter_registry(self, namespace: str | None = None):
+        """The adapter registry of a tenant namespace (None: the shared one)."""
         from memory_llm.adapters import AdapterRegistry
 
-        return AdapterRegistry(self.settings.home)
+        if namespace is not None:
+            check_namespace(namespace)
+        return AdapterRegistry(self.settings.home, namespace)
 
     def close(self) -> None:
         self._prompts = self._learner = self._answerer = None

@@ -69,7 +69,8 @@ def statements(text: str) -> list[str]:
 def answer_conversation(answerer: "Answerer", learn: Callable, messages: Sequence[dict], *,
                         session_id: str | None = None, namespace: str = "default", remember: bool = False,
                         k: int | None = None, use_memory: bool = True, prompt: str | None = None,
-                        exemplars: bool = True, max_new_tokens: int | None = None) -> "AnswerStream":
+                        exemplars: bool = True, max_new_tokens: int | None = None, sampling=None,
+                        stop: Sequence[str] = ()) -> "AnswerStream":
     """Answer the last user message of a conversation, streamed and logged with its session id (MemoryLLM.chat).
     With `remember`, what the user states in it is learned first (`learn`: MemoryLLM.learn's signature)."""
     check_namespace(namespace)
@@ -83,4 +84,5 @@ def answer_conversation(answerer: "Answerer", learn: Callable, messages: Sequenc
     prepared = answerer.prepare(question, k=k, namespace=namespace, use_memory=use_memory, prompt=prompt,
                                 exemplars=exemplars, queries=conversation_queries(messages), history=history,
                                 system=system)
-    return answerer.stream(question, prepared, namespace, use_memory, max_new_tokens, True, session_id, remembered)
+    return answerer.stream(question, prepared, namespace, use_memory, max_new_tokens, True, session_id, remembered,
+                           sampling=sampling, stop=stop)

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from memory_llm import cli_common as common
-from memory_llm.cli_common import (EMBEDDER, HOME, JSON, MAX_NEW_TOKENS, MODEL, NAMESPACE, NO_EXEMPLARS, PROMPT, app, check_max_new_tokens, handled, print_json, print_sources, progress_bar, stderr)
+from memory_llm.cli_common import (EMBEDDER, HOME, JSON, LOCAL, MAX_NEW_TOKENS, MODEL, NAMESPACE, NO_EXEMPLARS, PROMPT, app, check_max_new_tokens, handled, print_json, print_sources, progress_bar, stderr)
 from memory_llm.errors import MemoryLLMError
 
 @app.command()
@@ -66,19 +66,24 @@ def search(
     k: int = typer.Option(5, "-k", help="How many memories."),
     namespace: str = NAMESPACE,
     home: Optional[Path] = HOME,
+    local: bool = LOCAL,
     as_json: bool = JSON,
 ) -> None:
     """List the memories closest to a query (dense + lexical, fused)."""
     with handled():
-        hits = common.open_memory(home).search(query, k, namespace)
+        resident = None if local else common.resident(home)
+        if resident is not None:
+            hits = resident.call("/search", {"query": query, "k": k}, namespace)["data"]
+        else:
+            hits = [h.as_dict() for h in common.open_memory(home).search(query, k, namespace)]
         if as_json:
-            print_json({"query": query, "hits": [h.as_dict() for h in hits]})
+            print_json({"query": query, "hits": hits})
             return
         if not hits:
             typer.echo("No memories match.")
         for h in hits:
-            snippet = " ".join(h.memory.text.split())
-            typer.echo(f"#{h.memory.id}  {h.score:.4f}  {h.memory.source}\n    {snippet[:300]}")
+            snippet = " ".join(h["text"].split())
+            typer.echo(f"#{h['id']}  {h['score']:.4f}  {h['source']}\n    {snippet[:300]}")
 
 
 @app.command()
@@ -94,33 +99,43 @@ def ask(
     model: Optional[str] = MODEL,
     embedder: Optional[str] = EMBEDDER,
     home: Optional[Path] = HOME,
+    local: bool = LOCAL,
     as_json: bool = JSON,
 ) -> None:
-    """Answer a question from memory; streams the answer, then lists its sources and the answer id."""
+    """Answer a question from memory; streams the answer, then lists its sources and the answer id. A running
+    `mllm serve` of the home answers it (no start-up) unless --local, --no-adapter, --model or --embedder."""
     with handled():
         check_max_new_tokens(max_new_tokens)
-        m = common.open_memory(home, model=model, embedder=embedder, use_adapter=not no_adapter)
-        stream = m.ask_stream(question, k=k, namespace=namespace, use_memory=not no_memory,
-                              max_new_tokens=max_new_tokens, prompt=prompt, exemplars=not no_exemplars)
+        resident = None if local or no_adapter or model or embedder else common.resident(home)
+        if resident is not None:
+            stream = resident.ask_stream(question, namespace, k=k, use_memory=not no_memory, prompt=prompt,
+                                         exemplars=not no_exemplars, max_tokens=max_new_tokens)
+        else:
+            m = common.open_memory(home, model=model, embedder=embedder, use_adapter=not no_adapter)
+            stream = m.ask_stream(question, k=k, namespace=namespace, use_memory=not no_memory,
+                                  max_new_tokens=max_new_tokens, prompt=prompt, exemplars=not no_exemplars)
+        answer = None
         for piece in stream:
-            if not as_json:
+            if isinstance(piece, dict):  # the resident server's answer, as Answer.as_dict gives it
+                answer = piece
+            elif not as_json:
                 typer.echo(piece, nl=False)
                 sys.stdout.flush()
-        answer = stream.answer
+        answer = answer or stream.answer.as_dict()
         if as_json:
-            print_json(answer.as_dict())
+            print_json(answer)
             return
         typer.echo("")
         print_sources(answer)
-        shots = f", {len(answer.prompt.exemplars)} exemplar(s)" if answer.prompt.exemplars else ""
-        if answer.adapter:
-            shots += f", adapter {answer.adapter} {'on' if answer.adapter_active else 'off (routed to the base)'}"
-            if answer.adapter_used and answer.adapter_used != answer.adapter:
-                shots += f" ({answer.adapter_used} beneath it acted)"
-        if answer.path == "retrieval+adapter":
+        shots = f", {len(answer['exemplars'])} exemplar(s)" if answer["exemplars"] else ""
+        if answer["adapter"]:
+            shots += f", adapter {answer['adapter']} {'on' if answer['adapter_active'] else 'off (routed to the base)'}"
+            if answer["adapter_used"] and answer["adapter_used"] != answer["adapter"]:
+                shots += f" ({answer['adapter_used']} beneath it acted)"
+        if answer["path"] == "retrieval+adapter":
             shots += ", beside the sources"
-        typer.echo(f"\n(answer {answer.id}, template {answer.template}{shots}; "
-                   f"mllm feedback {answer.id} --good | --bad | --correct \"...\")")
+        typer.echo(f"\n(answer {answer['id']}, template {answer['template']}{shots}; "
+                   f"mllm feedback {answer['id']} --good | --bad | --correct \"...\")")
 
 
 @app.command()
@@ -257,8 +272,9 @@ def consolidate(
                                                 " finished work, never half-promotes.", show_default=False),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be trained."),
     full: bool = typer.Option(False, "--full", help="Rebuild the adapter from all memories."),
-    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Only this namespace's new memories.",
-                                            show_default=False),
+    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Give this namespace an adapter of its"
+                                            " own that only its requests get (a tenant); its memories leave the"
+                                            " shared adapter.", show_default=False),
     recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="TOML file of recipe fields to change"
                                                " (docs/consolidation.md lists them).", show_default=False),
     processes: int = typer.Option(1, "--processes", min=1, help="Train in this many processes (one per GPU, or"
@@ -310,21 +326,30 @@ adapters_app = typer.Typer(help="Consolidated adapter versions: list, show, roll
 app.add_typer(adapters_app, name="adapters")
 
 
+TENANT = typer.Option(None, "--namespace", "-n", help="A tenant's adapters (consolidated with --namespace).",
+                      show_default=False)
+
 @adapters_app.command("list")
-def adapters_list(home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
-    """List adapter versions; * marks the current one."""
+def adapters_list(namespace: Optional[str] = TENANT, home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
+    """List adapter versions; * marks the current one. Tenants (namespaces with their own) are named at the end."""
     with handled():
-        reg = common.open_memory(home).adapters
+        from memory_llm.adapters.registry import tenants
+
+        m = common.open_memory(home)
+        reg = m.adapter_registry(namespace)
+        others = sorted(tenants(m.settings.home))
         current = reg.current_name()
         rows = [{"version": v.name, "current": v.name == current, "memories": len(v.manifest.get("memories", [])),
                  "base_model": v.manifest.get("base_model"), "metrics": v.manifest.get("metrics", {}),
                  "stack": [b.name for b in v.below]}
                 for v in reg.versions()]
         if as_json:
-            print_json({"current": current, "versions": rows, "broken": reg.problems()})
+            print_json({"namespace": namespace, "current": current, "versions": rows, "broken": reg.problems(),
+                        "tenants": others})
             return
         if not rows:
-            typer.echo("No adapters yet (run `mllm consolidate`).")
+            typer.echo("No adapters yet (run `mllm consolidate" + (f" --namespace {namespace}" if namespace else "")
+                       + "`).")
         for r in rows:
             met = r["metrics"]
             typer.echo(f"{'*' if r['current'] else ' '} {r['version']}  {r['memories']} memories  "
@@ -332,14 +357,16 @@ def adapters_list(home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
                        + (f"  (beside {', '.join(r['stack'])})" if r["stack"] else ""))
         for p in reg.problems():
             stderr(f"broken: {p}")
+        if others and namespace is None:
+            typer.echo(f"Namespaces with adapters of their own (mllm adapters list -n NS): {', '.join(others)}")
 
 
 @adapters_app.command("show")
 def adapters_show(version: Optional[str] = typer.Argument(None, help="Version (default: current)."),
-                  home: Optional[Path] = HOME) -> None:
+                  namespace: Optional[str] = TENANT, home: Optional[Path] = HOME) -> None:
     """Print a version's manifest (JSON)."""
     with handled():
-        reg = common.open_memory(home).adapters
+        reg = common.open_memory(home).adapter_registry(namespace)
         name = version or reg.current_name()
         if not name:
             raise MemoryLLMError("no current adapter; name a version")
@@ -349,10 +376,10 @@ def adapters_show(version: Optional[str] = typer.Argument(None, help="Version (d
 @adapters_app.command("rollback")
 def adapters_rollback(to: Optional[str] = typer.Option(None, "--to", help="Make this version current.",
                                                        show_default=False),
-                      home: Optional[Path] = HOME) -> None:
+                      namespace: Optional[str] = TENANT, home: Optional[Path] = HOME) -> None:
     """Make the previous intact version (or --to VERSION) current; with none left, serve the base model."""
     with handled():
-        v = common.open_memory(home).adapters.rollback(to)
+        v = common.open_memory(home).adapter_registry(namespace).rollback(to)
         typer.echo(f"Current adapter: {v.name}." if v else "No adapter is current now; the base model answers.")
 
 

@@ -111,6 +111,9 @@ def handled() -> Iterator[None]:
         raise typer.Exit(2)
 
 
+LOCAL = typer.Option(False, "--local", help="Run in this process even when `mllm serve` runs for the home.")
+
+
 def open_memory(home: Optional[Path], **overrides):
     """The MemoryLLM of a home (tests replace this to inject fakes)."""
     from memory_llm.assistant import MemoryLLM
@@ -145,16 +148,25 @@ def progress_bar(disabled: bool):
 
 
 def print_sources(answer) -> None:
-    """An answer's numbered sources, or why it has none."""
-    if answer.sources:
+    """An answer's numbered sources, or why it has none (an Answer, or its as_dict)."""
+    d = answer if isinstance(answer, dict) else answer.as_dict()
+    if d["sources"]:
         typer.echo("\nSources:")
-        for i, h in enumerate(answer.sources, 1):
-            snippet = " ".join(h.memory.text.split())
-            typer.echo(f"  [{i}] {h.memory.source} (#{h.memory.id}): {snippet[:100]}…")
-    elif answer.used_memory and answer.path == "adapter":
-        typer.echo(f"\n(No sources: {answer.why}.)")
-    elif answer.used_memory:
+        for i, h in enumerate(d["sources"], 1):
+            snippet = " ".join(h["text"].split())
+            typer.echo(f"  [{i}] {h['source']} (#{h['id']}): {snippet[:100]}…")
+    elif d["used_memory"] and d["path"] == "adapter":
+        typer.echo(f"\n(No sources: {d['why']}.)")
+    elif d["used_memory"]:
         typer.echo("\n(No memories matched; answered without sources.)")
+
+
+def resident(home: Optional[Path]):
+    """The home's running `mllm serve`, when one answers (memory_llm.resident), else None."""
+    from memory_llm.config import default_home
+    from memory_llm.resident import find
+
+    return find(Path(home).expanduser() if home else default_home())
 
 
 def check_max_new_tokens(max_new_tokens: Optional[int]) -> None:

@@ -62,6 +62,8 @@ class Settings:
     embed_batch_size: int = _opt(64, "Chunks per embedding batch")
     top_k: int = _opt(4, "Memories retrieved for a question")
     rrf_k: int = _opt(60, "Reciprocal-rank-fusion constant")
+    source_floor: float = _opt(0.0, "`ask` cites a memory only when its cosine similarity to the question is at"
+                                    " least this (0: the top_k whatever their relevance)")
     context_tokens: int = _opt(1024, "Token budget for retrieved context in the prompt")
     max_new_tokens: int = _opt(200, "Tokens generated at most for an answer")
     exact_index_max: int = _opt(50_000, "Up to this many memories the vector index is exact; above it IVF")
@@ -109,7 +111,7 @@ class Settings:
         for name in ("exemplar_k", "exemplar_tokens"):
             if getattr(self, name) < 0:
                 raise InputError(f"setting {name}={getattr(self, name)!r} must be >= 0")
-        for name in ("skip_retrieval_similarity", "skip_retrieval_confidence"):
+        for name in ("skip_retrieval_similarity", "skip_retrieval_confidence", "source_floor"):
             if not 0 <= getattr(self, name) <= 1:
                 raise InputError(f"setting {name}={getattr(self, name)!r} must be in [0, 1]")
         for name in ("exemplar_min_similarity", "template_min_similarity"):

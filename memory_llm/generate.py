@@ -7,6 +7,7 @@ import inspect
 import logging
 import re
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 from memory_llm.models import CONFIDENCE_TOKENS, chat_token_ids  # noqa: F401  (CONFIDENCE_TOKENS: re-exported)
@@ -107,6 +108,23 @@ def fill(text: str, **slots: str) -> str:
     return re.sub(r"\{(" + "|".join(map(re.escape, slots)) + r")\}", lambda m: slots[m.group(1)], text)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How an answer's tokens are chosen: greedy at temperature 0 (the default), else sampled at `temperature` from
+    the nucleus `top_p`, reproducibly when `seed` is given. (Stop strings are cut by the answerer.)"""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+GREEDY = Sampling()
+
+
 class Generator(Protocol):
     """What serving and consolidation need of a generator backend (load_generator makes one from settings).
 
@@ -128,7 +146,10 @@ class Generator(Protocol):
                        return_ids: bool = False, confidence: bool = False) -> list: ...
 
     def stream(self, input_ids, max_new_tokens: int = 200, temperature: float = 0.0,
-               stop: threading.Event | None = None) -> Iterator[str]: ...
+               stop: threading.Event | None = None, sampling: Sampling | None = None,
+               report: dict | None = None) -> Iterator[str]: ...
+    # stream: `sampling` overrides `temperature`; `report`, when given, receives "finish_reason" ("stop": the model
+    # ended its answer or `stop` was set; "length": max_new_tokens cut it) and "completion_tokens"
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0):
@@ -186,11 +207,11 @@ class TransformersGenerator:
         ids = chat_token_ids(self.tokenizer, messages)
         return ids.to(self.device) if isinstance(ids, torch.Tensor) else ids
 
-    def _gen_kwargs(self, max_new_tokens: int, temperature: float) -> dict:
+    def _gen_kwargs(self, max_new_tokens: int, temperature: float, top_p: float = 0.95) -> dict:
         kw = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
                   eos_token_id=self.tokenizer.eos_token_id)
         if temperature > 0:
-            kw.update(do_sample=True, temperature=temperature, top_p=0.95)
+            kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kw
@@ -224,12 +245,15 @@ class TransformersGenerator:
         return list(zip(results, sure))
 
     def stream(self, input_ids, max_new_tokens: int = 200, temperature: float = 0.0,
-               stop: threading.Event | None = None) -> Iterator[str]:
+               stop: threading.Event | None = None, sampling: Sampling | None = None,
+               report: dict | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated (generation runs in a worker thread); setting `stop` ends
-        the generation at the next token."""
+        the generation at the next token. `sampling` (else greedy, or `temperature`) chooses the tokens; `report`
+        receives the finish reason and the number of tokens generated (Generator.stream)."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+        sampling = sampling or Sampling(temperature, 0.95 if temperature > 0 else 1.0)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
         extra = {}
@@ -242,9 +266,18 @@ class TransformersGenerator:
 
         def work() -> None:
             try:
+                if sampling.seed is not None and not sampling.greedy:
+                    torch.manual_seed(sampling.seed)  # generation here is one at a time (the server's worker)
                 with torch.inference_mode():
-                    self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        streamer=streamer, **self._gen_kwargs(max_new_tokens, temperature), **extra)
+                    out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                              streamer=streamer, **extra,
+                                              **self._gen_kwargs(max_new_tokens, sampling.temperature, sampling.top_p))
+                if report is not None:
+                    new = out[0, input_ids.shape[1]:].tolist()
+                    ended = bool(new) and new[-1] in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+                    report["completion_tokens"] = len(new) - ended
+                    report["finish_reason"] = "length" if len(new) >= max_new_tokens and not ended and not (
+                        stop is not None and stop.is_set()) else "stop"
             except BaseException as exc:  # surfaced in the caller's thread below
                 errors.append(exc)
                 streamer.end()

@@ -246,11 +246,15 @@ class OpenAIGenerator:
         return [c or self.model.id for c in chosen]
 
     # ---- generation ----------------------------------------------------------------------------------
-    def _body(self, model: str, prompt, max_new_tokens: int, temperature: float) -> dict:
+    def _body(self, model: str, prompt, max_new_tokens: int, temperature: float, sampling=None) -> dict:
         body = {"model": model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": temperature,
                 "skip_special_tokens": True, "return_token_ids": True}
         if temperature > 0:
             body["top_p"] = 0.95
+        if sampling is not None and not sampling.greedy:
+            body.update(temperature=sampling.temperature, top_p=sampling.top_p)
+            if sampling.seed is not None:
+                body["seed"] = sampling.seed
         return body
 
     def generate_batch(self, prompts: list, max_new_tokens: int = 12, temperature: float = 0.0,
@@ -307,15 +311,21 @@ class OpenAIGenerator:
         return out, (sum(head) / len(head) if head else float("-inf"))
 
     def stream(self, input_ids, max_new_tokens: int = 200, temperature: float = 0.0,
-               stop: threading.Event | None = None) -> Iterator[str]:
+               stop: threading.Event | None = None, sampling=None, report: dict | None = None) -> Iterator[str]:
         """Yield text pieces as the engine generates them; setting `stop` closes the request (the engine aborts
-        the generation)."""
+        the generation). `sampling` and `report` as Generator.stream (the engine's finish reason and usage)."""
         row = [int(t) for t in input_ids[0]]  # a 1 × n batch of ids (chat_ids' shape)
         model = self.models_for([row])[0]
-        body = self._body(model, row, max_new_tokens, temperature)
+        body = self._body(model, row, max_new_tokens, temperature, sampling)
         body.pop("return_token_ids")
+        if report is not None:
+            body["stream_options"] = {"include_usage": True}
         for event in self.client.events("/completions", body, stop):
+            if report is not None and isinstance(event.get("usage"), dict):
+                report["completion_tokens"] = event["usage"].get("completion_tokens")
             for choice in event.get("choices") or []:
+                if report is not None and choice.get("finish_reason"):
+                    report["finish_reason"] = "length" if choice["finish_reason"] == "length" else "stop"
                 piece = choice.get("text")
                 if piece:
                     yield piece

@@ -21,20 +21,30 @@ def rrf(rankings: Sequence[Sequence[tuple[int, float]]], k: int = 60) -> list[tu
 
 
 def retrieve(store: Store, embedder: Embedder, query: str | Sequence[str], k: int = 4, namespace: str | None = None,
-             rrf_k: int = 60, vectors=None) -> list[Hit]:
+             rrf_k: int = 60, vectors=None, floor: float = 0.0) -> list[Hit]:
     """The k best memories for a query (or several, e.g. a conversation's turns), dense and lexical
-    candidates of every query fused. `vectors` are the queries' embeddings when the caller has them."""
+    candidates of every query fused. `vectors` are the queries' embeddings when the caller has them.
+
+    With a `floor` (`ask`'s source floor), a memory whose best cosine similarity to a query is below it is left
+    out, however well it ranks lexically: a memory beyond every query's dense candidates is below the last of
+    them, so it is left out when that is below the floor (and kept otherwise, its similarity unknown)."""
     queries = [query] if isinstance(query, str) else [q for q in query if q.strip()]
     if k <= 0 or not queries or not queries[0].strip():
         return []
     fetch = max(4 * k, 20)
     vectors = embedder.encode(queries) if vectors is None else vectors
-    rankings = []
+    rankings, similarity, bound = [], {}, -1.0
     for q, vector in zip(queries, vectors):
-        rankings += [store.dense(vector, fetch, namespace), store.lexical(q, fetch, namespace)]
-    fused = rrf(rankings, rrf_k)[:k]
+        dense = store.dense(vector, fetch, namespace)
+        rankings += [dense, store.lexical(q, fetch, namespace)]
+        for i, s in dense:
+            similarity[i] = max(similarity.get(i, -1.0), float(s))
+        bound = max(bound, float(dense[-1][1]) if len(dense) == fetch else -1.0)  # beyond: below this
+    fused = [f for f in rrf(rankings, rrf_k) if similarity.get(f[0], bound) >= floor][:k] if floor > 0 \
+        else rrf(rankings, rrf_k)[:k]
     memories = store.get([i for i, _, _ in fused])
-    return [Hit(memories[i], score, ranks[0], ranks[1]) for i, score, ranks in fused if i in memories]
+    return [Hit(memories[i], score, ranks[0], ranks[1], similarity.get(i)) for i, score, ranks in fused
+            if i in memories]
 
 
 def pack(hits: Sequence[Hit], count_tokens: Callable[[str], int], budget: int) -> list[Hit]:

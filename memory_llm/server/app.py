@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memory_llm.errors import InputError, MemoryLLMError
-from memory_llm.server import completions, memory
+from memory_llm.server import completions, embeddings, memory
 from memory_llm.server.errors import ApiError, validation_error
 from memory_llm.server.worker import GenerationWorker
 
@@ -72,9 +72,12 @@ def create_app(m, api_key: str | None = None, model_id: str = MODEL_ID) -> FastA
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
-                                            "owned_by": "memory_llm", "base_model": m.settings.model}]}
+                                            "owned_by": "memory_llm", "base_model": m.settings.model},
+                                           {"id": embeddings.embedder_id(m), "object": "model", "created": 0,
+                                            "owned_by": "memory_llm"}]}
 
     app.include_router(completions.router)
+    app.include_router(embeddings.router)
     app.include_router(memory.router)
 
     @app.on_event("shutdown")
@@ -88,10 +91,17 @@ def run(m, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
     """Load the models, then serve until interrupted."""
     import uvicorn
 
+    from memory_llm.resident import announce, withdraw
+
     m.generator, m.embedder, m.prompts  # load before the first request, not during it
     app = create_app(m, api_key)
     engine = getattr(getattr(m.generator, "client", None), "root", None) if getattr(m.generator, "remote", False) \
         else None
     log(f"mllm serve: http://{host}:{port}/v1 (model {MODEL_ID!r}, base {m.settings.model}"
         f"{f', generating on {engine}' if engine else ''}); Ctrl-C to stop")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    here = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where this machine's CLI reaches it
+    announce(m.settings.home, f"http://{here}:{port}/v1", api_key)  # `mllm ask` uses it (memory_llm.resident)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        withdraw(m.settings.home)

@@ -13,7 +13,8 @@ from fastapi.responses import StreamingResponse
 
 from memory_llm.server.context import SESSION_HEADER, namespace_of, served
 from memory_llm.server.errors import ApiError
-from memory_llm.server.schemas import ChatRequest
+from memory_llm.generate import Sampling
+from memory_llm.server.schemas import REFUSED, ChatRequest
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -25,14 +26,20 @@ async def chat_completions(body: ChatRequest, request: Request):
     if body.model != model_id:
         raise ApiError(404, f"The model {body.model!r} does not exist; this server has {model_id!r}.",
                        code="model_not_found", param="model")
+    for name, (allowed, why) in REFUSED.items():
+        if getattr(body, name) not in allowed:
+            raise ApiError(400, f"Unsupported value for {name!r}: {why}.", code="unsupported_value", param=name)
     ns = namespace_of(request, body.user)
     session = body.session_id or request.headers.get(SESSION_HEADER)
     messages = [{"role": msg.role, "content": msg.content} for msg in body.messages]
     max_new = body.max_completion_tokens or body.max_tokens
+    sampling = Sampling(body.temperature or 0.0, 1.0 if body.top_p is None else body.top_p, body.seed)
+    usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
 
     def make_stream():
-        return m.chat(messages, session_id=session, namespace=ns, remember=body.remember, prompt=body.prompt,
-                      use_memory=body.use_memory, exemplars=body.exemplars, max_new_tokens=max_new)
+        return m.chat(messages, session_id=session, namespace=ns, remember=body.remember, prompt=body.prompt, k=body.k,
+                      use_memory=body.use_memory, exemplars=body.exemplars, max_new_tokens=max_new,
+                      sampling=sampling, stop=body.stop or ())
 
     queue, cancelled = await worker.start(make_stream)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -50,7 +57,8 @@ async def chat_completions(body: ChatRequest, request: Request):
             cancelled.set()
 
     async def events():
-        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id}
+        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                **({"usage": None} if usage_chunk else {})}
         try:
             yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                               "finish_reason": None}]})
@@ -64,8 +72,10 @@ async def chat_completions(body: ChatRequest, request: Request):
                     yield sse(ApiError(500, f"generation failed: {value}", "server_error").body())
                     break
                 else:
-                    yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                    yield sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": value.finish_reason}],
                                 "mllm": extension(value)})
+                    if usage_chunk:  # OpenAI's last chunk: no choices, the usage of the whole request
+                        yield sse({**head, "choices": [], "usage": usage(value, m.generator.count_tokens)})
                     break
             yield "data: [DONE]\n\n"
         finally:
@@ -80,21 +90,26 @@ def sse(obj: dict) -> str:
 
 
 def extension(answer) -> dict:
-    """What memory_llm adds to a completion: the answer id (for feedback), template, exemplars, sources."""
-    d = answer.as_dict()
-    keys = ("id", "namespace", "session_id", "template", "template_chosen_by", "exemplars", "sources",
-            "remembered_ids", "adapter", "timings")
-    out = {k: d.get(k) for k in keys}
+    """What memory_llm adds to a completion: the answer as `Answer.as_dict` gives it (its id as answer_id, for
+    feedback; template, exemplars, sources, adapter, which path answered and why, timings), less the text."""
+    out = answer.as_dict()
     out["answer_id"] = out.pop("id")
+    out.pop("answer")
     return out
 
 
-def completion(cid: str, created: int, model_id: str, answer, count_tokens) -> dict:
+def usage(answer, count_tokens) -> dict:
+    """OpenAI's usage object: the prompt's tokens and those generated (as the generator counted them)."""
     prompt_tokens = int(answer.timings.get("prompt_tokens", 0))
-    completion_tokens = count_tokens(answer.text) if answer.text else 0
+    completion_tokens = answer.completion_tokens
+    if completion_tokens is None:
+        completion_tokens = count_tokens(answer.text) if answer.text else 0
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(cid: str, created: int, model_id: str, answer, count_tokens) -> dict:
     return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-            "mllm": extension(answer)}
+                         "finish_reason": answer.finish_reason}],
+            "usage": usage(answer, count_tokens), "mllm": extension(answer)}

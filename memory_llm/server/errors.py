@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-\w+\[.*\])$")  # pydantic's
+# name of the member of a Union a value was tried as: not part of the parameter's name
+
 
 class ApiError(Exception):
     """An error response: HTTP status, OpenAI error type and code."""
@@ -21,7 +26,7 @@ def validation_error(errors: list[dict]) -> ApiError:
     if e.get("type") == "json_invalid":
         return ApiError(400, f"The request body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])}).",
                         code="invalid_json")
-    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in e.get("loc", ()) if p != "body" and not _UNION_BRANCH.match(str(p))]
     param = ".".join(loc) or None
     if not loc and e.get("type") != "missing":
         return ApiError(400, "The request body must be a JSON object (Content-Type: application/json).",

@@ -27,13 +27,15 @@ class Hit:
     score: float
     dense_rank: int | None = None
     lexical_rank: int | None = None
+    similarity: float | None = None  # the best cosine of a query to it (None: beyond the dense candidates)
 
     def as_dict(self) -> dict:
         """The hit as JSON-ready fields (the memory's fields inlined)."""
         m = self.memory
         return {"id": m.id, "source": m.source, "position": m.position, "namespace": m.namespace,
                 "score": round(self.score, 6), "dense_rank": self.dense_rank,
-                "lexical_rank": self.lexical_rank, "text": m.text}
+                "lexical_rank": self.lexical_rank,
+                "similarity": None if self.similarity is None else round(self.similarity, 4), "text": m.text}
 
 
 @dataclass
