@@ -222,7 +222,7 @@ class Answerer:
             answer = Answer(text.strip(), question, hits, timings, self.settings.model, namespace, use_memory,
                             served.adapter_version, prompt=choice, session_id=session_id,
                             remembered=list(remembered))
-            answer.adapter_active, answer.adapter_used = served.acted()
+            answer.adapter_active, answer.adapter_used = report.get("routed") or served.acted()  # batched: its row
             answer.path, answer.why = self.path(answer, skipped)
             answer.finish_reason = "stop" if report.get("stopped") else report.get("finish_reason", "stop")
             answer.completion_tokens = report.get("completion_tokens")

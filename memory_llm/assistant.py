@@ -65,9 +65,9 @@ class MemoryLLM:
     def embedder(self):
         with self._lock:
             if self._embedder is None:
-                from memory_llm.embed import SentenceEmbedder
+                from memory_llm.embed import load
 
-                self._embedder = SentenceEmbedder(self.settings.embedder, self.settings.device)
+                self._embedder = load(self.settings.embedder, self.settings.device)
             return self._embedder
 
     @property
@@ -130,6 +130,12 @@ class MemoryLLM:
             with self._lock:
                 served = self._tenants.setdefault(namespace, self.served.sibling(namespace))
         return served or self.served
+
+    def enable_batching(self, max_batch: int = 8) -> None:
+        """Answers streamed at the same time (threads, the server) share forward passes, up to max_batch at once
+        (memory_llm.batching; in-process generation only: an engine batches by itself)."""
+        for served in [self.served, *self._tenants.values()]:
+            served.batching = max_batch
 
     def reload_adapter(self, namespace: str | None = None) -> None:
         """Pick up a newly promoted (or rolled back) adapter in a running instance (a tenant's: that namespace's;

@@ -62,7 +62,7 @@ class Settings:
     embed_batch_size: int = _opt(64, "Chunks per embedding batch")
     top_k: int = _opt(4, "Memories retrieved for a question")
     rrf_k: int = _opt(60, "Reciprocal-rank-fusion constant")
-    source_floor: float = _opt(0.0, "`ask` cites a memory only when its cosine similarity to the question is at"
+    source_floor: float = _opt(0.2, "`ask` cites a memory only when its cosine similarity to the question is at"
                                     " least this (0: the top_k whatever their relevance)")
     context_tokens: int = _opt(1024, "Token budget for retrieved context in the prompt")
     max_new_tokens: int = _opt(200, "Tokens generated at most for an answer")

@@ -1,8 +1,11 @@
-"""Embedders: a protocol, the sentence-transformers implementation and token counting for the chunker."""
+"""Embedders: a protocol, the sentence-transformers implementation, the same pipeline on plain transformers (the
+default embedder's: a cold `ask` need not import sentence-transformers), and token counting for the chunker."""
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -67,3 +70,80 @@ class SentenceEmbedder:
             finally:
                 torch.set_num_threads(threads)
         return np.asarray(vecs, dtype=np.float32)
+
+
+def load(name: str, device: str = "auto") -> "SentenceEmbedder | PlainEmbedder":
+    """The embedder for a name or path: on plain transformers when its sentence-transformers pipeline is a
+    transformer, mean pooling and normalisation (all-MiniLM-L6-v2's; the same vectors, a faster start), else on
+    sentence-transformers."""
+    from memory_llm.models import resolve_embedder
+
+    path = Path(resolve_embedder(name))
+    return PlainEmbedder(name, path, device) if PlainEmbedder.fits(path) else SentenceEmbedder(name, device)
+
+
+class PlainEmbedder(SentenceEmbedder):
+    """A local sentence-transformers model of the shape transformer → mean pooling → L2 normalisation, computed
+    with transformers' AutoModel (no sentence-transformers import): cosine 1.000000 to SentenceTransformer.encode
+    (tests/test_assistant.py)."""
+
+    def __init__(self, name: str, path: Path, device: str = "auto"):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        from memory_llm.models import resolve_device
+
+        self.name = name
+        self.device = resolve_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+        config = json.loads((path / "sentence_bert_config.json").read_text(encoding="utf-8"))
+        self.max_tokens = int(config.get("max_seq_length") or 256)
+        self._torch = torch
+
+    @staticmethod
+    def fits(path: Path) -> bool:
+        """Whether a model directory's pipeline is transformer → mean pooling → normalisation."""
+        try:
+            kinds = [m["type"].rsplit(".", 1)[-1] for m in json.loads((path / "modules.json").read_text("utf-8"))]
+            pooling = json.loads((path / "1_Pooling" / "config.json").read_text(encoding="utf-8"))
+            (path / "sentence_bert_config.json").read_text(encoding="utf-8")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        modes = [k for k, v in pooling.items() if k.startswith("pooling_mode") and v]
+        return kinds == ["Transformer", "Pooling", "Normalize"] and modes == ["pooling_mode_mean_tokens"]
+
+    def _batch(self, texts: Sequence[str]) -> np.ndarray:
+        torch = self._torch
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
+                             return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            out = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(out.dtype)
+            vecs = torch.nn.functional.normalize((out * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+        return vecs.float().cpu().numpy()
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64, progress=None) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if len(texts) <= 4:
+            return self._encode_few(texts)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths batch together
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            out[idx] = self._batch([texts[i] for i in idx])
+            if progress is not None:
+                progress(len(idx))
+        return out
+
+    def _encode_few(self, texts: Sequence[str]) -> np.ndarray:
+        torch = self._torch
+        with _THREADS_LOCK:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return self._batch(texts)
+            finally:
+                torch.set_num_threads(threads)

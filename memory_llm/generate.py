@@ -185,6 +185,7 @@ class TransformersGenerator:
 
     def __init__(self, model, tokenizer, name: str = "model"):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.batcher = None  # a batching.Batcher: concurrent `stream` calls then share forward passes
 
     @classmethod
     def load(cls, name: str, cache_dir, device: str = "auto", dtype: str = "auto") -> "TransformersGenerator":
@@ -254,6 +255,9 @@ class TransformersGenerator:
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         sampling = sampling or Sampling(temperature, 0.95 if temperature > 0 else 1.0)
+        if self.batcher is not None:
+            yield from self.batcher.stream(input_ids, max_new_tokens, stop, sampling, report)
+            return
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
         extra = {}

@@ -38,6 +38,7 @@ class ServedModel:
         self._generator, self._injected = generator, generator
         self._lock = lock or threading.RLock()
         self._attached = False
+        self.batching = 0  # > 0: concurrent answers are generated in shared batches of up to this many
         self.adapter_version: str | None = None
         self.router = None  # the current adapter's router (adapters.routing), if it has one
         self.keys: list = []  # the current adapters' keys (unit embeddings of their trained prompts)
@@ -52,7 +53,14 @@ class ServedModel:
                 self._generator = load_generator(self.settings)
             if self.use_adapter and not self._attached:
                 self.attach_current()
-            return self._generator
+            gen = self._generator
+            if self.batching and getattr(gen, "batcher", False) is None:  # on a copy of the generator object (the
+                from memory_llm.batching import Batcher
+
+                gen = self._generator = copy.copy(gen)  # same model): an injected one may be shared elsewhere
+                gen.batcher = Batcher(gen, self.batching)
+                gen.route_probe = self.routed_rows
+            return gen
 
     def new_generator(self):
         """A separate base model (no adapter) for consolidation, leaving the serving one untouched; in-process
@@ -74,7 +82,9 @@ class ServedModel:
             gen = copy.copy(self._injected) if self.remote else self.new_generator()
             if self.remote:
                 gen.route = None
-        return ServedModel(self.settings, self.embed, gen, self.use_adapter, self._lock, namespace=namespace)
+        served = ServedModel(self.settings, self.embed, gen, self.use_adapter, self._lock, namespace=namespace)
+        served.batching = self.batching
+        return served
 
     @property
     def remote(self) -> bool:
@@ -200,6 +210,23 @@ class ServedModel:
         # one adapter loads under peft's name "default" (also when served as a stack of one)
         return active, self.adapter_version if used == "default" else None if used is None else \
             self.registry.label(used)
+
+    def routed_rows(self, n: int) -> list[tuple[bool | None, str | None]]:
+        """For each of the last routed prefill's n rows, as `acted` says of a single prompt: whether an adapter
+        acted, and which version (the batcher reads it right after a batch's prefill)."""
+        if self.adapter_version is None:
+            return [(None, None)] * n
+        router = self.router
+        if router is None:
+            return [(True, self.adapter_version)] * n
+        on = list(router.last_on) if len(router.last_on) == n else [None] * n
+        names = list(getattr(router, "last_adapter", []))
+        out = []
+        for i in range(n):
+            used = names[i] if len(names) == n else (self.adapter_version if on[i] else None)
+            out.append((on[i], self.adapter_version if used in ("default", self.adapter_version) else
+                        None if used is None else self.registry.label(used)))
+        return out
 
     def acted_rows(self, n: int) -> list[bool]:
         """Whether an adapter acted on each of the last batch's n rows."""

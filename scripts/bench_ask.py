@@ -52,8 +52,9 @@ def child_env() -> dict:
 
 
 # ---- (a) + (c): the CLI in a new process ----------------------------------------------------------------
-def run_cli(home: Path, args, as_json: bool) -> dict:
-    cmd = [str(BIN / "mllm"), "ask", args.question, "--home", str(home), "--max-new-tokens", str(args.max_new_tokens)]
+def run_cli(home: Path, args, as_json: bool, extra: tuple[str, ...] = ("--local",)) -> dict:
+    cmd = [str(BIN / "mllm"), "ask", args.question, "--home", str(home), "--max-new-tokens", str(args.max_new_tokens),
+           *extra]
     if as_json:
         cmd.append("--json")
     t0 = time.perf_counter()

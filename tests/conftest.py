@@ -107,7 +107,9 @@ def mem(tmp_path, fake_embedder, tiny_generator):
     """A MemoryLLM on fakes: fast, deterministic."""
     from memory_llm import MemoryLLM
 
-    m = MemoryLLM(tmp_path / "home", embedder=fake_embedder, generator=tiny_generator, max_new_tokens=8)
+    m = MemoryLLM(tmp_path / "home", embedder=fake_embedder, generator=tiny_generator, max_new_tokens=8,
+                  source_floor=0.0)  # the fake's bag-of-words cosines are not MiniLM's: no floor (test_assistant
+    # tests the floor itself)
     yield m
     m.reload_adapter()  # the tiny generator is shared: an adapter this home attached must not reach other tests
     m.close()

@@ -174,3 +174,22 @@ def test_reopen_sees_what_was_learned(tmp_path, fake_embedder, tiny_generator):
     MemoryLLM(home, embedder=fake_embedder, generator=tiny_generator).learn(text=HERONS)
     again = MemoryLLM(home, embedder=fake_embedder, generator=tiny_generator)
     assert again.search("herons", k=1)[0].memory.text == HERONS
+
+
+def test_source_floor_leaves_out_memories_unlike_the_question(tmp_path, fake_embedder, tiny_generator):
+    """ask cites a memory only when it is at least source_floor similar (cosine) to the question; search lists
+    the top k whatever; hits carry their similarity."""
+    m = MemoryLLM(tmp_path / "home", embedder=fake_embedder, generator=tiny_generator, max_new_tokens=2,
+                  source_floor=0.3)
+    m.learn(text="Herons nest in tall trees near the lake.", source="herons")
+    m.learn(text="The ferry leaves the north pier at seven.", source="ferry")
+    near = m.ask("Where do herons nest near the lake?")
+    assert [h.memory.source for h in near.sources] == ["herons"] and near.sources[0].similarity >= 0.3
+    assert all(h.similarity is not None and h.similarity >= 0.3 for h in m.ask("Which tall trees at the pier?").sources)
+    assert m.ask("What colour is a banana?").sources == []  # nothing like it was learned: no citation
+    assert len(m.search("What colour is a banana?", k=2)) == 2  # search still ranks everything
+    unfloored = MemoryLLM(tmp_path / "home", embedder=fake_embedder, generator=tiny_generator, max_new_tokens=2,
+                          source_floor=0.0)
+    assert len(unfloored.ask("What colour is a banana?").sources) == 2
+    for x in (m, unfloored):
+        x.close()

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_ID = "mllm"
 ENGINE_WORKERS = 8  # chat completions generated at once when an engine (vLLM) generates; it batches them
+BATCH = 8  # in-process: chat completions generated together in one batch (memory_llm.batching)
 
 
 def create_app(m, api_key: str | None = None, model_id: str = MODEL_ID) -> FastAPI:
@@ -37,8 +38,10 @@ def create_app(m, api_key: str | None = None, model_id: str = MODEL_ID) -> FastA
     app = FastAPI(title="memory_llm", version="1", dependencies=[Depends(check_key)], docs_url=None,
                   redoc_url=None, openapi_url=None)
     remote = bool(getattr(getattr(m, "served", None), "remote", False))
+    if not remote and hasattr(m, "enable_batching"):  # in-process: concurrent answers share forward passes
+        m.enable_batching(BATCH)
     app.state.memory, app.state.model_id = m, model_id
-    app.state.worker = GenerationWorker(ENGINE_WORKERS if remote else 1)
+    app.state.worker = GenerationWorker(ENGINE_WORKERS if remote else BATCH)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
@@ -67,7 +70,9 @@ def create_app(m, api_key: str | None = None, model_id: str = MODEL_ID) -> FastA
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        """Liveness, and with in-process batching the largest batch generated so far (operators, benchmarks)."""
+        batcher = getattr(getattr(m.served, "_generator", None), "batcher", None) if not remote else None
+        return {"status": "ok", **({"largest_batch": max(batcher.batch_sizes, default=0)} if batcher else {})}
 
     @app.get("/v1/models")
     async def models():

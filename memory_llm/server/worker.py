@@ -1,6 +1,7 @@
-"""Generation is serialized: one worker thread runs every chat completion, one at a time (the model is not safe
-for concurrent `generate`, and on a CPU two generations only slow each other down). Requests queue for it.
-When an engine generates (generator_backend = openai) several workers run at once: the engine batches them."""
+"""Chat completions run on worker threads: each prepares its answer (retrieval, prompt) and streams it.
+In-process the generator batches the streams running at once (memory_llm.batching: up to BATCH answers
+share each forward pass); when an engine generates (generator_backend = openai) the engine batches them.
+Requests beyond the workers queue."""
 
 from __future__ import annotations
 

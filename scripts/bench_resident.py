@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""`mllm ask` with a resident `mllm serve` of the home vs a cold process (issue 21: first token ≤ 0.3× cold).
+
+On a home that learned data/sample: --runs cold runs (`mllm ask Q --local`: a new process loads the models) and
+--runs runs with `mllm serve` up for the home (the CLI finds server.json and streams the answer from it), each after
+one warm-up, interleaved; wall time from Popen to the first stdout byte and to exit (bench_ask.run_cli); medians.
+
+    MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/bench_resident.py [--runs 5] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _benchmd import command_line, free_port, log, machine, median, table, today, write_section  # noqa: E402
+from bench_ask import BIN, QUESTION, SAMPLE, child_env, run_cli  # noqa: E402
+
+
+def serve(home: Path) -> subprocess.Popen:
+    """`mllm serve` of the home, once it answers /health."""
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "mllm"), "serve", "--home", str(home), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"mllm serve failed: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("mllm serve did not start in 300 s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--question", default=QUESTION)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--write", action="store_true", help="replace the section in BENCHMARKS.md")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        subprocess.run([str(BIN / "mllm"), "learn", str(SAMPLE), "--home", str(home)], check=True,
+                       capture_output=True, env=child_env())
+        server = serve(home)
+        try:
+            runs: dict[str, list[dict]] = {"cold (--local)": [], "resident server": []}
+            for i in range(args.runs + 1):  # the first of each is a warm-up
+                for name, extra in (("cold (--local)", ("--local",)), ("resident server", ())):
+                    r = run_cli(home, args, False, extra)
+                    if i:
+                        runs[name].append(r)
+                log(f"run {i}: cold {runs['cold (--local)'][-1]['first_byte'] if i else '-'} s")
+        finally:
+            server.terminate()
+            server.wait(30)
+    cold = median([r["first_byte"] for r in runs["cold (--local)"]])
+    rows = [[name, len(rs), f"{median([r['first_byte'] for r in rs]):.2f}", f"{median([r['wall'] for r in rs]):.2f}",
+             f"{median([r['rss_mb'] for r in rs]):.0f}", f"{median([r['first_byte'] for r in rs]) / cold:.2f}"]
+            for name, rs in runs.items()]
+    body = (f"Measured {today()} on {machine()}: `{command_line()}`; `mllm ask` with --max-new-tokens"
+            f" {args.max_new_tokens} on a home that learned data/sample, a new process each run, medians.\n\n"
+            + table(["mllm ask", "runs", "first byte s", "total s", "CLI peak RSS MB", "first byte / cold"], rows))
+    print(body)
+    if args.write:
+        write_section("ask through a resident server", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""The default embedder on plain transformers (embed.PlainEmbedder) gives sentence-transformers' vectors: the cold
+`ask` skips importing sentence-transformers without changing a single search result."""
+
+import numpy as np
+import pytest
+
+from memory_llm.config import DEFAULT_EMBEDDER
+from memory_llm.embed import PlainEmbedder, SentenceEmbedder, load
+from memory_llm.models import resolve_embedder
+
+pytestmark = pytest.mark.e2e
+
+TEXTS = ["When did the Larkspur Observatory open?", "Herons nest in tall trees near the lake.", "x",
+         "A long text " * 200, "Ünïcödé and emoji 🙂 survive", "", "Short.", "Another question about the ferry?"]
+
+
+def test_plain_embedder_equals_sentence_transformers(real_models):
+    st = real_models[0]
+    plain = load(DEFAULT_EMBEDDER)
+    assert isinstance(plain, PlainEmbedder) and plain.dim == st.dim == 384 and plain.max_tokens == st.max_tokens
+    for texts in (TEXTS[:3], TEXTS):  # the few-texts path and the batched one
+        a, b = plain.encode(texts), st.encode(texts)
+        assert a.dtype == np.float32 and a.shape == b.shape
+        assert np.min(np.sum(a * b, axis=1)) > 0.999999, np.sum(a * b, axis=1)
+    assert plain.count_tokens(TEXTS[1]) == st.count_tokens(TEXTS[1])
+
+
+def test_other_pipelines_stay_on_sentence_transformers(tmp_path):
+    import json
+    import shutil
+
+    other = tmp_path / "cls-model"
+    shutil.copytree(resolve_embedder(DEFAULT_EMBEDDER), other)
+    (other / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 384,
+                                                                "pooling_mode_cls_token": True}))
+    assert not PlainEmbedder.fits(other) and PlainEmbedder.fits(type(other)(resolve_embedder(DEFAULT_EMBEDDER)))
+    assert isinstance(load(str(other)), SentenceEmbedder) and not isinstance(load(str(other)), PlainEmbedder)
