@@ -52,6 +52,7 @@ class Answer:
                 "session_id": self.session_id, "model": self.model, "adapter": self.adapter,
                 "adapter_active": self.adapter_active, "adapter_used": self.adapter_used,
                 "used_memory": self.used_memory, "path": self.path, "why": self.why,
+                "finish_reason": self.finish_reason, "completion_tokens": self.completion_tokens,
                 **(self.prompt.as_dict() if self.prompt else {}),
                 "retrieved_ids": [h.memory.id for h in self.sources], "remembered_ids": self.remembered,
                 "sources": [{"n": i, **h.as_dict()} for i, h in enumerate(self.sources, 1)],

@@ -89,8 +89,7 @@ class Resident:
                         yield piece
                     if "mllm" in event:
                         ext = dict(event["mllm"])
-                        yield {"id": ext.pop("answer_id"), "answer": "".join(pieces).strip(), **ext,
-                               "finish_reason": choice.get("finish_reason")}
+                        yield {"id": ext.pop("answer_id"), "answer": "".join(pieces).strip(), **ext}
         except urllib.error.HTTPError as exc:
             raise (InputError if exc.code < 500 else ModelError)(_message(exc)) from None
         except (OSError, ValueError) as exc:

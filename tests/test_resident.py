@@ -50,7 +50,7 @@ def test_ask_and_search_go_through_the_resident_server(live):
     assert out.exit_code == 0, out.output
     answer = json.loads(out.stdout)
     assert answer["sources"][0]["text"] == FACT and answer["namespace"] == "birds" and answer["id"]
-    assert {"path", "why", "template", "adapter", "timings", "question"} <= set(answer)
+    assert {"path", "why", "template", "adapter", "timings", "question", "finish_reason"} <= set(answer)
     assert opened == []  # the CLI never opened the home: the server answered
     logged = mem.store.logged_answer(answer["id"], "birds")
     assert logged is not None and logged.answer == answer["answer"]
@@ -62,8 +62,9 @@ def test_ask_and_search_go_through_the_resident_server(live):
     bad = mllm(mem, "ask", "Where?", "--prompt", "nope")
     assert bad.exit_code == 1 and "unknown template 'nope'" in bad.output and "Traceback" not in bad.output
 
-    local = mllm(mem, "ask", "Where do herons nest?", "-n", "birds", "--max-new-tokens", "3", "--json", "--local")
+    local = mllm(mem, "ask", "Where do herons nest?", "-n", "birds", "--max-new-tokens", "5", "--json", "--local")
     assert local.exit_code == 0 and len(opened) == 1  # --local: in-process
+    assert set(json.loads(local.stdout)) == set(answer)  # the same fields either way
     mllm(mem, "ask", "Where?", "--max-new-tokens", "2", "--no-adapter")
     assert len(opened) == 2  # a choice the server cannot honour runs in-process
 

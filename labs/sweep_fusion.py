@@ -1,0 +1,69 @@
+"""Sweep the lexical side's weight in reciprocal-rank fusion: recall@3 of the right document on SQuAD questions and
+FK chat probes, tuning and held-out splits (bench_served's), every document of the split learned.
+
+The dense and lexical candidate lists of each probe are fetched once (as retrieve.retrieve fetches them) and fused
+offline for each weight: score(id) = Σ w_ranking / (rrf_k + rank), w = 1 for dense, W for lexical.
+
+    MLLM_CACHE=/tmp/mcache .venv/bin/python labs/sweep_fusion.py
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from _benchmd import log, table  # noqa: E402
+from bench_served import FK_TUNING, fk_split, squad_split  # noqa: E402
+
+WEIGHTS = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0]
+
+
+def fuse(rankings, weights, k=60):
+    scores: dict[int, float] = {}
+    for ranking, w in zip(rankings, weights):
+        for rank, (item, _) in enumerate(ranking, 1):
+            scores[item] = scores.get(item, 0.0) + w / (k + rank)
+    return sorted(scores, key=lambda i: (-scores[i], i))
+
+
+def main() -> None:
+    from memory_llm import MemoryLLM
+    from memory_llm.config import DEFAULT_EMBEDDER
+    from memory_llm.embed import load
+
+    embedder = load(DEFAULT_EMBEDDER)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for set_name in ("squad", "fk"):
+            for split in ("tuning", "heldout"):
+                docs, probes = squad_split(split, 10 ** 6) if set_name == "squad" else \
+                    fk_split(split, FK_TUNING if split == "tuning" else 130 - FK_TUNING, Path(tmp))
+                m = MemoryLLM(Path(tmp) / f"{set_name}-{split}", embedder=embedder)
+                for d in docs:
+                    m.learn(text=d["text"], source=d["id"])
+                source = {i: mem.source for i, mem in m.store.get(m.store.memory_ids()).items()}
+                vectors = embedder.encode([p["input"] for p in probes])
+                lists = [(m.store.dense(v, 20, "default"), m.store.lexical(p["input"], 20, "default"))
+                         for p, v in zip(probes, vectors)]
+                recall = []
+                for w in WEIGHTS:
+                    hits = 0
+                    for p, (dense, lexical) in zip(probes, lists):
+                        seen: list[str] = []
+                        for i in fuse([dense, lexical], [1.0, w]):
+                            if source[i] not in seen:
+                                seen.append(source[i])
+                            if len(seen) == 3:
+                                break
+                        hits += p["tags"][0] in seen
+                    recall.append(hits / len(probes))
+                rows.append([set_name, split, len(probes)] + [f"{r:.3f}" for r in recall])
+                log(f"{set_name} {split}: {rows[-1]}")
+                m.close()
+    print(table(["set", "split", "probes"] + [f"W={w:g}" for w in WEIGHTS], rows))
+
+
+if __name__ == "__main__":
+    main()
