@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from memory_llm import cli_common as common
-from memory_llm.cli_common import (EMBEDDER, HOME, JSON, MAX_NEW_TOKENS, MODEL, NAMESPACE, NO_EXEMPLARS, PROMPT, app,
+from memory_llm.cli_common import (EMBEDDER, HOME, JSON, LOCAL, MAX_NEW_TOKENS, MODEL, NAMESPACE, NO_EXEMPLARS, PROMPT, app,
                                    handled, print_json, stderr)
 from memory_llm.errors import MemoryLLMError
 
@@ -172,17 +172,20 @@ def chat(
     model: Optional[str] = MODEL,
     embedder: Optional[str] = EMBEDDER,
     home: Optional[Path] = HOME,
+    local: bool = LOCAL,
 ) -> None:
-    """Chat in the terminal with memory. Commands: /good, /bad, /correct TEXT, /sources, /quit (or Ctrl-D)."""
+    """Chat in the terminal with memory. Commands: /good, /bad, /correct TEXT, /sources, /quit (or Ctrl-D). A new
+    session goes through a running `mllm serve` of the home unless --local, --model or --embedder."""
     with handled():
         import uuid
 
         common.check_max_new_tokens(max_new_tokens)
-        m = common.open_memory(home, model=model, embedder=embedder)
-        if prompt is not None:
+        resident = None if local or model or embedder or session else common.resident(home)
+        m = resident or common.open_memory(home, model=model, embedder=embedder)
+        if prompt is not None and resident is None:
             m.prompts.get(prompt)
         session = session or uuid.uuid4().hex[:12]
-        messages = m.history(session, namespace)
+        messages = m.history(session, namespace) if resident is None else []
         stderr(f"Chat session {session} ({'resumed, ' + str(len(messages) // 2) + ' turn(s)' if messages else 'new'})"
                 f", namespace {namespace!r}, remember {'on' if remember else 'off'}. "
                 "/good /bad /correct TEXT /sources /quit")
@@ -198,17 +201,23 @@ def chat(
                 if line.startswith("/"):
                     _chat_command(m, line, last, namespace)
                     continue
-                stream = m.chat(messages + [{"role": "user", "content": line}], session_id=session,
-                                namespace=namespace, remember=remember, k=k, prompt=prompt,
-                                exemplars=not no_exemplars, max_new_tokens=max_new_tokens)
+                turn = messages + [{"role": "user", "content": line}]
+                stream = m.chat(turn, session_id=session, namespace=namespace, remember=remember, k=k, prompt=prompt,
+                                exemplars=not no_exemplars, max_new_tokens=max_new_tokens) if resident is None else \
+                    resident.chat_stream(turn, namespace, session_id=session, remember=remember, k=k, prompt=prompt,
+                                         exemplars=not no_exemplars, max_tokens=max_new_tokens)
                 _stdout("bot> ")
+                answer = None
                 for piece in stream:
-                    _stdout(piece)
+                    if isinstance(piece, dict):  # the server's answer (Answer.as_dict)
+                        answer = piece
+                    else:
+                        _stdout(piece)
                 _stdout("\n")
-                last = stream.answer
-                messages += [{"role": "user", "content": line}, {"role": "assistant", "content": last.text}]
-                if last.remembered:
-                    stderr(f"(remembered as memory #{', #'.join(map(str, last.remembered))})")
+                last = answer or stream.answer.as_dict()
+                messages += [{"role": "user", "content": line}, {"role": "assistant", "content": last["answer"]}]
+                if last["remembered_ids"]:
+                    stderr(f"(remembered as memory #{', #'.join(map(str, last['remembered_ids']))})")
             except MemoryLLMError as exc:  # one bad turn does not end the session
                 stderr(f"Error: {exc}")
 
@@ -239,9 +248,9 @@ def _chat_command(m, line: str, last, namespace: str) -> None:
         return
     if command == "/correct" and not arg.strip():
         raise MemoryLLMError("/correct needs the right answer, e.g. /correct It opened in 1897.")
-    m.feedback(last.id, good=command == "/good", bad=command == "/bad",
+    m.feedback(last["id"], good=command == "/good", bad=command == "/bad",
                correction=arg if command == "/correct" else None, namespace=namespace)
-    stderr(f"(feedback recorded on answer {last.id})")
+    stderr(f"(feedback recorded on answer {last['id']})")
 
 
 @app.command()

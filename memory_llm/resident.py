@@ -1,5 +1,5 @@
 """A resident server for the CLI, the way `ollama run` talks to `ollama serve`: `mllm serve` records where it
-listens in the home (server.json), and `ask` and `search` send their request there when it answers, so a user who
+listens in the home (server.json), and `ask`, `search` and `chat` send their requests there when it answers, so a user who
 asks many questions pays the models' start-up once. Standard library only: this runs before anything heavy is
 imported, and a CLI that finds the server never imports torch."""
 
@@ -69,9 +69,21 @@ class Resident:
 
     def ask_stream(self, question: str, namespace: str, **fields) -> Iterator[str | dict]:
         """Text pieces as the server generates them, then the answer as `Answer.as_dict` gives it."""
+        return self.chat_stream([{"role": "user", "content": question}], namespace, **fields)
+
+    def feedback(self, answer_id: int, *, good: bool = False, bad: bool = False, correction: str | None = None,
+                 namespace: str) -> dict:
+        """MemoryLLM.feedback through the server."""
+        body = {"answer_id": answer_id, **({"correction": correction} if correction is not None else
+                                           {"rating": "good" if good else "bad"})}
+        return self.call("/feedback", body, namespace)
+
+    def chat_stream(self, messages: list[dict], namespace: str, **fields) -> Iterator[str | dict]:
+        """A conversation's answer (MemoryLLM.chat's fields: session_id, remember, k, prompt, use_memory,
+        exemplars, max_tokens): text pieces, then the answer as `Answer.as_dict` gives it."""
         from memory_llm.errors import InputError, ModelError
 
-        body = {"model": "mllm", "messages": [{"role": "user", "content": question}], "stream": True,
+        body = {"model": "mllm", "messages": messages, "stream": True,
                 "user": namespace, **{k: v for k, v in fields.items() if v is not None}}
         pieces = []
         try:

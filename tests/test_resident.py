@@ -69,6 +69,19 @@ def test_ask_and_search_go_through_the_resident_server(live):
     assert len(opened) == 2  # a choice the server cannot honour runs in-process
 
 
+def test_chat_goes_through_the_resident_server_with_feedback(live):
+    mem, opened = live
+    out = CliRunner().invoke(cli.app, ["chat", "-n", "birds", "--max-new-tokens", "4", "--home",
+                                       str(mem.settings.home)],
+                             input="Where do herons nest?\n/sources\n/good\nAnd what else?\n/quit\n")
+    assert out.exit_code == 0, out.output
+    assert out.output.count("bot> ") == 2 and "[1] herons" in out.output and "feedback recorded" in out.output
+    assert opened == []  # the server answered every turn
+    logged = mem.store.answers("birds")
+    assert len(logged) == 2 and len({a.session_id for a in logged}) == 1  # one session, both turns
+    assert mem.store.exemplars("birds")  # /good kept the first answer as an exemplar
+
+
 def test_a_stale_or_foreign_record_is_ignored(tmp_path):
     home = tmp_path / "home"
     announce(home, "http://127.0.0.1:9/v1", None)
