@@ -126,7 +126,7 @@ class MemoryLLM:
         from memory_llm.adapters import AdapterRegistry
 
         served = self._tenants.get(namespace)
-        if served is None and (AdapterRegistry(self.settings.home, namespace).root / "namespace").exists():
+        if served is None and AdapterRegistry(self.settings.home, namespace).is_tenant:
             with self._lock:
                 served = self._tenants.setdefault(namespace, self.served.sibling(namespace))
         return served or self.served

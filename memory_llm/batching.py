@@ -79,7 +79,9 @@ class Batcher:
                     jobs.append(self._waiting.get(timeout=max(deadline - time.perf_counter(), 0)))
                 except queue.Empty:
                     break
-            jobs = [j for j in jobs if not j.stop.is_set() or self._finish(j)]
+            for j in [j for j in jobs if j.stop.is_set()]:  # the client left while waiting
+                self._finish(j)
+            jobs = [j for j in jobs if not j.done]
             if not jobs:
                 continue
             self.batch_sizes.append(len(jobs))
@@ -158,9 +160,8 @@ class Batcher:
             self._finish(job, "length")
 
     @staticmethod
-    def _finish(job: Job, reason: str = "stop") -> bool:
+    def _finish(job: Job, reason: str = "stop") -> None:
         job.done = True
         job.report.setdefault("finish_reason", reason)
         job.report["completion_tokens"] = len(job.tokens)
         job.pieces.put(None)
-        return False

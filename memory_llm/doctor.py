@@ -28,7 +28,7 @@ def diagnose(open_store: Callable[[], Store], adapters: AdapterRegistry, model: 
                             " from a backup"}
         return {"healthy": False, "checks": [failed], "repaired": []}
 
-    registries = [adapters] + [AdapterRegistry(_home(adapters), ns) for ns in tenants(_home(adapters))]
+    registries = [adapters] + [AdapterRegistry(adapters.home, ns) for ns in tenants(adapters.home)]
 
     def run() -> list[dict]:
         return store.check() + [_labelled(r, r.check(model)) for r in registries]
@@ -45,11 +45,6 @@ def diagnose(open_store: Callable[[], Store], adapters: AdapterRegistry, model: 
     if repaired:
         checks = run()
     return {"healthy": all(c["ok"] for c in checks), "checks": checks, "repaired": repaired}
-
-
-def _home(registry: AdapterRegistry):
-    """The home a registry belongs to."""
-    return registry.root.parents[2] if registry.tenant else registry.root.parent
 
 
 def _labelled(registry: AdapterRegistry, check: dict) -> dict:

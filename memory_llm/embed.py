@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -59,17 +60,24 @@ class SentenceEmbedder:
     def _encode_few(self, texts: Sequence[str]) -> np.ndarray:
         """A question or two: one torch thread is faster (measured 20 ms vs 65-490 ms with 2 threads right after
         a generation, labs/probe_retrieve.py), the thread pool's wake-up dominates such small work."""
-        import torch
-
-        with _THREADS_LOCK:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                vecs = self.model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True,
-                                         show_progress_bar=False)
-            finally:
-                torch.set_num_threads(threads)
+        with one_thread():
+            vecs = self.model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True,
+                                     show_progress_bar=False)
         return np.asarray(vecs, dtype=np.float32)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread while inside (process-wide: under _THREADS_LOCK, restored after)."""
+    import torch
+
+    with _THREADS_LOCK:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 def load(name: str, device: str = "auto") -> "SentenceEmbedder | PlainEmbedder":
@@ -139,11 +147,5 @@ class PlainEmbedder(SentenceEmbedder):
         return out
 
     def _encode_few(self, texts: Sequence[str]) -> np.ndarray:
-        torch = self._torch
-        with _THREADS_LOCK:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                return self._batch(texts)
-            finally:
-                torch.set_num_threads(threads)
+        with one_thread():
+            return self._batch(texts)

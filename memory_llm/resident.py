@@ -10,6 +10,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -53,19 +54,23 @@ class Resident:
         data = None if body is None else json.dumps(body).encode()
         return urllib.request.urlopen(urllib.request.Request(self.url + path, data, headers), timeout=timeout)
 
-    def call(self, path: str, body: dict, namespace: str) -> dict:
-        """POST a JSON body in a namespace; the reply's JSON. A 4xx is the server's message as an InputError."""
+    @contextmanager
+    def _answering(self) -> Iterator[None]:
+        """The server's refusals as the library's errors: a 4xx as an InputError (its message), the rest as a
+        ModelError."""
         from memory_llm.errors import InputError, ModelError
 
-        body = {**body, "user": namespace}
         try:
-            with self._request(path, body) as r:
-                return json.loads(r.read())
+            yield
         except urllib.error.HTTPError as exc:
-            message = _message(exc)
-            raise (InputError if exc.code < 500 else ModelError)(message) from None
-        except OSError as exc:
+            raise (InputError if exc.code < 500 else ModelError)(_message(exc)) from None
+        except (OSError, ValueError) as exc:
             raise ModelError(f"the resident server at {self.url} stopped answering ({exc}); use --local") from None
+
+    def call(self, path: str, body: dict, namespace: str) -> dict:
+        """POST a JSON body in a namespace; the reply's JSON."""
+        with self._answering(), self._request(path, {**body, "user": namespace}) as r:
+            return json.loads(r.read())
 
     def ask_stream(self, question: str, namespace: str, **fields) -> Iterator[str | dict]:
         """Text pieces as the server generates them, then the answer as `Answer.as_dict` gives it."""
@@ -81,12 +86,12 @@ class Resident:
     def chat_stream(self, messages: list[dict], namespace: str, **fields) -> Iterator[str | dict]:
         """A conversation's answer (MemoryLLM.chat's fields: session_id, remember, k, prompt, use_memory,
         exemplars, max_tokens): text pieces, then the answer as `Answer.as_dict` gives it."""
-        from memory_llm.errors import InputError, ModelError
+        from memory_llm.errors import ModelError
 
         body = {"model": "mllm", "messages": messages, "stream": True,
                 "user": namespace, **{k: v for k, v in fields.items() if v is not None}}
         pieces = []
-        try:
+        with self._answering():
             with self._request("/chat/completions", body) as r:
                 for line in r:
                     if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
@@ -102,10 +107,6 @@ class Resident:
                     if "mllm" in event:
                         ext = dict(event["mllm"])
                         yield {"id": ext.pop("answer_id"), "answer": "".join(pieces).strip(), **ext}
-        except urllib.error.HTTPError as exc:
-            raise (InputError if exc.code < 500 else ModelError)(_message(exc)) from None
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"the resident server at {self.url} stopped answering ({exc}); use --local") from None
 
 
 def find(home: Path) -> Resident | None:

@@ -40,8 +40,7 @@ def retrieve(store: Store, embedder: Embedder, query: str | Sequence[str], k: in
         for i, s in dense:
             similarity[i] = max(similarity.get(i, -1.0), float(s))
         bound = max(bound, float(dense[-1][1]) if len(dense) == fetch else -1.0)  # beyond: below this
-    fused = [f for f in rrf(rankings, rrf_k) if similarity.get(f[0], bound) >= floor][:k] if floor > 0 \
-        else rrf(rankings, rrf_k)[:k]
+    fused = [f for f in rrf(rankings, rrf_k) if floor <= 0 or similarity.get(f[0], bound) >= floor][:k]
     memories = store.get([i for i, _, _ in fused])
     return [Hit(memories[i], score, ranks[0], ranks[1], similarity.get(i)) for i, score, ranks in fused
             if i in memories]

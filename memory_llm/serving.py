@@ -203,30 +203,28 @@ class ServedModel:
 
     def acted(self) -> tuple[bool | None, str | None]:
         """Whether an adapter acted on the last single prompt generated, and which version (None: none)."""
-        if self.adapter_version is None:
-            return None, None
-        active = self.router.active if self.router is not None else True
-        used = self.router.acted if hasattr(self.router, "acted") else (self.adapter_version if active else None)
-        # one adapter loads under peft's name "default" (also when served as a stack of one)
-        return active, self.adapter_version if used == "default" else None if used is None else \
-            self.registry.label(used)
+        return self.routed_rows(1)[0]
 
     def routed_rows(self, n: int) -> list[tuple[bool | None, str | None]]:
-        """For each of the last routed prefill's n rows, as `acted` says of a single prompt: whether an adapter
-        acted, and which version (the batcher reads it right after a batch's prefill)."""
+        """For each of the last routed prefill's n rows: whether an adapter acted (None: no adapter, or not routed
+        yet), and which version (as the answer log names it). The batcher reads it right after a batch's prefill."""
         if self.adapter_version is None:
             return [(None, None)] * n
         router = self.router
         if router is None:
             return [(True, self.adapter_version)] * n
         on = list(router.last_on) if len(router.last_on) == n else [None] * n
-        names = list(getattr(router, "last_adapter", []))
-        out = []
-        for i in range(n):
-            used = names[i] if len(names) == n else (self.adapter_version if on[i] else None)
-            out.append((on[i], self.adapter_version if used in ("default", self.adapter_version) else
-                        None if used is None else self.registry.label(used)))
-        return out
+        names = list(getattr(router, "last_adapter", []))  # a stack's choice per row (a lone router: its own)
+        used = names if len(names) == n else [self.adapter_version if o else None for o in on]
+        # one adapter loads under peft's name "default" (also when served as a stack of one)
+        return [(o, None if u is None else self.adapter_version if u in ("default", self.adapter_version)
+                 else self.registry.label(u)) for o, u in zip(on, used)]
+
+    @property
+    def largest_batch(self) -> int | None:
+        """The largest batch the generator's batcher has run (None: answers are not batched here)."""
+        batcher = getattr(self._generator, "batcher", None)
+        return max(batcher.batch_sizes, default=0) if batcher is not None else None
 
     def acted_rows(self, n: int) -> list[bool]:
         """Whether an adapter acted on each of the last batch's n rows."""

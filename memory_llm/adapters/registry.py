@@ -81,18 +81,19 @@ class AdapterRegistry:
     """The adapter versions of a home (namespace None: the shared ones), or of one tenant namespace."""
 
     def __init__(self, home: Path, namespace: str | None = None):
-        self.namespace = namespace
+        self.home, self.namespace = Path(home), namespace
         self.tenant = None if namespace is None else tenant_slug(namespace)
-        self.root = Path(home) / "adapters" / (TENANTS if namespace is not None else "") / (self.tenant or "")
+        self.root = self.home / "adapters" / (TENANTS if namespace is not None else "") / (self.tenant or "")
+
+    @property
+    def is_tenant(self) -> bool:
+        """Whether the namespace is a tenant: consolidated on its own at least once (even if rejected)."""
+        return self.namespace is not None and (self.root / "namespace").exists()
 
     def label(self, name: str) -> str:
         """A version name as the ledger and the answer log record it (<slug>/vNNNN for a tenant's)."""
         return f"{self.tenant}/{name}" if self.tenant else name
 
-    @property
-    def exists(self) -> bool:
-        """Whether this registry has been written to (a tenant's: consolidated at least once, even if rejected)."""
-        return self.root.is_dir()
 
     # ---- reading ------------------------------------------------------------------------------------
     def _scan(self) -> tuple[list[AdapterVersion], list[str]]:

@@ -148,8 +148,9 @@ def consolidate(store: Store, settings: Settings, *, new_generator: Callable[[],
         if current is not None:
             registry.check_base(current, settings.model)
         # a tenant's adapter covers its namespace only; the shared one every namespace that is not a tenant
+        shared_out = tenants(settings.home)
         namespaces = [namespace] if namespace is not None else \
-            [ns for ns in store.stats()["namespaces"] if ns not in tenants(settings.home)]
+            [ns for ns in store.stats()["namespaces"] if ns not in shared_out]
         existing = all_existing = {i for ns in namespaces for i in store.memory_ids(ns)}
         covered = set(current.manifest.get("memories", [])) if current else set()
         forgotten = covered - all_existing

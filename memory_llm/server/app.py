@@ -71,8 +71,8 @@ def create_app(m, api_key: str | None = None, model_id: str = MODEL_ID) -> FastA
     @app.get("/health")
     async def health():
         """Liveness, and with in-process batching the largest batch generated so far (operators, benchmarks)."""
-        batcher = getattr(getattr(m.served, "_generator", None), "batcher", None) if not remote else None
-        return {"status": "ok", **({"largest_batch": max(batcher.batch_sizes, default=0)} if batcher else {})}
+        largest = getattr(getattr(m, "served", None), "largest_batch", None)
+        return {"status": "ok", **({"largest_batch": largest} if largest is not None else {})}
 
     @app.get("/v1/models")
     async def models():
