@@ -1,16 +1,20 @@
-"""Batched generation: answers streamed at the same time share forward passes.
+"""Batched generation: answers streamed at the same time share forward passes (continuous batching).
 
 A TransformersGenerator with a Batcher (its `batcher`; ServedModel.batching, the server's in-process path) hands
-each `stream` call to one background thread. The thread gathers what is waiting (up to `max_batch` answers, a few
-milliseconds for more to arrive), left-pads the prompts into one batch, runs one prefill (the adapter's router
-decides per row there, as it does for a single prompt) and then one decoding step for all rows at a time, each row
-with its own sampling settings, token budget and stop; a row whose client left (its `stop` set) or that ended is
-dropped from the batch at the next step. Answers arriving meanwhile wait for the next batch (static batching: no
-row joins a running batch). Greedy rows give the tokens a lone `generate` gives (tests/test_batching.py).
-"""
+each `stream` call to one background thread, which runs a batch of up to `max_batch` rows one decoding step at a
+time. Between steps, answers that arrived join: they are prefilled together (the adapter's router decides per row
+there, as it does for a single prompt), each takes its first token, and their cache rows are merged into the running
+batch (left-padded, masked). Every row has its own sampling settings, token budget, stop and adapter gates; a row
+that ended, or whose client left (its `stop` set), leaves the batch at the next step and its cache is freed. Greedy
+rows give the tokens a lone `generate` gives, whoever shares or joins their batch (tests/test_batching.py).
+
+Hand-written on the model's forward and DynamicCache rather than transformers' own continuous batching
+(generate_batch / ContinuousBatchingManager): that packs all rows into one flat sequence with paged attention, where
+per-row adapter gates (adapters.routing) cannot act."""
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -39,18 +43,88 @@ class Job:
     text: str = ""
     done: bool = False
     generator: object = None  # a torch.Generator of its own when seeded
+    pending: int = -1  # the token picked last, fed at the next step
+    gates: tuple = ()  # the adapter gates of its row (ServedModel.row_gates), restored whenever the batch changes
+
+
+class Rows:
+    """The running batch: its jobs in row order, their cache (a transformers DynamicCache), attention mask and next
+    positions. Rows join by merge and leave by drop_done; positions only padding covers are trimmed away."""
+
+    def __init__(self):
+        self.jobs: list[Job] = []
+        self.cache = self.mask = self.next_pos = None
+        self.changed = False  # rows joined or left since the gates were last set
+
+    @property
+    def joinable(self) -> bool:
+        """Whether newcomers can join while rows run: the cache is made of plain growing layers whose key and value
+        tensors can be padded and stacked (a sliding-window or quantized cache cannot: newcomers then wait)."""
+        layers = getattr(self.cache, "layers", None)
+        return self.cache is None or (layers is not None and all(type(x).__name__ == "DynamicLayer" for x in layers))
+
+    def merge(self, jobs: list[Job], cache, mask, next_pos) -> None:
+        import torch
+
+        if not self.jobs:
+            self.jobs, self.cache, self.mask, self.next_pos = list(jobs), cache, mask, next_pos
+            self.changed = True
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_pad_left(old.keys, width, -2), _pad_left(new.keys, width, -2)])
+            old.values = torch.cat([_pad_left(old.values, width, -2), _pad_left(new.values, width, -2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, -1), _pad_left(mask, width, -1)])
+        self.next_pos = torch.cat([self.next_pos, next_pos])
+        self.jobs += jobs
+        self.changed = True
+
+    def drop_done(self) -> None:
+        keep = [i for i, j in enumerate(self.jobs) if not j.done]
+        if len(keep) == len(self.jobs):
+            return
+        if not keep:
+            self.__init__()
+            return
+        import torch
+
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask, self.next_pos = self.mask[index], self.next_pos[index]
+        self.jobs = [self.jobs[i] for i in keep]
+        self.changed = True
+        if not self.joinable:  # another kind of cache selects its own rows (no trimming)
+            self.cache.batch_select_indices(index)
+            return
+        start = int((self.mask.sum(0) > 0).nonzero()[0])  # columns that are padding in every row left go too
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+
+
+def _pad_left(t, width: int, dim: int):
+    """`t` left-padded with zeros along `dim` to `width`."""
+    import torch
+
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
 
 
 class Batcher:
     """Runs every `stream` of one generator in shared batches on a thread of its own (see the module docstring).
-    `stats` keeps the size of each batch run (the server's throughput figures read it)."""
+    batch_sizes, step_rows and joined_running tell how the batches went (the server's /health reads them)."""
 
     def __init__(self, generator: "TransformersGenerator", max_batch: int = 8):
         self.gen, self.max_batch = generator, max_batch
         self._waiting: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: collections.deque = collections.deque(maxlen=4096)  # rows after each join
+        self.step_rows: collections.deque = collections.deque(maxlen=4096)  # rows in each decoding step
+        self.joined_running = 0  # answers that joined a batch already decoding
 
     def stream(self, input_ids, max_new_tokens: int, stop: threading.Event | None, sampling: Sampling | None,
                report: dict | None) -> Iterator[str]:
@@ -71,62 +145,99 @@ class Batcher:
 
     # ---- the batch thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
+        rows = Rows()
         while True:
-            jobs = [self._waiting.get()]
+            room = self.max_batch - len(rows.jobs) if rows.joinable else 0
+            new = self._admit(block=not rows.jobs, room=room)
+            try:
+                if new:
+                    self._join(rows, new)
+                if rows.jobs:
+                    self._step(rows)
+            except BaseException as exc:  # every client in the batch gets the error, the thread goes on
+                for j in rows.jobs + new:
+                    if not j.done:
+                        j.done = True
+                        j.pieces.put(exc)
+                rows = Rows()
+
+    def _admit(self, block: bool, room: int) -> list[Job]:
+        """The answers waiting (up to `room`): when the batch is idle, wait for one and a few ms for more."""
+        jobs: list[Job] = []
+        if block:
+            jobs.append(self._waiting.get())
             deadline = time.perf_counter() + GATHER_S
-            while len(jobs) < self.max_batch:
+            while len(jobs) < room:
                 try:
                     jobs.append(self._waiting.get(timeout=max(deadline - time.perf_counter(), 0)))
                 except queue.Empty:
                     break
-            for j in [j for j in jobs if j.stop.is_set()]:  # the client left while waiting
-                self._finish(j)
-            jobs = [j for j in jobs if not j.done]
-            if not jobs:
-                continue
-            self.batch_sizes.append(len(jobs))
+        while len(jobs) < room:
             try:
-                self._generate(jobs)
-            except BaseException as exc:  # every waiting client gets the error, the thread goes on
-                for j in jobs:
-                    if not j.done:
-                        j.done = True
-                        j.pieces.put(exc)
+                jobs.append(self._waiting.get_nowait())
+            except queue.Empty:
+                break
+        for j in jobs:
+            if j.stop.is_set():  # the client left while waiting
+                self._finish(j)
+        return [j for j in jobs if not j.done]
 
-    def _generate(self, jobs: list[Job]) -> None:
+    def _join(self, rows: "Rows", jobs: list[Job]) -> None:
+        """Prefill the newcomers in one left-padded batch, take each one's first token, and merge their cache rows
+        into the running batch (the shorter side is left-padded with masked positions)."""
         import torch
 
         gen, tok = self.gen, self.gen.tokenizer
-        model, device = gen.model, gen.device
-        ends = {tok.eos_token_id, tok.pad_token_id}
         for j in jobs:
             if j.sampling.seed is not None and not j.sampling.greedy:
                 j.generator = torch.Generator(device="cpu").manual_seed(j.sampling.seed)
         ids, mask = left_pad([j.ids for j in jobs], tok.pad_token_id)
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = ids.to(gen.device), mask.to(gen.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            probe = getattr(gen, "route_probe", None)  # the adapter's per-row routing, read right after prefill
-            if probe is not None:
-                for j, routed in zip(jobs, probe(len(jobs))):
-                    j.report["routed"] = routed
-            for step in range(max(j.max_new for j in jobs)):
-                logits = out.logits[:, -1, :].float()
-                nxt = [self._pick(logits[r], j) if not j.done else tok.pad_token_id for r, j in enumerate(jobs)]
-                for j, t in zip(jobs, nxt):
-                    if not j.done:
-                        self._take(j, t, ends)
-                if all(j.done for j in jobs):
-                    break
-                last = torch.tensor([[t] for t in nxt], device=device)
-                mask = torch.cat([mask, torch.ones((len(jobs), 1), dtype=mask.dtype, device=device)], dim=1)
-                positions = positions[:, -1:] + 1
-                out = model(input_ids=last, attention_mask=mask, position_ids=positions, use_cache=True,
-                            **cache_kwargs(model, output_cache(out)))
-        for j in jobs:
-            if not j.done:
-                self._finish(j)
+            out = gen.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        probe = getattr(gen, "route_probe", None)  # the adapter's per-row routing, read right after the prefill
+        if probe is not None:
+            for j, routed in zip(jobs, probe(len(jobs))):
+                j.report["routed"] = routed
+        gates = getattr(gen, "row_gates", None)
+        for j, g in zip(jobs, gates(len(jobs)) if gates is not None else [()] * len(jobs)):
+            j.gates = g
+        logits = out.logits[:, -1, :].float()
+        ends = {tok.eos_token_id, tok.pad_token_id}
+        for r, j in enumerate(jobs):
+            j.pending = self._pick(logits[r], j)
+            self._take(j, j.pending, ends)
+        self.joined_running += len(jobs) if rows.jobs else 0
+        rows.merge(jobs, output_cache(out), mask, positions[:, -1] + 1)
+        rows.drop_done()
+        self.batch_sizes.append(len(rows.jobs))
+
+    def _step(self, rows: "Rows") -> None:
+        """One decoding step for every running row; rows that ended or whose client left are dropped after it."""
+        import torch
+
+        gen, tok = self.gen, self.gen.tokenizer
+        rows.drop_done()  # a client that left since the last step frees its row now
+        if not rows.jobs:
+            return
+        set_gates = getattr(gen, "set_row_gates", None)
+        if set_gates is not None and rows.changed:
+            set_gates([j.gates for j in rows.jobs])
+        rows.changed = False
+        self.step_rows.append(len(rows.jobs))
+        last = torch.tensor([[j.pending] for j in rows.jobs], device=gen.device)
+        rows.mask = torch.cat([rows.mask, torch.ones_like(rows.mask[:, :1])], dim=1)
+        with torch.inference_mode():
+            out = gen.model(input_ids=last, attention_mask=rows.mask, position_ids=rows.next_pos[:, None],
+                            use_cache=True, **cache_kwargs(gen.model, rows.cache))
+        rows.cache, rows.next_pos = output_cache(out), rows.next_pos + 1
+        logits = out.logits[:, -1, :].float()
+        ends = {tok.eos_token_id, tok.pad_token_id}
+        for r, j in enumerate(rows.jobs):
+            j.pending = self._pick(logits[r], j)
+            self._take(j, j.pending, ends)
+        rows.drop_done()
 
     @staticmethod
     def _pick(logits, job: Job) -> int:

@@ -60,6 +60,7 @@ class ServedModel:
                 gen = self._generator = copy.copy(gen)  # same model): an injected one may be shared elsewhere
                 gen.batcher = Batcher(gen, self.batching)
                 gen.route_probe = self.routed_rows
+                gen.row_gates, gen.set_row_gates = self.row_gates, self.set_row_gates
             return gen
 
     def new_generator(self):
@@ -219,6 +220,18 @@ class ServedModel:
         # one adapter loads under peft's name "default" (also when served as a stack of one)
         return [(o, None if u is None else self.adapter_version if u in ("default", self.adapter_version)
                  else self.registry.label(u)) for o, u in zip(on, used)]
+
+    def row_gates(self, n: int) -> list[tuple[float, ...]]:
+        """The last prefill's n rows' adapter gates (adapters.routing.row_gates; none when an engine serves)."""
+        from memory_llm.adapters.routing import row_gates
+
+        return row_gates(None if self.remote else self.router, n)
+
+    def set_row_gates(self, rows: list[tuple[float, ...]]) -> None:
+        """Gate the adapters for a batch of rows with these gates (a continuous batch whose rows joined or left)."""
+        from memory_llm.adapters.routing import set_row_gates
+
+        set_row_gates(None if self.remote else self.router, rows, self._generator.device)
 
     @property
     def largest_batch(self) -> int | None:

@@ -8,9 +8,9 @@ warmed). Same question, same greedy decoding, same max tokens, so both produce t
   single: --runs interleaved runs each; first token = first content delta (server) / first text piece
           (in-process); medians.
   under load: for each of --clients (1,4,8) that many concurrent clients, each streaming --per-client requests,
-          vs the same number of requests one after another in-process; the server batches concurrent answers
-          (memory_llm.batching), so the ratio is the speed-up clients get, with the first-token and total times
-          they see.
+          vs the same requests one after another in-process; the server batches concurrent answers
+          (memory_llm.batching, continuous), so the ratio is the speed-up clients get, with the first-token and
+          total times they see; the prefill floor is the limit batching cannot go under on this CPU.
 
     MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/bench_server.py --write
 """
@@ -32,20 +32,28 @@ from _benchmd import command_line, free_port, log, machine, median, table, today
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 QUESTION = "When did the Larkspur Observatory open, and who founded it?"
+QUESTIONS = [QUESTION,  # the requests under load cycle through these (distinct prompts: no shared-prompt shortcut)
+             "Who is the current director of the Larkspur Observatory?",
+             "What is the capital of Orrin?",
+             "When is the weekly planning meeting, and where?",
+             "Who handles expense claims, and by when?",
+             "What is the local dish of Orrin?",
+             "When did the railway reach Sallow Ford?",
+             "What is the Marrow Refractor?"]
 SECTION = "Server: mllm serve vs the library in-process"
 
 
-def body(max_tokens: int, stream: bool) -> dict:
+def body(max_tokens: int, stream: bool, question: str = QUESTION) -> dict:
     return {"model": "mllm", "max_tokens": max_tokens, "stream": stream,
-            "messages": [{"role": "user", "content": QUESTION}]}
+            "messages": [{"role": "user", "content": question}]}
 
 
-def server_stream(client, base: str, max_tokens: int) -> tuple[float, float, str]:
+def server_stream(client, base: str, max_tokens: int, question: str = QUESTION) -> tuple[float, float, str]:
     import json
 
     t0 = time.perf_counter()
     first, parts = None, []
-    with client.stream("POST", base + "/v1/chat/completions", json=body(max_tokens, True)) as r:
+    with client.stream("POST", base + "/v1/chat/completions", json=body(max_tokens, True, question)) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -58,44 +66,66 @@ def server_stream(client, base: str, max_tokens: int) -> tuple[float, float, str
     return (first or end) - t0, end - t0, "".join(parts).strip()
 
 
-def inproc_stream(m, max_tokens: int) -> tuple[float, float, str]:
+def inproc_stream(m, max_tokens: int, question: str = QUESTION) -> tuple[float, float, str]:
     t0 = time.perf_counter()
     first = None
-    stream = m.chat([{"role": "user", "content": QUESTION}], max_new_tokens=max_tokens)
+    stream = m.chat([{"role": "user", "content": question}], max_new_tokens=max_tokens)
     for _ in stream:
         first = first or time.perf_counter()
     end = time.perf_counter()
     return (first or end) - t0, end - t0, stream.answer.text
 
 
+def prefill_seconds(m, question: str) -> float:
+    """The limit for one request: a lone forward pass over its prompt (what batching cannot share on a CPU whose
+    cores a single prefill already fills), on the in-process model, median of 3."""
+    import torch
+
+    from memory_llm.config import DEFAULT_NAMESPACE
+
+    ids = m.answerer.prepare(question, k=None, namespace=DEFAULT_NAMESPACE, use_memory=True).ids  # ask's own prompt
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            m.generator.model(input_ids=ids.to(m.generator.device))
+        times.append(time.perf_counter() - t0)
+    return median(times)
+
+
+PREFILL: dict[str, float] = {}  # question -> prefill_seconds, measured once before the load runs
+
+
 def under_load(m, base: str, clients: int, per_client: int, max_tokens: int) -> dict:
-    """`clients` concurrent streaming clients, `per_client` requests each, against the same requests in a row
-    in-process: walls, first-token and total medians, tokens per second."""
+    """`clients` concurrent streaming clients, `per_client` requests each (cycling through QUESTIONS), against the
+    same requests in a row in-process: walls, first-token and total medians, tokens per second."""
     import httpx
 
     seen: list[tuple[float, float, str]] = []
     lock = threading.Lock()
+    asked = [QUESTIONS[i % len(QUESTIONS)] for i in range(clients * per_client)]
 
-    def client_loop() -> None:
+    def client_loop(c_index: int) -> None:
         with httpx.Client(timeout=900) as c:
-            for _ in range(per_client):
-                got = server_stream(c, base, max_tokens)
+            for r in range(per_client):
+                got = server_stream(c, base, max_tokens, asked[c_index * per_client + r])
                 with lock:
                     seen.append(got)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     server_wall = time.perf_counter() - t0
     t0 = time.perf_counter()
-    done = [inproc_stream(m, max_tokens) for _ in range(clients * per_client)]
+    done = [inproc_stream(m, max_tokens, q) for q in asked]
     inproc_wall = time.perf_counter() - t0
     count = m.generator.count_tokens
     batches = httpx.get(base + "/health").json().get("largest_batch", "-")
-    return {"server_wall": server_wall, "inproc_wall": inproc_wall, "first_p50": median([f for f, _, _ in seen]),
+    floor = sum(PREFILL[q] for q in asked)
+    return {"server_wall": server_wall, "inproc_wall": inproc_wall, "floor": floor, "first_p50": median([f for f, _, _ in seen]),
             "total_p50": median([t for _, t, _ in seen]), "tokens_s": sum(count(x) for _, _, x in seen) / server_wall,
             "inproc_tokens_s": sum(count(x) for _, _, x in done) / inproc_wall, "batches": batches}
 
@@ -153,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"single {name} run {run}: first {first:.2f} s, total {total:.2f} s")
             n_tokens = m.generator.count_tokens(next(iter(texts)))
 
+            for q in QUESTIONS:
+                PREFILL[q] = prefill_seconds(m, q)
+            log("prefill s: " + ", ".join(f"{v:.2f}" for v in PREFILL.values()))
             loads = {}
             for clients in args.clients:
                 loads[clients] = under_load(m, base, clients, args.per_client, args.max_tokens)
@@ -170,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             ["one request: total (s)", f"{st:.2f}", f"{pt:.2f}", f"{st / pt:.2f}"]]
     load_rows = [[c, c * args.per_client, f"{r['server_wall']:.1f}", f"{r['inproc_wall']:.1f}",
                   f"**{r['server_wall'] / r['inproc_wall']:.2f}**", f"{r['first_p50']:.2f}", f"{r['total_p50']:.2f}",
-                  f"{r['tokens_s']:.1f}", f"{r['inproc_tokens_s']:.1f}", r["batches"]]
+                  f"{r['tokens_s']:.1f}", f"{r['inproc_tokens_s']:.1f}", r["batches"],
+                  f"{r['floor']:.1f} ({r['floor'] / r['inproc_wall']:.2f}×)"]
                  for c, r in loads.items()]
     text = "\n".join([
         f"Command: `MLLM_CACHE=<cache> {command_line()}`  ",
@@ -184,12 +218,16 @@ def main(argv: list[str] | None = None) -> int:
         "",
         table(["", "server", "in-process", "server / in-process"], rows),
         "",
-        f"Under load: N concurrent clients, {args.per_client} streamed requests each, vs the same requests one after"
-        " another in-process (target: 4 clients ≤ 0.4× sequential); first token and total as clients see them"
-        " (medians); batches: the sizes the server's batcher ran (largest).",
+        f"Under load: N concurrent clients, {args.per_client} streamed requests each, cycling through "
+        f"{len(QUESTIONS)} distinct questions, vs the same requests one after another in-process (target: 4 clients "
+        "≤ 0.4× sequential); first token and total as clients see them (medians); largest batch: the most rows the "
+        "server's continuous batcher ran at once. Prefill floor: the sum of the requests' lone prefill passes (the "
+        "prompt through the model once, in-process, median of 3), the least any batching can take on a CPU that one "
+        "prefill already keeps busy, and its share of the sequential wall.",
         "",
         table(["clients", "requests", "server wall s", "sequential wall s", "ratio", "first token p50 s",
-               "total p50 s", "server tokens/s", "sequential tokens/s", "largest batch"], load_rows),
+               "total p50 s", "server tokens/s", "sequential tokens/s", "largest batch", "prefill floor s"],
+              load_rows),
     ])
     print(text)
     if args.write:

@@ -253,6 +253,25 @@ def load_router(peft_model, directory: Path, name: str | None = None) -> Router 
     return None if settings is None else Router(peft_model, name=name, **settings).install()
 
 
+def row_gates(router, n: int) -> list[tuple[float, ...]]:
+    """Each of the last prefill's n rows' gates under `router` (a Router, a RouterStack or None): one value per
+    gated adapter, 1.0 where no gate is set. A continuous batch keeps them per row and restores them with
+    set_row_gates whenever rows join or leave (a decoding step keeps the gates it finds)."""
+    gated = _gated(router)
+    return [tuple(1.0 if r.gate is None or r.gate.shape[0] != n else float(r.gate[i]) for r in gated)
+            for i in range(n)]
+
+
+def set_row_gates(router, rows: Sequence[tuple[float, ...]], device) -> None:
+    """Gate `router`'s adapters for a batch whose rows have these gates (row_gates' values, in row order)."""
+    for k, r in enumerate(_gated(router)):
+        r.gate = Router.gate_of([g[k] if len(g) > k else 1.0 for g in rows], device)
+
+
+def _gated(router) -> list[Router]:
+    return [] if router is None else list(getattr(router, "routers", [router]))
+
+
 def contains(row: Sequence[int], part: Sequence[int]) -> bool:
     """Whether the token sequence `part` (non-empty) occurs in row."""
     return next(occurrences(row, part), None) is not None
