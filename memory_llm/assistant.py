@@ -31,10 +31,13 @@ class MemoryLLM:
         home: memory home directory (default: MLLM_HOME or the user data dir).
         settings: a Settings object; keyword overrides (model=..., embedder=..., top_k=...) apply on top.
         embedder / generator: injected models (tests, or sharing one loaded model between instances).
+        quick_start: this instance answers a question or two and ends (the CLI's `ask` and `search`): where the
+            settings allow (cold_backend), questions are embedded in numpy and answered by llama.cpp while no
+            adapter is current, which start in about a second rather than six (no torch import).
     """
 
     def __init__(self, home: str | Path | None = None, settings: Settings | None = None, *, embedder=None,
-                 generator=None, use_adapter: bool = True, **overrides):
+                 generator=None, use_adapter: bool = True, quick_start: bool = False, **overrides):
         if settings is None:
             settings = Settings.load(home, **overrides)
         elif home is not None or overrides:
@@ -47,7 +50,9 @@ class MemoryLLM:
         self._learner: Learner | None = None
         self._answerer: Answerer | None = None
         self._lock = threading.RLock()
-        self.served = ServedModel(settings, self.embed_texts, generator, use_adapter, self._lock)
+        self.quick_start = quick_start and settings.cold_backend == "llama.cpp"
+        self.served = ServedModel(settings, self.embed_texts, generator, use_adapter, self._lock,
+                                  quick=self.quick_start)
         self._tenants: dict[str, ServedModel] = {}  # tenant namespace → the model serving its own adapters
 
     # ---- components (lazy) ---------------------------------------------------------------------------
@@ -67,7 +72,7 @@ class MemoryLLM:
             if self._embedder is None:
                 from memory_llm.embed import load
 
-                self._embedder = load(self.settings.embedder, self.settings.device)
+                self._embedder = load(self.settings.embedder, self.settings.device, quick=self.quick_start)
             return self._embedder
 
     @property
@@ -184,7 +189,7 @@ class MemoryLLM:
             return []
         self._bind_embedder()
         return retrieve(self.store, self.embedder, queries, k, namespace, self.settings.rrf_k,
-                        vectors() if vectors else None, floor)
+                        vectors() if vectors else None, floor, self.settings.fusion, self.settings.lexical_weight)
 
     def ask(self, question: str, *, k: int | None = None, namespace: str = DEFAULT_NAMESPACE,
             use_memory: bool = True, max_new_tokens: int | None = None, prompt: str | None = None,

@@ -75,7 +75,7 @@ def search(
         if resident is not None:
             hits = resident.call("/search", {"query": query, "k": k}, namespace)["data"]
         else:
-            hits = [h.as_dict() for h in common.open_memory(home).search(query, k, namespace)]
+            hits = [h.as_dict() for h in common.open_memory(home, quick_start=True).search(query, k, namespace)]
         if as_json:
             print_json({"query": query, "hits": hits})
             return
@@ -111,7 +111,8 @@ def ask(
             stream = resident.ask_stream(question, namespace, k=k, use_memory=not no_memory, prompt=prompt,
                                          exemplars=not no_exemplars, max_tokens=max_new_tokens)
         else:
-            m = common.open_memory(home, model=model, embedder=embedder, use_adapter=not no_adapter)
+            m = common.open_memory(home, model=model, embedder=embedder, use_adapter=not no_adapter,
+                                   quick_start=True)
             stream = m.ask_stream(question, k=k, namespace=namespace, use_memory=not no_memory,
                                   max_new_tokens=max_new_tokens, prompt=prompt, exemplars=not no_exemplars)
         answer = None

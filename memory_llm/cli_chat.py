@@ -263,8 +263,9 @@ def serve(
     model: Optional[str] = MODEL,
     embedder: Optional[str] = EMBEDDER,
     generator: Optional[str] = typer.Option(None, "--generator", help="Who generates: transformers (in-process,"
-                                            " default) or openai (an OpenAI-compatible engine such as vLLM at"
-                                            " --base-url; docs/server.md).", show_default=False),
+                                            " default), llama.cpp (in-process, a GGUF model, no adapters, one"
+                                            " answer at a time) or openai (an OpenAI-compatible engine such as vLLM"
+                                            " at --base-url; docs/server.md).", show_default=False),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="The engine's URL for --generator openai, e.g."
                                            " http://127.0.0.1:8001/v1.", show_default=False),
     generator_api_key: Optional[str] = typer.Option(None, "--generator-api-key", envvar="MLLM_GENERATOR_API_KEY",

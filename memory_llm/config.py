@@ -61,7 +61,10 @@ class Settings:
     max_file_mb: float = _opt(20.0, "Largest file `learn` accepts, in MB")
     embed_batch_size: int = _opt(64, "Chunks per embedding batch")
     top_k: int = _opt(4, "Memories retrieved for a question")
-    rrf_k: int = _opt(60, "Reciprocal-rank-fusion constant")
+    fusion: str = _opt("convex", "How dense and full-text candidates merge: convex (scores) | rrf (ranks)")
+    lexical_weight: float = _opt(0.2, "convex fusion: the full-text score's weight (its best hit counts this much"
+                                      " beside a cosine similarity)")
+    rrf_k: int = _opt(60, "Reciprocal-rank-fusion constant (fusion = rrf)")
     source_floor: float = _opt(0.2, "`ask` cites a memory only when its cosine similarity to the question is at"
                                     " least this (0: the top_k whatever their relevance)")
     context_tokens: int = _opt(1024, "Token budget for retrieved context in the prompt")
@@ -88,8 +91,11 @@ class Settings:
                                             " probability (geometric mean); with skip_retrieval_similarity both"
                                             " must hold; 0: off")
     lock_timeout: float = _opt(30.0, "Seconds to wait for the store's write lock before a clear error")
-    generator_backend: str = _opt("transformers", "Who generates: transformers (in-process) | openai (an"
-                                  " OpenAI-compatible engine such as vLLM at generator_base_url; docs/server.md)")
+    generator_backend: str = _opt("transformers", "Who generates: transformers (in-process) | llama.cpp (in-process,"
+                                  " a GGUF model, no adapters) | openai (an OpenAI-compatible engine, e.g. vLLM)")
+    cold_backend: str = _opt("llama.cpp", "What a one-shot `mllm ask` / `search` in a new process uses when no adapter"
+                                          " is current: llama.cpp (and a numpy query embedder: starts in about a"
+                                          " second) | transformers")
     generator_base_url: str = _opt("", "The engine's API root for generator_backend = openai, e.g."
                                    " http://127.0.0.1:8001/v1")
     generator_api_key: str = _opt("", "Bearer token the engine wants (generator_backend = openai); empty: none")
@@ -125,8 +131,15 @@ class Settings:
             raise InputError(f"setting device={self.device!r} must be auto, cpu, cuda or mps")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InputError(f"setting dtype={self.dtype!r} must be auto, float32, bfloat16 or float16")
-        if self.generator_backend not in ("transformers", "openai"):
-            raise InputError(f"setting generator_backend={self.generator_backend!r} must be transformers or openai")
+        if self.generator_backend not in ("transformers", "llama.cpp", "openai"):
+            raise InputError(f"setting generator_backend={self.generator_backend!r} must be transformers, llama.cpp"
+                             " or openai")
+        if self.cold_backend not in ("transformers", "llama.cpp"):
+            raise InputError(f"setting cold_backend={self.cold_backend!r} must be llama.cpp or transformers")
+        if self.fusion not in ("convex", "rrf"):
+            raise InputError(f"setting fusion={self.fusion!r} must be convex or rrf")
+        if self.lexical_weight < 0:
+            raise InputError(f"setting lexical_weight={self.lexical_weight!r} must be >= 0")
         if self.generator_backend == "openai" and not self.generator_base_url.strip():
             raise InputError("setting generator_backend='openai' needs generator_base_url (the engine's URL)")
         if self.vector_backend not in ("faiss", "milvus"):

@@ -80,14 +80,24 @@ def one_thread() -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def load(name: str, device: str = "auto") -> "SentenceEmbedder | PlainEmbedder":
+def load(name: str, device: str = "auto", quick: bool = False):
     """The embedder for a name or path: on plain transformers when its sentence-transformers pipeline is a
     transformer, mean pooling and normalisation (all-MiniLM-L6-v2's; the same vectors, a faster start), else on
-    sentence-transformers."""
+    sentence-transformers. With `quick` (a one-shot ask or search) and a BERT of that pipeline on the CPU, a few
+    texts are embedded in numpy (embed_numpy.QueryEmbedder: no torch import) and more go to the transformers one."""
     from memory_llm.models import resolve_embedder
 
     path = Path(resolve_embedder(name))
-    return PlainEmbedder(name, path, device) if PlainEmbedder.fits(path) else SentenceEmbedder(name, device)
+    if not PlainEmbedder.fits(path):
+        return SentenceEmbedder(name, device)
+    if quick and device in ("auto", "cpu"):
+        from memory_llm.embed_numpy import QueryEmbedder
+
+        try:
+            return QueryEmbedder(name, path, lambda: PlainEmbedder(name, path, device))
+        except (ValueError, OSError, KeyError):  # not a plain BERT (or no tokenizer.json): transformers embeds
+            pass
+    return PlainEmbedder(name, path, device)
 
 
 class PlainEmbedder(SentenceEmbedder):

@@ -8,6 +8,7 @@ import logging
 import re
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 from memory_llm.models import CONFIDENCE_TOKENS, chat_token_ids  # noqa: F401  (CONFIDENCE_TOKENS: re-exported)
@@ -167,15 +168,30 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0):
     return ids, mask
 
 
-def load_generator(settings: "Settings", in_process: bool = False) -> Generator:
-    """The generator backend the settings name: transformers in-process (any hub id, local path or GGUF), or with
-    generator_backend = "openai" an OpenAI-compatible engine at generator_base_url (generate_openai). With
-    in_process, always a torch model (consolidation trains one)."""
+def load_generator(settings: "Settings", in_process: bool = False, quick: bool = False) -> Generator:
+    """The generator backend the settings name: transformers in-process (any hub id, local path or GGUF), llama.cpp
+    in-process (a GGUF; generate_llamacpp), or with generator_backend = "openai" an OpenAI-compatible engine at
+    generator_base_url (generate_openai). With `quick` (a one-shot ask in a new process, no adapter current) and
+    cold_backend = "llama.cpp", llama.cpp when it can serve the model. With in_process, always a torch model
+    (consolidation trains one)."""
     if settings.generator_backend == "openai" and not in_process:
         from memory_llm.generate_openai import OpenAIGenerator
 
         return OpenAIGenerator.load(settings.model, settings.cache_dir, settings.generator_base_url,
                                     settings.generator_api_key or None)
+    wanted = settings.generator_backend == "llama.cpp"
+    if not in_process and (wanted or (quick and settings.cold_backend == "llama.cpp")):
+        from memory_llm import generate_llamacpp
+        from memory_llm.models import resolve_model
+
+        directory, gguf = resolve_model(settings.model)
+        if gguf and generate_llamacpp.available():
+            return generate_llamacpp.LlamaCppGenerator.load(settings.model, Path(directory) / gguf)
+        if wanted:
+            from memory_llm.errors import ModelError
+
+            raise ModelError(f"generator_backend llama.cpp needs a .gguf model (not {settings.model!r}) and"
+                             " llama-cpp-python (make setup builds it)")
     return TransformersGenerator.load(settings.model, settings.cache_dir, settings.device, settings.dtype)
 
 

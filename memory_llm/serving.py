@@ -30,7 +30,8 @@ class ServedModel:
     """
 
     def __init__(self, settings: Settings, embed: Callable[[list[str]], np.ndarray], generator=None,
-                 use_adapter: bool = True, lock: threading.RLock | None = None, namespace: str | None = None):
+                 use_adapter: bool = True, lock: threading.RLock | None = None, namespace: str | None = None,
+                 quick: bool = False):
         from memory_llm.adapters import AdapterRegistry
 
         self.settings, self.embed, self.use_adapter = settings, embed, use_adapter
@@ -39,6 +40,7 @@ class ServedModel:
         self._lock = lock or threading.RLock()
         self._attached = False
         self.batching = 0  # > 0: concurrent answers are generated in shared batches of up to this many
+        self.quick = quick  # a one-shot ask: the faster-starting backend when no adapter is current (cold_backend)
         self.adapter_version: str | None = None
         self.router = None  # the current adapter's router (adapters.routing), if it has one
         self.keys: list = []  # the current adapters' keys (unit embeddings of their trained prompts)
@@ -50,7 +52,8 @@ class ServedModel:
             if self._generator is None:
                 from memory_llm.generate import load_generator
 
-                self._generator = load_generator(self.settings)
+                quick = self.quick and not self.batching and not (self.use_adapter and self.registry.current())
+                self._generator = load_generator(self.settings, quick=quick)
             if self.use_adapter and not self._attached:
                 self.attach_current()
             gen = self._generator
@@ -83,7 +86,8 @@ class ServedModel:
             gen = copy.copy(self._injected) if self.remote else self.new_generator()
             if self.remote:
                 gen.route = None
-        served = ServedModel(self.settings, self.embed, gen, self.use_adapter, self._lock, namespace=namespace)
+        served = ServedModel(self.settings, self.embed, gen, self.use_adapter, self._lock, namespace=namespace,
+                             quick=self.quick)
         served.batching = self.batching
         return served
 
@@ -106,6 +110,11 @@ class ServedModel:
             return
         registry.check_base(current, self.settings.model)
         gen = self._generator
+        if not self.remote and not hasattr(gen.model, "parameters"):  # llama.cpp: no torch model to attach it to
+            from memory_llm.errors import ModelError
+
+            raise ModelError(f"generator_backend {self.settings.generator_backend} cannot serve adapter "
+                             f"{registry.label(current.name)}: use generator_backend transformers, or --no-adapter")
         if self.remote:
             self.router = self._publish(current)
         else:

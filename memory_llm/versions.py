@@ -9,7 +9,8 @@ from importlib import metadata
 # the libraries whose versions decide how the model behaves; faiss is published under several names
 LIBRARIES = {"torch": ("torch",), "transformers": ("transformers",), "peft": ("peft",),
              "sentence-transformers": ("sentence-transformers",),
-             "faiss": ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss")}
+             "faiss": ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss"),
+             "llama-cpp-python": ("llama-cpp-python",)}  # a cold ask's generator (not installed: transformers)
 
 
 def versions() -> dict[str, str | None]:

@@ -1,9 +1,13 @@
 #!/usr/bin/env python
-"""`mllm ask` with a resident `mllm serve` of the home vs a cold process (issue 21: first token ≤ 0.3× cold).
+"""`mllm ask` cold and with a resident `mllm serve` of the home (issue 21: cold first byte ≤ 3 s; with the server
+up, first byte ≤ 0.3× cold).
 
-On a home that learned data/sample: --runs cold runs (`mllm ask Q --local`: a new process loads the models) and
---runs runs with `mllm serve` up for the home (the CLI finds server.json and streams the answer from it), each after
-one warm-up, interleaved; wall time from Popen to the first stdout byte and to exit (bench_ask.run_cli); medians.
+On a home that learned data/sample, --runs runs of each, after one warm-up each, interleaved:
+  cold, llama.cpp      `mllm ask Q --local`: a new process; no adapter is current, so it embeds the question in
+                       numpy and generates with llama.cpp (cold_backend = llama.cpp, the default)
+  cold, transformers   the same with MLLM_COLD_BACKEND=transformers: torch, transformers and the dense checkpoint
+  resident server      `mllm serve` up for the home: the CLI finds server.json and streams the answer from it
+Wall time from Popen to the first stdout byte and to exit (bench_ask.run_cli); medians.
 
     MLLM_CACHE=/tmp/mcache .venv/bin/python scripts/bench_resident.py [--runs 5] [--write]
 """
@@ -11,6 +15,7 @@ one warm-up, interleaved; wall time from Popen to the first stdout byte and to e
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -54,23 +59,33 @@ def main() -> None:
                        capture_output=True, env=child_env())
         server = serve(home)
         try:
-            runs: dict[str, list[dict]] = {"cold (--local)": [], "resident server": []}
+            variants = {"cold, llama.cpp (--local)": (("--local",), "llama.cpp"),
+                        "cold, transformers (--local, MLLM_COLD_BACKEND=transformers)": (("--local",), "transformers"),
+                        "resident server": ((), "llama.cpp")}
+            runs: dict[str, list[dict]] = {name: [] for name in variants}
             for i in range(args.runs + 1):  # the first of each is a warm-up
-                for name, extra in (("cold (--local)", ("--local",)), ("resident server", ())):
+                for name, (extra, backend) in variants.items():
+                    os.environ["MLLM_COLD_BACKEND"] = backend  # child_env() copies it to the CLI
                     r = run_cli(home, args, False, extra)
                     if i:
                         runs[name].append(r)
-                log(f"run {i}: cold {runs['cold (--local)'][-1]['first_byte'] if i else '-'} s")
+                if i:
+                    log("run %d: %s" % (i, ", ".join(f"{n.split(' (')[0]} {rs[-1]['first_byte']:.2f} s"
+                                                     for n, rs in runs.items())))
         finally:
+            os.environ.pop("MLLM_COLD_BACKEND", None)
             server.terminate()
             server.wait(30)
-    cold = median([r["first_byte"] for r in runs["cold (--local)"]])
-    rows = [[name, len(rs), f"{median([r['first_byte'] for r in rs]):.2f}", f"{median([r['wall'] for r in rs]):.2f}",
-             f"{median([r['rss_mb'] for r in rs]):.0f}", f"{median([r['first_byte'] for r in rs]) / cold:.2f}"]
+    first = {name: median([r["first_byte"] for r in rs]) for name, rs in runs.items()}
+    llama, torch_cold = first["cold, llama.cpp (--local)"], first[list(variants)[1]]
+    rows = [[name, len(rs), f"{first[name]:.2f}", f"{median([r['wall'] for r in rs]):.2f}",
+             f"{median([r['rss_mb'] for r in rs]):.0f}", f"{first[name] / llama:.2f}", f"{first[name] / torch_cold:.2f}"]
             for name, rs in runs.items()]
     body = (f"Measured {today()} on {machine()}: `{command_line()}`; `mllm ask` with --max-new-tokens"
-            f" {args.max_new_tokens} on a home that learned data/sample, a new process each run, medians.\n\n"
-            + table(["mllm ask", "runs", "first byte s", "total s", "CLI peak RSS MB", "first byte / cold"], rows))
+            f" {args.max_new_tokens} on a home that learned data/sample (no adapter), a new process each run,"
+            " medians.\n\n"
+            + table(["mllm ask", "runs", "first byte s", "total s", "CLI peak RSS MB", "÷ cold llama.cpp",
+                     "÷ cold transformers"], rows))
     print(body)
     if args.write:
         write_section("ask through a resident server", body)

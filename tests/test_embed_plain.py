@@ -35,3 +35,21 @@ def test_other_pipelines_stay_on_sentence_transformers(tmp_path):
                                                                 "pooling_mode_cls_token": True}))
     assert not PlainEmbedder.fits(other) and PlainEmbedder.fits(type(other)(resolve_embedder(DEFAULT_EMBEDDER)))
     assert isinstance(load(str(other)), SentenceEmbedder) and not isinstance(load(str(other)), PlainEmbedder)
+
+
+def test_numpy_query_embedder_equals_the_transformers_one():
+    """A one-shot ask embeds its question in numpy (embed_numpy.QueryEmbedder): the same vectors and token counts,
+    and more than a few texts go to the transformers embedder."""
+    from memory_llm.embed_numpy import QueryEmbedder
+
+    plain = load(DEFAULT_EMBEDDER)
+    quick = load(DEFAULT_EMBEDDER, quick=True)
+    assert isinstance(quick, QueryEmbedder) and quick.dim == plain.dim and quick._full is None
+    for i in range(0, len(TEXTS), 4):  # a long text is truncated as transformers truncates it
+        a, b = quick.encode(TEXTS[i:i + 4]), plain.encode(TEXTS[i:i + 4])
+        assert a.dtype == np.float32 and a.shape == b.shape
+        assert np.min(np.sum(a * b, axis=1)) > 0.99999, np.sum(a * b, axis=1)
+    assert quick._full is None  # no torch model was loaded for those
+    assert [quick.count_tokens(t) for t in TEXTS] == [plain.count_tokens(t) for t in TEXTS]
+    many = quick.encode(TEXTS)
+    assert quick._full is not None and np.min(np.sum(many * plain.encode(TEXTS), axis=1)) > 0.999999

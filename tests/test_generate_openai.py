@@ -180,7 +180,7 @@ def test_settings_choose_the_backend(tmp_path, tiny_generator, fake_embedder, ca
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--generator", "bogus"], "generator_backend='bogus' must be transformers or openai"),
+    (["--generator", "bogus"], "generator_backend='bogus' must be transformers, llama.cpp or openai"),
     (["--generator", "openai"], "needs generator_base_url"),
     (["--generator", "openai", "--base-url", "localhost:8001"], "is not an http(s) URL"),
     (["--generator", "openai", "--base-url", "http://127.0.0.1:9/v1"], "cannot reach the generator"),

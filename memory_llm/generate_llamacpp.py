@@ -1,0 +1,149 @@
+"""A generator backend on llama.cpp (llama-cpp-python): the shipped GGUF generates in-process without torch or
+transformers, so a cold `ask` starts in about a second instead of six (BENCHMARKS.md, "Cold ask").
+
+It serves a `mllm ask` / `chat` in a new process when no adapter is current (adapters are torch LoRA with
+per-row routing: with one, the transformers generator serves): Settings.generator_backend "auto"
+(generate.choose_backend). The prompt is the same chat template (read from the GGUF, rendered with jinja2 as
+transformers renders it) tokenized by llama.cpp; the numbers are llama.cpp's (quantized weights and kernels), so
+an answer can differ from the transformers generator's in later tokens: quality is measured for both
+(scripts/bench_cold.py)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator
+
+import numpy as np
+
+from memory_llm.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+CONTEXT = 2048  # tokens of context llama.cpp allocates (ask's prompts stay under context_tokens + the question)
+
+
+def available() -> bool:
+    """Whether llama-cpp-python is installed (make setup builds it; a machine without a compiler goes without)."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+class LlamaCppGenerator:
+    """The Generator protocol (memory_llm.generate) over a llama.cpp model. `model.config` carries the context
+    window the answerer checks prompts against; there is no torch model (consolidation and routing need one)."""
+
+    remote = False  # (and no `batcher`: answers are generated one at a time, under a lock)
+
+    def __init__(self, llm, name: str, template: str | None, eos: str, bos: str):
+        self.llm, self.name = llm, name
+        self.model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=llm.n_ctx()))
+        self.tokenizer = None
+        self._template, self._eos, self._bos = template, eos, bos
+        self._lock = threading.Lock()  # one llama.cpp context: one generation at a time
+
+    @classmethod
+    def load(cls, name: str, path: str | Path, threads: int | None = None) -> "LlamaCppGenerator":
+        try:
+            import llama_cpp
+        except ImportError:
+            raise ModelError("llama-cpp-python is not installed (make setup builds it)") from None
+        import os
+
+        try:
+            llm = llama_cpp.Llama(str(path), n_ctx=CONTEXT, n_threads=threads or os.cpu_count() or 1,
+                                  verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"llama.cpp could not load {path}: {exc}") from None
+        meta = llm.metadata
+        template = meta.get("tokenizer.chat_template")
+        piece = lambda key: llm.detokenize([int(meta[key])], special=True).decode("utf-8", "replace") \
+            if key in meta else ""  # noqa: E731
+        return cls(llm, name, template, piece("tokenizer.ggml.eos_token_id"), piece("tokenizer.ggml.bos_token_id"))
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def chat_text(self, messages: list[dict]) -> str:
+        """The prompt text: the model's chat template rendered as transformers' apply_chat_template renders it
+        (jinja2, trim_blocks and lstrip_blocks, add_generation_prompt), else the plain concatenation."""
+        if not self._template:
+            return "\n\n".join(m["content"] for m in messages) + "\n\nAnswer:"
+        return _compiled(self._template).render(messages=messages, add_generation_prompt=True,
+                                                eos_token=self._eos, bos_token=self._bos)
+
+    def chat_ids(self, messages: list[dict]) -> np.ndarray:
+        """Token ids of messages through the chat template, a 1 × n array (as the other backends' 1 × n tensor)."""
+        ids = self.llm.tokenize(self.chat_text(messages).encode("utf-8"), add_bos=False, special=True)
+        return np.asarray([ids], dtype=np.int64)
+
+    def _tokens(self, input_ids) -> list[int]:
+        return [int(t) for t in (input_ids[0].tolist() if hasattr(input_ids[0], "tolist") else input_ids[0])]
+
+    def stream(self, input_ids, max_new_tokens: int = 200, temperature: float = 0.0,
+               stop: threading.Event | None = None, sampling=None, report: dict | None = None) -> Iterator[str]:
+        """Yield text pieces as llama.cpp generates them (Generator.stream): greedy at temperature 0, else sampled
+        from the nucleus top_p (seeded when the sampling has a seed); `stop` ends it at the next token."""
+        if sampling is not None:  # a generate.Sampling (not imported: generate imports this module)
+            temperature, top_p, seed = sampling.temperature, sampling.top_p, sampling.seed
+        else:
+            top_p, seed = (0.95 if temperature > 0 else 1.0), None
+        greedy = temperature <= 0
+        tokens = self._tokens(input_ids)
+        eos = {self.llm.token_eos()}
+        made: list[int] = []
+        text, reason = "", "length"
+        with self._lock:
+            if seed is not None:
+                self.llm.set_seed(seed)
+            steps = self.llm.generate(tokens, temp=0.0 if greedy else temperature,
+                                      top_p=1.0 if greedy else top_p, top_k=1 if greedy else 0,
+                                      min_p=0.0, repeat_penalty=1.0, reset=True)
+            try:
+                for token in steps:
+                    if token in eos or (stop is not None and stop.is_set()):
+                        reason = "stop"
+                        break
+                    made.append(token)
+                    now = self.llm.detokenize(made).decode("utf-8", "ignore")
+                    if len(now) > len(text) and not now.endswith("\ufffd"):
+                        yield now[len(text):]
+                        text = now
+                    if len(made) >= max_new_tokens:
+                        break
+            finally:
+                steps.close()
+        if report is not None:
+            report["completion_tokens"] = len(made)
+            report["finish_reason"] = reason if len(made) < max_new_tokens else "length"
+
+    def generate_batch(self, prompts: list, max_new_tokens: int = 12, temperature: float = 0.0,
+                       return_ids: bool = False, confidence: bool = False) -> list:
+        """Continuations of several prompts, one after another (llama.cpp here runs one sequence at a time)."""
+        if confidence:
+            raise ModelError("the llama.cpp backend does not report answer confidence")
+        out = []
+        for prompt in prompts:
+            report: dict = {}
+            text = "".join(self.stream([list(prompt)], max_new_tokens, temperature, report=report))
+            out.append(self.llm.tokenize(text.encode("utf-8"), add_bos=False) if return_ids else text)
+        return out
+
+
+def _compiled(template: str):
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)

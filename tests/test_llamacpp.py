@@ -1,0 +1,100 @@
+"""The llama.cpp backend (generate_llamacpp) on the shipped GGUF: the prompt `ask` builds is the same tokens as
+through transformers, greedy answers agree, the Generator protocol's budget, stop, report and seed hold, and a
+one-shot `mllm ask` answers with sources without importing torch or transformers (the cold start, issue 21)."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from memory_llm.generate_llamacpp import available
+
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(not available(), reason="llama-cpp-python is not installed (make setup builds it)")]
+
+QUESTION = "When did the Larkspur Observatory open, and who founded it?"
+SOURCE = ("The Larkspur Observatory is a small astronomical observatory on Mount Vell, in the invented province of "
+          "Orrin. It opened on 14 March 1911 and was founded by the astronomer Edith Marrow.")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from memory_llm.config import Settings
+    from memory_llm.generate import load_generator
+
+    gen = load_generator(Settings(generator_backend="llama.cpp"))
+    assert type(gen).__name__ == "LlamaCppGenerator"
+    return gen
+
+
+def test_same_prompt_tokens_and_greedy_answer_as_transformers(llama, real_models):
+    from memory_llm.generate import build_messages
+
+    torch_gen = real_models[1]
+    for messages in (build_messages(QUESTION, [SOURCE]), build_messages("What is the capital of France?"),
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."}]):
+        assert llama.chat_ids(messages)[0].tolist() == torch_gen.chat_ids(messages)[0].tolist()
+    ids = build_messages(QUESTION, [SOURCE])
+    a = "".join(llama.stream(llama.chat_ids(ids), 40))
+    b = "".join(torch_gen.stream(torch_gen.chat_ids(ids), 40))
+    assert "1911" in a and a.split()[:8] == b.split()[:8], (a, b)
+    assert llama.count_tokens(SOURCE) == torch_gen.count_tokens(SOURCE)
+
+
+def test_budget_stop_report_and_seed(llama):
+    from memory_llm.generate import Sampling, build_messages
+
+    ids = llama.chat_ids(build_messages("Tell me a long story about a heron."))
+    report = {}
+    assert len("".join(llama.stream(ids, 3, report=report))) > 0
+    assert report == {"completion_tokens": 3, "finish_reason": "length"}
+    stop, report = threading.Event(), {}
+    stop.set()
+    assert "".join(llama.stream(ids, 20, stop=stop, report=report)) == "" and report["finish_reason"] == "stop"
+    hot = Sampling(1.2, 0.95, 7)
+    one, two = ("".join(llama.stream(ids, 16, sampling=hot)) for _ in range(2))
+    assert one == two  # the same seed, the same sample
+    assert "".join(llama.stream(ids, 16, sampling=Sampling(1.2, 0.95, 8))) != one
+
+
+def test_one_shot_ask_imports_neither_torch_nor_transformers(tmp_path):
+    env = {**os.environ, "MLLM_HOME": str(tmp_path / "home")}
+    run = lambda *args, **kw: subprocess.run([sys.executable, *args], capture_output=True, text=True,  # noqa: E731
+                                             env={**env, **kw.get("extra", {})}, timeout=600)
+    (tmp_path / "notes.md").write_text(SOURCE + "\n", encoding="utf-8")
+    learned = run("-m", "memory_llm", "learn", str(tmp_path / "notes.md"))
+    assert learned.returncode == 0, learned.stderr
+    asked = run("-X", "importtime", "-m", "memory_llm", "ask", QUESTION, "--local", "--json")
+    assert asked.returncode == 0, asked.stderr[-2000:]
+    answer = json.loads(asked.stdout)
+    assert answer["sources"] and "1911" in answer["answer"]
+    imported = {line.split("|")[-1].strip() for line in asked.stderr.splitlines() if line.startswith("import time:")}
+    assert "llama_cpp" in imported and not {"torch", "transformers", "sentence_transformers"} & imported
+    # cold_backend = transformers: the same question through torch (and the same sources)
+    slow = run("-X", "importtime", "-m", "memory_llm", "ask", QUESTION, "--local", "--json",
+               extra={"MLLM_COLD_BACKEND": "transformers"})
+    assert slow.returncode == 0, slow.stderr[-2000:]
+    assert " torch\n" in slow.stderr or "| torch" in slow.stderr
+    assert [s["id"] for s in json.loads(slow.stdout)["sources"]] == [s["id"] for s in answer["sources"]]
+
+
+def test_a_current_adapter_keeps_the_transformers_generator(tmp_path, monkeypatch):
+    """A one-shot ask takes llama.cpp only while no adapter is current (adapters are torch LoRA with routing)."""
+    from memory_llm import generate
+    from memory_llm.adapters import AdapterRegistry
+    from memory_llm.config import Settings
+    from memory_llm.serving import ServedModel
+
+    asked = []
+    monkeypatch.setattr(generate, "load_generator", lambda settings, quick=False, **kw: asked.append(quick))
+    served = ServedModel(Settings(home=tmp_path / "home"), embed=None, quick=True, use_adapter=False)
+    served.generator  # noqa: B018
+    monkeypatch.setattr(AdapterRegistry, "current", lambda self: object())
+    with_adapter = ServedModel(Settings(home=tmp_path / "home"), embed=None, quick=True)
+    monkeypatch.setattr(ServedModel, "attach_current", lambda self: None)
+    with_adapter.generator  # noqa: B018
+    assert asked == [True, False]
