@@ -58,7 +58,10 @@ def main() -> None:
     from memory_llm.config import DEFAULT_EMBEDDER
     from memory_llm.embed import load
 
-    embedder = load(DEFAULT_EMBEDDER)
+    from memory_llm.config import Settings
+
+    embedder = load(DEFAULT_EMBEDDER, precision=Settings().embed_precision)  # documents as learn embeds them
+    questions = load(DEFAULT_EMBEDDER)  # questions as ask embeds them (float32)
     rows, convex_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for set_name in ("squad", "fk"):
@@ -69,7 +72,7 @@ def main() -> None:
                 for d in docs:
                     m.learn(text=d["text"], source=d["id"])
                 source = {i: mem.source for i, mem in m.store.get(m.store.memory_ids()).items()}
-                vectors = embedder.encode([p["input"] for p in probes])
+                vectors = questions.encode([p["input"] for p in probes])
                 lists = [(m.store.dense(v, 20, "default"), m.store.lexical(p["input"], 20, "default"))
                          for p, v in zip(probes, vectors)]
                 recall = [recall_at_3(probes, lists, source, lambda d, x, w=w: fuse([d, x], [1.0, w]))

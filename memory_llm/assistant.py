@@ -72,7 +72,8 @@ class MemoryLLM:
             if self._embedder is None:
                 from memory_llm.embed import load
 
-                self._embedder = load(self.settings.embedder, self.settings.device, quick=self.quick_start)
+                self._embedder = load(self.settings.embedder, self.settings.device, quick=self.quick_start,
+                                      precision=self.settings.embed_precision)
             return self._embedder
 
     @property

@@ -218,7 +218,10 @@ class Batcher:
         import torch
 
         gen, tok = self.gen, self.gen.tokenizer
-        rows.drop_done()  # a client that left since the last step frees its row now
+        for j in rows.jobs:
+            if j.stop.is_set() and not j.done:  # a client that left since the last step frees its row now
+                self._finish(j, "stop")
+        rows.drop_done()
         if not rows.jobs:
             return
         set_gates = getattr(gen, "set_row_gates", None)

@@ -22,7 +22,7 @@ from memory_llm.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
-CONTEXT = 2048  # tokens of context llama.cpp allocates (ask's prompts stay under context_tokens + the question)
+CONTEXT = 4096  # tokens of context llama.cpp allocates: ask reads at most context_tokens (1024) of sources + the question
 
 
 def available() -> bool:
@@ -53,8 +53,9 @@ class LlamaCppGenerator:
             raise ModelError("llama-cpp-python is not installed (make setup builds it)") from None
         import os
 
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         try:
-            llm = llama_cpp.Llama(str(path), n_ctx=CONTEXT, n_threads=threads or os.cpu_count() or 1,
+            llm = llama_cpp.Llama(str(path), n_ctx=CONTEXT, n_threads=threads or cores,
                                   verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"llama.cpp could not load {path}: {exc}") from None

@@ -43,6 +43,17 @@ def resolve_device(device: str = "auto") -> str:
     return "cpu"
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (avx512_bf16 or AMX; Linux's /proc/cpuinfo flags): there bf16
+    matrix products run about twice as fast as float32 (BENCHMARKS.md, "Learn throughput"); elsewhere slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
 def resolve_dtype(dtype: str, device: str):
     import torch
 
