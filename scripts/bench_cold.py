@@ -15,7 +15,6 @@ and share one embedder, so both read the same sources (asserted: the same prompt
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import tempfile
 import time
@@ -23,31 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchmd import command_line, log, machine, table, today, write_section  # noqa: E402
-from bench_served import fk_split, squad_split  # noqa: E402
+from bench_served import bootstrap, fk_split, squad_split  # noqa: E402
 
 SECTION = "Cold ask: llama.cpp vs transformers answers"
-
-
-def paired(correct: dict[str, list[bool]], docs: list[str], draws: int = 2000, seed: int = 0) -> dict:
-    """Accuracy of each backend and the difference (llama.cpp − transformers), point and 95% interval, resampling
-    documents (a document's questions go together)."""
-    rng = random.Random(seed)
-    by_doc: dict[str, list[int]] = {}
-    for i, d in enumerate(docs):
-        by_doc.setdefault(d, []).append(i)
-    keys = sorted(by_doc)
-
-    def stats(idx: list[int]) -> dict:
-        acc = {k: sum(v[i] for i in idx) / len(idx) for k, v in correct.items()}
-        return {**acc, "difference": acc["llama.cpp"] - acc["transformers"]}
-
-    point = stats(list(range(len(docs))))
-    samples = [stats([i for k in (rng.choice(keys) for _ in keys) for i in by_doc[k]]) for _ in range(draws)]
-    out = {}
-    for name, value in point.items():
-        vals = sorted(s[name] for s in samples)
-        out[name] = (value, vals[int(0.025 * len(vals))], vals[int(0.975 * len(vals)) - 1])
-    return out
 
 
 def main() -> int:
@@ -87,8 +64,9 @@ def main() -> int:
                 log(f"{i + 1}/{len(probes)}: {correct['transformers'][-1]} {correct['llama.cpp'][-1]}")
         torch_m.close()
         llama_m.close()
-    stats = paired(correct, [p["tags"][0] for p in probes])
-    fmt = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"  # noqa: E731
+    stats = bootstrap(correct, [p["tags"][0] for p in probes],  # intervals resampling documents
+                      derived=lambda acc: {"difference": acc["llama.cpp"] - acc["transformers"]})
+    fmt = lambda v: f"{v['value']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"  # noqa: E731
     rows = [[name, fmt(stats[name]), f"{seconds[name] / len(probes):.2f}"] for name in ("transformers", "llama.cpp")]
     rows.append(["llama.cpp − transformers", fmt(stats["difference"]), ""])
     body = "\n".join([

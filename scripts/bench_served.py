@@ -77,9 +77,10 @@ def passage_reference(m, probes: list[dict], passages: dict[str, str]) -> list[b
     return out
 
 
-def bootstrap(correct: dict[str, list[bool]], docs: list[str], draws: int = 2000, seed: int = 0) -> dict:
+def bootstrap(correct: dict[str, list[bool]], docs: list[str], draws: int = 2000, seed: int = 0,
+              derived=None) -> dict:
     """Accuracy per mode, (served − rag), (served − max(rag, closed)) and gain recovered, each with a 95% interval
-    from resampling documents."""
+    from resampling documents. `derived(acc)` adds figures of the caller's own (e.g. a difference of two modes)."""
     rng = random.Random(seed)
     by_doc: dict[str, list[int]] = {}
     for i, d in enumerate(docs):
@@ -98,7 +99,7 @@ def bootstrap(correct: dict[str, list[bool]], docs: list[str], draws: int = 2000
         if {"rag", "closed", "base"} <= acc.keys():
             out["gain"] = (acc["closed"] - acc["base"]) / (acc["rag"] - acc["base"]) \
                 if acc["rag"] != acc["base"] else float("nan")
-        return out
+        return {**out, **(derived(acc) if derived else {})}
 
     point = stats(list(range(len(docs))))
     samples = [stats([i for k in (rng.choice(keys) for _ in keys) for i in by_doc[k]]) for _ in range(draws)]
