@@ -43,9 +43,11 @@ def test_learn_and_ask_the_sample_as_a_user_would(tmp_path, model_cache):
     again = json.loads(run_cli("learn", str(SAMPLE), "--json").stdout)
     assert again["chunks_added"] == 0 and again["unchanged"] == 3
 
-    # the first ask converts the shipped GGUF (in a cache of its own, moved to the session's cache afterwards)
+    # the first ask on transformers converts the shipped GGUF (in a cache of its own, moved to the session's cache
+    # afterwards); the default one-shot ask (llama.cpp, below) reads the GGUF as it is
     fresh = tmp_path / "fresh-cache"
-    asked = run_cli("ask", QUESTION, "--json", "--max-new-tokens", "40", env={"MLLM_CACHE": str(fresh)})
+    asked = run_cli("ask", QUESTION, "--json", "--max-new-tokens", "40",
+                    env={"MLLM_CACHE": str(fresh), "MLLM_COLD_BACKEND": "transformers"})
     assert asked.returncode == 0, asked.stderr
     assert_quiet(learned.stderr + asked.stderr)
     assert "converting" in asked.stderr  # our one line about the one-time conversion, and no library progress bar
@@ -58,8 +60,9 @@ def test_learn_and_ask_the_sample_as_a_user_would(tmp_path, model_cache):
     assert answer["sources"][0]["source"].endswith("larkspur_observatory.md")
     assert answer["timings"]["first_token"] <= answer["timings"]["total"]
 
-    streamed = run_cli("ask", QUESTION, "--max-new-tokens", "40")
+    streamed = run_cli("ask", QUESTION, "--max-new-tokens", "40")  # cold_backend llama.cpp where it is built
     assert streamed.returncode == 0 and "1911" in streamed.stdout and "Sources:" in streamed.stdout
+    assert_quiet(streamed.stderr)
     assert "[1] " + str(SAMPLE / "larkspur_observatory.md") in streamed.stdout
 
     found = json.loads(run_cli("search", "expense claims receipt", "--json", "-k", "1").stdout)
