@@ -206,6 +206,12 @@ class Store:
                               " FROM memories m JOIN sources s ON s.id = m.source_id WHERE m.id IN ({marks})", ids)
         return {r[0]: Memory(*r) for r in rows}
 
+    def embeddings(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """The stored embeddings of these ids (missing ones are left out), by id."""
+        with self._lock:
+            rows = execute_in(self.db, "SELECT id, embedding FROM memories WHERE id IN ({marks})", ids)
+        return {r[0]: np.frombuffer(r[1], dtype=np.float32) for r in rows}
+
     def lexical(self, query: str, k: int, namespace: str | None = None) -> list[tuple[int, float]]:
         """Top-k memory ids by BM25 (FTS5) over the query's words; scores are -bm25 (higher is better)."""
         words = [w for w in re.findall(r"\w+", query.lower()) if len(w) > 1]
