@@ -91,6 +91,11 @@ class QueryEmbedder:
         self.dim = int(self.bert.w["embeddings.word_embeddings.weight"].shape[1])
 
     @property
+    def full_loaded(self) -> bool:
+        """Whether the transformers embedder was needed (more than a few texts) and loaded."""
+        return self._full is not None
+
+    @property
     def full(self):
         if self._full is None:
             self._full = self._full_factory()

@@ -44,15 +44,15 @@ def test_numpy_query_embedder_equals_the_transformers_one():
 
     plain = load(DEFAULT_EMBEDDER)
     quick = load(DEFAULT_EMBEDDER, quick=True)
-    assert isinstance(quick, QueryEmbedder) and quick.dim == plain.dim and quick._full is None
+    assert isinstance(quick, QueryEmbedder) and quick.dim == plain.dim and not quick.full_loaded
     for i in range(0, len(TEXTS), 4):  # a long text is truncated as transformers truncates it
         a, b = quick.encode(TEXTS[i:i + 4]), plain.encode(TEXTS[i:i + 4])
         assert a.dtype == np.float32 and a.shape == b.shape
         assert np.min(np.sum(a * b, axis=1)) > 0.99999, np.sum(a * b, axis=1)
-    assert quick._full is None  # no torch model was loaded for those
+    assert not quick.full_loaded  # no torch model was loaded for those
     assert [quick.count_tokens(t) for t in TEXTS] == [plain.count_tokens(t) for t in TEXTS]
     many = quick.encode(TEXTS)
-    assert quick._full is not None and np.min(np.sum(many * plain.encode(TEXTS), axis=1)) > 0.999999
+    assert quick.full_loaded and np.min(np.sum(many * plain.encode(TEXTS), axis=1)) > 0.999999
 
 
 def test_bf16_batches_stay_within_a_hair_of_float32():
