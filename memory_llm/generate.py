@@ -186,7 +186,9 @@ def load_generator(settings: "Settings", in_process: bool = False, quick: bool =
 
         directory, gguf = resolve_model(settings.model)
         if gguf and generate_llamacpp.available():
-            return generate_llamacpp.LlamaCppGenerator.load(settings.model, Path(directory) / gguf)
+            weights = generate_llamacpp.weights_file(Path(directory) / gguf, settings.cache_dir,
+                                                     settings.llamacpp_weights)
+            return generate_llamacpp.LlamaCppGenerator.load(settings.model, weights)
         if wanted:
             from memory_llm.errors import ModelError
 

@@ -25,6 +25,47 @@ logger = logging.getLogger(__name__)
 CONTEXT = 4096  # tokens of context llama.cpp allocates: ask reads at most context_tokens (1024) of sources + the question
 
 
+SMALL = 512 * 2**20  # llamacpp_weights "auto" re-encodes a GGUF up to this size (a small model, prefill-bound on a CPU)
+
+
+def weights_file(path: Path, cache_dir: Path, weights: str = "auto") -> Path:
+    """The GGUF llama.cpp runs for the model file `path` (Settings.llamacpp_weights): the file itself ("shipped", or
+    "auto" for one over SMALL), or its weights re-encoded once into the cache as bf16 / f16 ("auto": bf16 on a CPU
+    that multiplies it natively, else f16). On this 2-core CPU the shipped Q4_1 reads a 484-token prompt in 1.9 s,
+    bf16 in 0.70 s, f16 in 0.92 s (no fast matrix kernel for Q4_1; BENCHMARKS.md, "Cold ask"); decoding stays
+    about 10 ms a token. A file that cannot be re-encoded is run as shipped, with a warning."""
+    if weights == "shipped" or (weights == "auto" and path.stat().st_size > SMALL):
+        return path
+    from memory_llm.models import converted_dir, cpu_has_bf16
+
+    kind = weights if weights != "auto" else ("bf16" if cpu_has_bf16() else "f16")
+    target = Path(f"{converted_dir(cache_dir, str(path.parent), path.name)}.{kind}.gguf")
+    if target.is_file():
+        return target
+    import ctypes
+    import os
+    import tempfile
+
+    import llama_cpp
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's loader prints every tensor
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_BF16 if kind == "bf16" else llama_cpp.LLAMA_FTYPE_MOSTLY_F16
+    params.allow_requantize = True
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".requant-", suffix=".gguf", dir=target.parent)
+    os.close(fd)
+    try:
+        if llama_cpp.llama_model_quantize(str(path).encode(), tmp.encode(), ctypes.byref(params)) != 0:
+            logger.warning("llama.cpp could not re-encode %s as %s; running it as shipped", path.name, kind)
+            return path
+        os.replace(tmp, target)  # atomic: a half-written file is never run
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
 def available() -> bool:
     """Whether llama-cpp-python is installed (make setup builds it; a machine without a compiler goes without)."""
     import importlib.util

@@ -98,3 +98,26 @@ def test_a_current_adapter_keeps_the_transformers_generator(tmp_path, monkeypatc
     monkeypatch.setattr(ServedModel, "attach_current", lambda self: None)
     with_adapter.generator  # noqa: B018
     assert asked == [True, False]
+
+
+def test_weights_reencoded_once_into_the_cache(tmp_path):
+    """llamacpp_weights: the shipped Q4_1 file is re-encoded once (bf16 / f16) into the cache and reused; the
+    re-encoded model answers; "shipped" runs the file itself."""
+    from pathlib import Path
+
+    from memory_llm.generate import build_messages
+    from memory_llm.generate_llamacpp import LlamaCppGenerator, weights_file
+    from memory_llm.models import cpu_has_bf16, resolve_model
+
+    directory, name = resolve_model("smollm2")
+    shipped = Path(directory) / name
+    assert weights_file(shipped, tmp_path, "shipped") == shipped
+    f16 = weights_file(shipped, tmp_path, "f16")
+    assert f16.parent == tmp_path / "models" and f16.name.endswith(".f16.gguf")
+    stamp = f16.stat().st_mtime_ns
+    assert weights_file(shipped, tmp_path, "f16").stat().st_mtime_ns == stamp  # reused, not written again
+    assert not list((tmp_path / "models").glob(".requant-*"))
+    assert weights_file(shipped, tmp_path, "auto").name.endswith(".bf16.gguf" if cpu_has_bf16() else ".f16.gguf")
+    gen = LlamaCppGenerator.load("smollm2", f16)
+    assert gen.llm.metadata["general.file_type"] == "1"  # LLAMA_FTYPE_MOSTLY_F16 (the shipped file: 3, Q4_1)
+    assert "1911" in "".join(gen.stream(gen.chat_ids(build_messages(QUESTION, [SOURCE])), 40))
