@@ -45,6 +45,7 @@ class Job:
     generator: object = None  # a torch.Generator of its own when seeded
     pending: int = -1  # the token picked last, fed at the next step
     gates: tuple = ()  # the adapter gates of its row (ServedModel.row_gates), restored whenever the batch changes
+    n_past: int = 0  # tokens in its cache (a llama.cpp sequence's next position)
 
 
 class Rows:
@@ -265,13 +266,16 @@ class Batcher:
             self._finish(job, "stop")
             return
         job.tokens.append(token)
-        text = self.gen.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        text = self._text(job.tokens)
         if not text.endswith("\ufffd"):  # a character still being spelled in bytes waits for its last token
             if len(text) > len(job.text):
                 job.pieces.put(text[len(job.text):])
             job.text = text
         if len(job.tokens) >= job.max_new:
             self._finish(job, "length")
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.gen.tokenizer.decode(tokens, skip_special_tokens=True)
 
     @staticmethod
     def _finish(job: Job, reason: str = "stop") -> None:

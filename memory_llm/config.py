@@ -95,9 +95,9 @@ class Settings:
     lock_timeout: float = _opt(30.0, "Seconds to wait for the store's write lock before a clear error")
     generator_backend: str = _opt("transformers", "Who generates: transformers (in-process) | llama.cpp (in-process,"
                                   " a GGUF model, no adapters) | openai (an OpenAI-compatible engine, e.g. vLLM)")
-    cold_backend: str = _opt("llama.cpp", "What a one-shot `mllm ask` / `search` in a new process uses when no adapter"
-                                          " is current: llama.cpp (and a numpy query embedder: starts in about a"
-                                          " second) | transformers")
+    cold_backend: str = _opt("llama.cpp", "What generates while no adapter is current, in a one-shot `mllm ask` /"
+                                          " `search` (with a numpy query embedder: starts in about a second) and in"
+                                          " `mllm serve` (batched): llama.cpp (a GGUF model) | transformers")
     llamacpp_weights: str = _opt("auto", "The weights llama.cpp runs: auto (a GGUF up to 512 MB re-encoded once into the"
                                  " cache as bfloat16 on a CPU that multiplies it natively, else float16: prompts"
                                  " read 2-3x faster than in 4-bit) | shipped | bf16 | f16")

@@ -77,10 +77,12 @@ class LlamaCppGenerator:
     """The Generator protocol (memory_llm.generate) over a llama.cpp model. `model.config` carries the context
     window the answerer checks prompts against; there is no torch model (consolidation and routing need one)."""
 
-    remote = False  # (and no `batcher`: answers are generated one at a time, under a lock)
+    remote = False
 
-    def __init__(self, llm, name: str, template: str | None, eos: str, bos: str):
-        self.llm, self.name = llm, name
+    def __init__(self, llm, name: str, template: str | None, eos: str, bos: str, path: Path | None = None,
+                 threads: int = 1):
+        self.llm, self.name, self.path, self.threads = llm, name, path, threads
+        self.batcher = None  # a batching_llamacpp.LlamaBatcher (ServedModel.batching): concurrent answers share steps
         self.model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=llm.n_ctx()))
         self.tokenizer = None
         self._template, self._eos, self._bos = template, eos, bos
@@ -104,7 +106,8 @@ class LlamaCppGenerator:
         template = meta.get("tokenizer.chat_template")
         piece = lambda key: llm.detokenize([int(meta[key])], special=True).decode("utf-8", "replace") \
             if key in meta else ""  # noqa: E731
-        return cls(llm, name, template, piece("tokenizer.ggml.eos_token_id"), piece("tokenizer.ggml.bos_token_id"))
+        return cls(llm, name, template, piece("tokenizer.ggml.eos_token_id"), piece("tokenizer.ggml.bos_token_id"),
+                   Path(path), threads or cores)
 
     @property
     def device(self) -> str:
@@ -137,6 +140,9 @@ class LlamaCppGenerator:
             temperature, top_p, seed = sampling.temperature, sampling.top_p, sampling.seed
         else:
             top_p, seed = (0.95 if temperature > 0 else 1.0), None
+        if self.batcher is not None:
+            yield from self.batcher.stream(input_ids, max_new_tokens, stop, sampling, report, temperature)
+            return
         greedy = temperature <= 0
         tokens = self._tokens(input_ids)
         eos = {self.llm.token_eos()}

@@ -52,16 +52,14 @@ class ServedModel:
             if self._generator is None:
                 from memory_llm.generate import load_generator
 
-                quick = self.quick and not self.batching and not (self.use_adapter and self.registry.current())
+                quick = (self.quick or self.batching) and not (self.use_adapter and self.registry.current())
                 self._generator = load_generator(self.settings, quick=quick)
             if self.use_adapter and not self._attached:
                 self.attach_current()
             gen = self._generator
             if self.batching and getattr(gen, "batcher", False) is None:  # on a copy of the generator object (the
-                from memory_llm.batching import Batcher
-
                 gen = self._generator = copy.copy(gen)  # same model): an injected one may be shared elsewhere
-                gen.batcher = Batcher(gen, self.batching)
+                gen.batcher = _batcher(gen, self.batching)
                 gen.route_probe = self.routed_rows
                 gen.row_gates, gen.set_row_gates = self.row_gates, self.set_row_gates
             return gen
@@ -157,6 +155,11 @@ class ServedModel:
             elif gen is not None and hasattr(gen.model, "unload"):
                 gen.model = gen.model.unload()
             self._attached, self.adapter_version, self.keys = False, None, []
+            if gen is not None and self._injected is None and not self.remote and not hasattr(gen.model, "parameters") \
+                    and self.use_adapter and self.registry.current() is not None:
+                if hasattr(gen.batcher, "close"):  # llama.cpp serves no adapter: transformers loads on the next answer
+                    gen.batcher.close()
+                self._generator = None
             if self.remote and self.use_adapter:
                 try:
                     self.generator  # noqa: B018  (loads the engine client if need be, publishes the current version)
@@ -254,6 +257,19 @@ class ServedModel:
         if router is not None and len(router.last_on) == n:
             return list(router.last_on)
         return [self.adapter_version is not None] * n
+
+
+def _batcher(generator, max_batch: int):
+    """The batcher for a generator's concurrent answers: llama.cpp sequences or transformers cache rows."""
+    from memory_llm.generate_llamacpp import LlamaCppGenerator
+
+    if isinstance(generator, LlamaCppGenerator):
+        from memory_llm.batching_llamacpp import LlamaBatcher
+
+        return LlamaBatcher(generator, max_batch)
+    from memory_llm.batching import Batcher
+
+    return Batcher(generator, max_batch)
 
 
 @contextmanager

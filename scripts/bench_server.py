@@ -78,17 +78,21 @@ def inproc_stream(m, max_tokens: int, question: str = QUESTION) -> tuple[float, 
 
 def prefill_seconds(m, question: str) -> float:
     """The limit for one request: a lone forward pass over its prompt (what batching cannot share on a CPU whose
-    cores a single prefill already fills), on the in-process model, median of 3."""
-    import torch
-
+    cores a single prefill already fills), on the in-process model (torch or llama.cpp), median of 3."""
     from memory_llm.config import DEFAULT_NAMESPACE
 
     ids = m.answerer.prepare(question, k=None, namespace=DEFAULT_NAMESPACE, use_memory=True).ids  # ask's own prompt
-    times = []
+    gen, times = m.generator, []
     for _ in range(3):
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            m.generator.model(input_ids=ids.to(m.generator.device))
+        if hasattr(gen.model, "parameters"):
+            import torch
+
+            with torch.inference_mode():
+                gen.model(input_ids=ids.to(gen.device))
+        else:
+            gen.llm.reset()
+            gen.llm.eval([int(t) for t in ids[0]])
         times.append(time.perf_counter() - t0)
     return median(times)
 
@@ -137,9 +141,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="concurrent clients, a comma-separated list (default 1,4,8)")
     ap.add_argument("--per-client", type=int, default=2, help="requests per client (default 2)")
     ap.add_argument("--max-tokens", type=int, default=24, help="max new tokens per answer (default 24)")
+    ap.add_argument("--backend", choices=["llama.cpp", "transformers"], default="llama.cpp",
+                    help="what generates, in the server and in-process alike (cold_backend; default llama.cpp, what"
+                         " `mllm serve` runs while no adapter is current)")
     ap.add_argument("--write", action="store_true", help="write the section of BENCHMARKS.md")
     args = ap.parse_args(argv)
     os.environ.setdefault("MLLM_CACHE", "/tmp/mcache")
+    os.environ["MLLM_COLD_BACKEND"] = args.backend
     import httpx
 
     from memory_llm import MemoryLLM
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="mllm-bench-server-") as tmp:
         home = Path(tmp) / "home"
-        m = MemoryLLM(home)
+        m = MemoryLLM(home, quick_start=True)  # the backend the server runs (quick_start: cold_backend applies)
         m.learn([SAMPLE])
         m.chat([{"role": "user", "content": QUESTION}], max_new_tokens=4).result()  # warm up
         port = free_port()
@@ -212,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{load_end[0]:.1f} at the end.  ",
         f"Request: \"{QUESTION}\" on a home that learned data/sample; greedy, max {args.max_tokens} new tokens "
         f"({n_tokens} generated, identical text {'in every run' if len(texts) == 1 else 'NOT in every run'}). "
-        f"Single request: {args.runs} interleaved runs each, medians. Server: `mllm serve` in its own process "
-        "(in-process generation batched: memory_llm.batching), httpx clients, streamed (SSE). In-process: "
-        "MemoryLLM.chat in the benchmark process, the same requests one after another.",
+        f"Single request: {args.runs} interleaved runs each, medians. Generator: **{args.backend}** in both "
+        "(cold_backend; llama.cpp is what `mllm serve` runs while no adapter is current). Server: `mllm serve` in "
+        "its own process (concurrent answers batched: memory_llm.batching / batching_llamacpp), httpx clients, "
+        "streamed (SSE). In-process: MemoryLLM.chat in the benchmark process, the same requests one after another.",
         "",
         table(["", "server", "in-process", "server / in-process"], rows),
         "",
@@ -231,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print(text)
     if args.write:
-        write_section(SECTION, text)
+        write_section(SECTION if args.backend == "llama.cpp" else f"{SECTION} ({args.backend})", text)
         log("wrote BENCHMARKS.md")
     return 0
 

@@ -121,3 +121,74 @@ def test_weights_reencoded_once_into_the_cache(tmp_path):
     gen = LlamaCppGenerator.load("smollm2", f16)
     assert gen.llm.metadata["general.file_type"] == "1"  # LLAMA_FTYPE_MOSTLY_F16 (the shipped file: 3, Q4_1)
     assert "1911" in "".join(gen.stream(gen.chat_ids(build_messages(QUESTION, [SOURCE])), 40))
+
+
+def test_batched_answers_share_decoding_steps(llama):
+    """The server's llama.cpp batcher: concurrent answers run as sequences of one context (at most ROWS at once,
+    the rest wait), each with its own budget, sampling, stop and report; a prompt too long for a window fails alone;
+    close() ends the thread."""
+    import copy
+
+    from memory_llm.batching_llamacpp import ROWS, LlamaBatcher
+    from memory_llm.errors import ModelError
+    from memory_llm.generate import Sampling, build_messages
+
+    gen = copy.copy(llama)
+    gen.batcher = LlamaBatcher(gen, 8)
+    assert gen.batcher.max_batch == ROWS == 4
+    asks = [build_messages(QUESTION, [SOURCE]), build_messages("What is the capital of France?"),
+            build_messages("Tell me a long story about a heron."), build_messages("Name a colour."),
+            build_messages("Say hello.")]
+    out, reports = [None] * len(asks), [{} for _ in asks]
+
+    def answer(k):
+        out[k] = "".join(gen.stream(gen.chat_ids(asks[k]), (48, 24, 6, 24, 24)[k], report=reports[k]))
+
+    threads = [threading.Thread(target=answer, args=(k,)) for k in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert "1911" in out[0] and "Paris" in out[1] and all(out), out
+    assert reports[2] == {"completion_tokens": 6, "finish_reason": "length"}
+    assert reports[1]["finish_reason"] == "stop" and 0 < reports[1]["completion_tokens"] < 24, reports
+    assert max(gen.batcher.step_rows) >= 2 and max(gen.batcher.batch_sizes) <= 4
+    hot = Sampling(1.2, 0.95, 7)
+    ids = gen.chat_ids(asks[2])
+    assert "".join(gen.stream(ids, 12, sampling=hot)) == "".join(gen.stream(ids, 12, sampling=hot))
+    stop, report = threading.Event(), {}
+    pieces = gen.stream(ids, 100, stop=stop, report=report)
+    next(pieces)
+    stop.set()
+    list(pieces)
+    assert report["finish_reason"] == "stop" and report["completion_tokens"] < 10
+    small = copy.copy(llama)
+    small.batcher = LlamaBatcher(small, 2, window=64)
+    with pytest.raises(ModelError, match="does not fit"):
+        list(small.stream(small.chat_ids(asks[0]), 8))
+    assert "".join(small.stream(small.chat_ids(asks[4]), 8))  # the batcher goes on
+    for b in (gen.batcher, small.batcher):
+        b.close()
+        b._thread.join(timeout=10)
+        assert not b._thread.is_alive()
+
+
+def test_serving_uses_llamacpp_until_an_adapter_is_promoted(tmp_path, monkeypatch):
+    """With batching (the server) and no adapter current, ServedModel answers on llama.cpp with its batcher; once an
+    adapter is current, reload drops it (the next answer loads transformers, which serves adapters)."""
+    import numpy as np
+
+    from memory_llm.config import Settings
+    from memory_llm.serving import ServedModel
+
+    served = ServedModel(Settings(home=tmp_path / "home"), embed=lambda texts: np.zeros((len(texts), 384)))
+    served.batching = 8
+    monkeypatch.setattr(served.registry, "current", lambda: None)
+    gen = served.generator
+    assert type(gen).__name__ == "LlamaCppGenerator" and type(gen.batcher).__name__ == "LlamaBatcher"
+    assert "".join(gen.stream(gen.chat_ids([{"role": "user", "content": "Say hello."}]), 4))
+    monkeypatch.setattr(served.registry, "current", lambda: object())
+    served.reload()
+    assert served._generator is None
+    gen.batcher._thread.join(timeout=10)
+    assert not gen.batcher._thread.is_alive()

@@ -98,8 +98,8 @@ def run(m, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
 
     from memory_llm.resident import announce, withdraw
 
+    app = create_app(m, api_key)  # first: batching decides which backend loads (cold_backend while no adapter)
     m.generator, m.embedder, m.prompts  # load before the first request, not during it
-    app = create_app(m, api_key)
     engine = getattr(getattr(m.generator, "client", None), "root", None) if getattr(m.generator, "remote", False) \
         else None
     log(f"mllm serve: http://{host}:{port}/v1 (model {MODEL_ID!r}, base {m.settings.model}"
