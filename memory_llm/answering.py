@@ -220,6 +220,8 @@ class Answerer:
         def finish(text: str, first: float | None) -> Answer:
             end = time.perf_counter()
             timings.update(generate=end - t_gen, first_token=(first or end) - t0, total=end - t0)
+            if "cached_tokens" in report:  # prompt tokens a llama.cpp sequence held already (not prefilled)
+                timings["cached_tokens"] = float(report["cached_tokens"])
             answer = Answer(text.strip(), question, hits, timings, self.settings.model, namespace, use_memory,
                             served.adapter_version, prompt=choice, session_id=session_id,
                             remembered=list(remembered))

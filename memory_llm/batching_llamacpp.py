@@ -11,7 +11,11 @@ batch's matrix products sum in another order, so a near tie can go the other way
 
 Each sequence has a KV window of its own (CONTEXT tokens; up to ROWS sequences, 377 MB of cache for the default
 model): one shared pool (kv_unified) made every prefill attend over all rows' cells, 1.5x slower with 8 rows.
-Answers wait in arrival order for a free sequence. Low-level llama.cpp API (llama_batch / llama_decode /
+Answers wait in arrival order for a free sequence. A sequence keeps its cache when its answer ends: the next answer
+seated there prefills only what differs from the tokens it holds (and the last TAIL tokens): a newcomer takes the free
+sequence whose tokens share the longest prefix with its prompt when that is at least half the prompt, else the
+least recently used one (so a repeated prompt finds its cache, and the system prompt is reused anyway), as
+llama.cpp's own server reuses a slot's prompt (the system prompt, a repeated question, a conversation's history). Low-level llama.cpp API (llama_batch / llama_decode /
 llama_memory_seq_rm): llama-cpp-python's Llama runs one sequence."""
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ if TYPE_CHECKING:
 
 CHUNK = 512  # tokens per llama_decode call (the context's n_batch)
 ROWS = 4  # sequences at once: on a CPU one prefill fills the cores, so more rows add cache, not speed
+TAIL = 16  # a prompt's last tokens are prefilled even when a sequence holds them: the last one's logits then come
+# from a batch of this many (a lone token takes another kernel, whose rounding made seeded samples differ)
 
 
 class Context:
@@ -52,6 +58,7 @@ class Context:
         params.n_ctx, params.n_batch, params.n_ubatch = seqs * window, CHUNK, CHUNK
         params.n_seq_max, params.kv_unified = seqs, False
         params.n_threads = params.n_threads_batch = threads
+        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED  # as LlamaCppGenerator's own context
         self.ctx = lc.llama_init_from_model(self.model, params)
         if not self.ctx:
             lc.llama_model_free(self.model)
@@ -80,8 +87,9 @@ class Context:
     def is_end(self, token: int) -> bool:
         return bool(self.lc.llama_vocab_is_eog(self.vocab, token))
 
-    def drop(self, seq: int) -> None:
-        self.lc.llama_memory_seq_rm(self.memory, seq, -1, -1)
+    def drop(self, seq: int, start: int = 0) -> None:
+        """Forget the sequence's cache from position `start` on."""
+        self.lc.llama_memory_seq_rm(self.memory, seq, start if start > 0 else -1, -1)
 
     def close(self) -> None:
         self.lc.llama_batch_free(self.batch)
@@ -106,6 +114,10 @@ class LlamaBatcher(Batcher):
         super().__init__(generator, min(max_batch, ROWS))
         self.window = window  # KV cells of each sequence: prompt and answer together
         self._held: collections.deque = collections.deque()  # arrived, waiting for a free sequence
+        self._cached: dict[int, list[int]] = {}  # sequence -> the tokens its KV cache holds (positions 0..n-1)
+        self.cached_tokens = 0  # prompt tokens not prefilled because a sequence held them already
+        self._seated = 0  # answers seated so far; _last[seq]: when that sequence was last given one
+        self._last: dict[int, int] = {}
 
     def stream(self, input_ids, max_new_tokens: int, stop, sampling: Sampling | None, report: dict | None,
                temperature: float = 0.0):
@@ -126,6 +138,7 @@ class LlamaBatcher(Batcher):
         context = Context(self.gen.path, self.gen.threads, self.max_batch, self.window)
         ends = _Ends(context)
         running: dict[int, Job] = {}  # sequence id -> its job
+        self._cached = {s: [] for s in range(self.max_batch)}
         closing = False
         try:
             while not (closing and not running and not self._held):
@@ -147,6 +160,7 @@ class LlamaBatcher(Batcher):
                             job.done = True
                             job.pieces.put(exc)
                         context.drop(seq)
+                        self._cached[seq] = []
                     running.clear()
         finally:
             context.close()
@@ -188,15 +202,27 @@ class LlamaBatcher(Batcher):
                 job.pieces.put(ModelError(f"a prompt of {len(job.ids)} tokens does not fit llama.cpp's window of"
                                           f" {self.window}"))
             else:
-                seated.append((free.pop(0), job))
+                seq = max(free, key=lambda s: _common(self._cached[s], job.ids))  # ties: the lowest
+                if 2 * _common(self._cached[seq], job.ids) < len(job.ids):  # not mostly this prompt's
+                    seq = min(free, key=lambda s: self._last.get(s, -1))
+                free.remove(seq)
+                self._seated += 1
+                self._last[seq] = self._seated
+                seated.append((seq, job))
         return seated
 
     def _prefill(self, context: Context, seq: int, job: Job, ends) -> None:
-        """The prompt through the model as sequence `seq`, in chunks; the first token taken."""
+        """The prompt through the model as sequence `seq` (from where it parts from the tokens the sequence holds), in
+        chunks; the first token taken."""
         if job.sampling.seed is not None or not job.sampling.greedy:
             job.generator = np.random.default_rng(job.sampling.seed)
         ids = job.ids
-        for start in range(0, len(ids), CHUNK):
+        keep = max(0, min(_common(self._cached[seq], ids), len(ids) - TAIL))
+        context.drop(seq, keep)
+        self._cached[seq] = list(ids)
+        job.report["cached_tokens"] = keep
+        self.cached_tokens += keep
+        for start in range(keep, len(ids), CHUNK):
             part = ids[start:start + CHUNK]
             last = start + len(part) == len(ids)
             context.decode([(t, start + i, seq, last and i == len(part) - 1) for i, t in enumerate(part)])
@@ -205,12 +231,11 @@ class LlamaBatcher(Batcher):
         self._take(job, job.pending, ends)
 
     def _free(self, context: Context, running: dict[int, Job]) -> None:
-        """Rows that ended or whose client left give their sequence and KV cells back."""
+        """Rows that ended or whose client left give their sequence back (its cache stays for the next prompt)."""
         for seq, job in list(running.items()):
             if job.stop.is_set() and not job.done:
                 self._finish(job, "stop")
             if job.done:
-                context.drop(seq)
                 del running[seq]
 
     def _step(self, context: Context, running: dict[int, Job], ends) -> None:
@@ -220,6 +245,7 @@ class LlamaBatcher(Batcher):
         context.decode([(job.pending, job.n_past, seq, True) for seq, job in rows])
         for i, (seq, job) in enumerate(rows):
             job.n_past += 1
+            self._cached[seq].append(job.pending)
             job.pending = self._pick(context.logits(i), job)
             self._take(job, job.pending, ends)
             if not job.done and job.n_past + 1 >= self.window:  # its window is full
@@ -241,3 +267,11 @@ class LlamaBatcher(Batcher):
         q = p[order] / p[order].sum()
         return int(order[job.generator.choice(len(order), p=q)])
 
+
+def _common(a: list[int], b: list[int]) -> int:
+    """The length of the common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -98,8 +98,8 @@ class LlamaCppGenerator:
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         try:
-            llm = llama_cpp.Llama(str(path), n_ctx=CONTEXT, n_threads=threads or cores,
-                                  verbose=False)
+            llm = llama_cpp.Llama(str(path), n_ctx=CONTEXT, n_threads=threads or cores, flash_attn=True,
+                                  verbose=False)  # flash attention: ~10% faster here, as the server's batcher
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"llama.cpp could not load {path}: {exc}") from None
         meta = llm.metadata

@@ -125,11 +125,11 @@ def test_weights_reencoded_once_into_the_cache(tmp_path):
 
 def test_batched_answers_share_decoding_steps(llama):
     """The server's llama.cpp batcher: concurrent answers run as sequences of one context (at most ROWS at once,
-    the rest wait), each with its own budget, sampling, stop and report; a prompt too long for a window fails alone;
-    close() ends the thread."""
+    the rest wait), each with its own budget, sampling, stop and report; a prompt a sequence holds already is not
+    prefilled again; a prompt too long for a window fails alone; close() ends the thread."""
     import copy
 
-    from memory_llm.batching_llamacpp import ROWS, LlamaBatcher
+    from memory_llm.batching_llamacpp import ROWS, TAIL, LlamaBatcher
     from memory_llm.errors import ModelError
     from memory_llm.generate import Sampling, build_messages
 
@@ -150,9 +150,11 @@ def test_batched_answers_share_decoding_steps(llama):
     for t in threads:
         t.join()
     assert "1911" in out[0] and "Paris" in out[1] and all(out), out
-    assert reports[2] == {"completion_tokens": 6, "finish_reason": "length"}
+    assert (reports[2]["completion_tokens"], reports[2]["finish_reason"]) == (6, "length")
     assert reports[1]["finish_reason"] == "stop" and 0 < reports[1]["completion_tokens"] < 24, reports
     assert max(gen.batcher.step_rows) >= 2 and max(gen.batcher.batch_sizes) <= 4
+    ids, report = gen.chat_ids(asks[1]), {}  # asked again: its sequence's cache holds the prompt (TAIL goes again)
+    assert "".join(gen.stream(ids, 24, report=report)) == out[1] and report["cached_tokens"] == ids.shape[1] - TAIL
     hot = Sampling(1.2, 0.95, 7)
     ids = gen.chat_ids(asks[2])
     assert "".join(gen.stream(ids, 12, sampling=hot)) == "".join(gen.stream(ids, 12, sampling=hot))

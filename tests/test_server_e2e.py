@@ -107,6 +107,8 @@ def test_live_server_with_openai_client_llm_cli_and_curl(server, tmp_path):
     chunks = list(client.chat.completions.create(model="mllm", messages=turns, max_tokens=6, user="alice",
                                                  stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    usage = chunks[-1].usage  # the same prompt again: llama.cpp (no adapter current) did not compute it twice
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 16  # batching_llamacpp.TAIL
     stopped = client.chat.completions.create(model="mllm", messages=[{"role": "user", "content": QUESTION}],
                                              max_tokens=24, user="alice", stop=["1911"])
     assert "1911" not in stopped.choices[0].message.content and stopped.choices[0].finish_reason == "stop"

@@ -99,13 +99,15 @@ def extension(answer) -> dict:
 
 
 def usage(answer, count_tokens) -> dict:
-    """OpenAI's usage object: the prompt's tokens and those generated (as the generator counted them)."""
+    """OpenAI's usage object: the prompt's tokens (of which cached: not computed again) and those generated (as the
+    generator counted them)."""
     prompt_tokens = int(answer.timings.get("prompt_tokens", 0))
     completion_tokens = answer.completion_tokens
     if completion_tokens is None:
         completion_tokens = count_tokens(answer.text) if answer.text else 0
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": int(answer.timings.get("cached_tokens", 0))}}
 
 
 def completion(cid: str, created: int, model_id: str, answer, count_tokens) -> dict:
