@@ -11,8 +11,8 @@ import logging
 from memory_llm.errors import EvalFormatError, InputError, MemoryLLMError, ModelError, StoreError
 
 # imported on first use (PEP 562): a CLI call that a resident server answers loads neither numpy nor the store
-_LAZY = {"Answer": "memory_llm.assistant", "AnswerStream": "memory_llm.assistant", "LearnReport": "memory_llm.assistant",
-         "MemoryLLM": "memory_llm.assistant", "Settings": "memory_llm.config"}
+_LAZY = {"Answer": "memory_llm.assistant", "AnswerStream": "memory_llm.assistant",
+         "LearnReport": "memory_llm.assistant", "MemoryLLM": "memory_llm.assistant", "Settings": "memory_llm.config"}
 
 __version__ = "0.1.0"
 __all__ = ["Answer", "AnswerStream", "EvalFormatError", "InputError", "LearnReport", "MemoryLLM", "MemoryLLMError",

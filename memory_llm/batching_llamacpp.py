@@ -15,8 +15,9 @@ Answers wait in arrival order for a free sequence. A sequence keeps its cache wh
 seated there prefills only what differs from the tokens it holds (and the last TAIL tokens): a newcomer takes the free
 sequence whose tokens share the longest prefix with its prompt when that is at least half the prompt, else the
 least recently used one (so a repeated prompt finds its cache, and the system prompt is reused anyway), as
-llama.cpp's own server reuses a slot's prompt (the system prompt, a repeated question, a conversation's history). Low-level llama.cpp API (llama_batch / llama_decode /
-llama_memory_seq_rm): llama-cpp-python's Llama runs one sequence."""
+llama.cpp's own server reuses a slot's prompt (the system prompt, a repeated question, a conversation's history).
+Low-level llama.cpp API (llama_batch / llama_decode / llama_memory_seq_rm): llama-cpp-python's Llama runs one
+sequence."""
 
 from __future__ import annotations
 
@@ -135,7 +136,15 @@ class LlamaBatcher(Batcher):
 
     # ---- the batch thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
-        context = Context(self.gen.path, self.gen.threads, self.max_batch, self.window)
+        try:
+            context = Context(self.gen.path, self.gen.threads, self.max_batch, self.window)
+        except BaseException as exc:  # no context: the answers waiting get the error (the next one tries again)
+            self._gather(block=True)
+            while self._held:
+                job = self._held.popleft()
+                job.done = True
+                job.pieces.put(exc)
+            return
         ends = _Ends(context)
         running: dict[int, Job] = {}  # sequence id -> its job
         self._cached = {s: [] for s in range(self.max_batch)}

@@ -98,8 +98,8 @@ class Settings:
     cold_backend: str = _opt("llama.cpp", "What generates while no adapter is current, in a one-shot `mllm ask` /"
                                           " `search` (with a numpy query embedder: starts in about a second) and in"
                                           " `mllm serve` (batched): llama.cpp (a GGUF model) | transformers")
-    llamacpp_weights: str = _opt("auto", "The weights llama.cpp runs: auto (a GGUF up to 512 MB re-encoded once into the"
-                                 " cache as bfloat16 on a CPU that multiplies it natively, else float16: prompts"
+    llamacpp_weights: str = _opt("auto", "The weights llama.cpp runs: auto (a GGUF up to 512 MB re-encoded once into"
+                                 " the cache as bfloat16 on a CPU that multiplies it natively, else float16: prompts"
                                  " read 2-3x faster than in 4-bit) | shipped | bf16 | f16")
     generator_base_url: str = _opt("", "The engine's API root for generator_backend = openai, e.g."
                                    " http://127.0.0.1:8001/v1")

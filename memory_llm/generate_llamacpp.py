@@ -1,12 +1,13 @@
 """A generator backend on llama.cpp (llama-cpp-python): the shipped GGUF generates in-process without torch or
-transformers, so a cold `ask` starts in about a second instead of six (BENCHMARKS.md, "Cold ask").
+transformers, so a cold `ask` starts in about a second instead of five (BENCHMARKS.md, "Cold ask").
 
-It serves a `mllm ask` / `chat` in a new process when no adapter is current (adapters are torch LoRA with
-per-row routing: with one, the transformers generator serves): Settings.generator_backend "auto"
-(generate.choose_backend). The prompt is the same chat template (read from the GGUF, rendered with jinja2 as
-transformers renders it) tokenized by llama.cpp; the numbers are llama.cpp's (quantized weights and kernels), so
-an answer can differ from the transformers generator's in later tokens: quality is measured for both
-(scripts/bench_cold.py)."""
+It serves a one-shot `mllm ask` in a new process and `mllm serve` (batched: memory_llm.batching_llamacpp) while no
+adapter is current (adapters are torch LoRA with per-row routing: with one, the transformers generator serves):
+Settings.cold_backend, ServedModel.generator. The weights are the GGUF's re-encoded once as bf16 / f16
+(weights_file: the shipped Q4_1 has no fast CPU kernel). The prompt is the same chat template (read from the GGUF,
+rendered with jinja2 as transformers renders it) tokenized by llama.cpp; the numbers are llama.cpp's (its
+kernels, bf16 weights), so an answer can differ from the transformers generator's in later tokens: quality is
+measured for both (scripts/bench_cold.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 CONTEXT = 4096  # tokens of context llama.cpp allocates: ask reads at most context_tokens (1024) of sources + the question
 
 
-SMALL = 512 * 2**20  # llamacpp_weights "auto" re-encodes a GGUF up to this size (a small model, prefill-bound on a CPU)
+SMALL = 512 * 2**20  # llamacpp_weights "auto" re-encodes a GGUF up to this size (a small model: prefill-bound on CPU)
 
 
 def weights_file(path: Path, cache_dir: Path, weights: str = "auto") -> Path:

@@ -40,7 +40,7 @@ class ServedModel:
         self._lock = lock or threading.RLock()
         self._attached = False
         self.batching = 0  # > 0: concurrent answers are generated in shared batches of up to this many
-        self.quick = quick  # a one-shot ask: the faster-starting backend when no adapter is current (cold_backend)
+        self.quick = quick  # a one-shot ask: cold_backend (llama.cpp) while no adapter is current, as batching
         self.adapter_version: str | None = None
         self.router = None  # the current adapter's router (adapters.routing), if it has one
         self.keys: list = []  # the current adapters' keys (unit embeddings of their trained prompts)

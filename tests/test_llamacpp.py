@@ -175,6 +175,20 @@ def test_batched_answers_share_decoding_steps(llama):
         assert not b._thread.is_alive()
 
 
+def test_a_context_that_cannot_be_made_fails_the_answer(llama, tmp_path):
+    """The batcher's llama.cpp context fails to load: the waiting answer gets the error instead of hanging."""
+    import copy
+
+    from memory_llm.batching_llamacpp import LlamaBatcher
+    from memory_llm.errors import ModelError
+
+    gen = copy.copy(llama)
+    gen.path = tmp_path / "missing.gguf"
+    gen.batcher = LlamaBatcher(gen, 2)
+    with pytest.raises(ModelError, match="could not load"):
+        list(gen.stream(gen.chat_ids([{"role": "user", "content": "Hi"}]), 4))
+
+
 def test_serving_uses_llamacpp_until_an_adapter_is_promoted(tmp_path, monkeypatch):
     """With batching (the server) and no adapter current, ServedModel answers on llama.cpp with its batcher; once an
     adapter is current, reload drops it (the next answer loads transformers, which serves adapters)."""
