@@ -51,9 +51,9 @@ def convex_exact(dense, lexical, w, cosine):
 
 def recall_at_3(probes, lists, source, rank) -> float:
     hits = 0
-    for p, (dense, lexical) in zip(probes, lists):
+    for p, candidates in zip(probes, lists):  # (dense, lexical[, the probe's vector]) per probe
         seen: list[str] = []
-        for i in rank(dense, lexical):
+        for i in rank(*candidates):
             if source[i] not in seen:
                 seen.append(source[i])
             if len(seen) == 3:
@@ -89,23 +89,11 @@ def main() -> None:
                 rows.append([set_name, split, len(probes)] + [f"{r:.3f}" for r in recall])
                 recall = [recall_at_3(probes, lists, source, lambda d, x, w=w: convex(d, x, w)) for w in CONVEX]
                 convex_rows.append([set_name, split, len(probes)] + [f"{r:.3f}" for r in recall])
-                import numpy as np
-
-                rows_db = m.store.db.execute("SELECT id, embedding FROM memories").fetchall()
-                stored = {i: np.frombuffer(b, dtype=np.float32) for i, b in rows_db}
-                exact = []
-                for w in CONVEX:
-                    hits = 0
-                    for p, v, (dense, lexical) in zip(probes, vectors, lists):
-                        ranked = convex_exact(dense, lexical, w, lambda i, v=v: float(stored[i] @ v))
-                        seen: list[str] = []
-                        for i in ranked:
-                            if source[i] not in seen:
-                                seen.append(source[i])
-                            if len(seen) == 3:
-                                break
-                        hits += p["tags"][0] in seen
-                    exact.append(hits / len(probes))
+                stored = m.store.embeddings(m.store.memory_ids())
+                with_vectors = [(dense, lexical, v) for (dense, lexical), v in zip(lists, vectors)]
+                exact = [recall_at_3(probes, with_vectors, source,
+                                     lambda d, x, v, w=w: convex_exact(d, x, w, lambda i: float(stored[i] @ v)))
+                         for w in CONVEX]
                 exact_rows.append([set_name, split, len(probes)] + [f"{r:.3f}" for r in exact])
                 log(f"{set_name} {split}: {rows[-1]} {convex_rows[-1]}")
                 m.close()

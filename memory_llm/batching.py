@@ -127,6 +127,11 @@ class Batcher:
         self.step_rows: collections.deque = collections.deque(maxlen=4096)  # rows in each decoding step
         self.joined_running = 0  # answers that joined a batch already decoding
 
+    @property
+    def alive(self) -> bool:
+        """Whether the batch thread runs (it starts with the first answer)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stream(self, input_ids, max_new_tokens: int, stop: threading.Event | None, sampling: Sampling | None,
                report: dict | None) -> Iterator[str]:
         job = Job([int(t) for t in input_ids[0]], max_new_tokens, sampling or Sampling(), stop or threading.Event(),
@@ -220,8 +225,7 @@ class Batcher:
 
         gen, tok = self.gen, self.gen.tokenizer
         for j in rows.jobs:
-            if j.stop.is_set() and not j.done:  # a client that left since the last step frees its row now
-                self._finish(j, "stop")
+            self._end_if_left(j)  # a client that left since the last step frees its row now
         rows.drop_done()
         if not rows.jobs:
             return
@@ -273,6 +277,11 @@ class Batcher:
             job.text = text
         if len(job.tokens) >= job.max_new:
             self._finish(job, "length")
+
+    def _end_if_left(self, job: Job) -> None:
+        """End a running answer whose client left (its stop set): it leaves the batch at once."""
+        if job.stop.is_set() and not job.done:
+            self._finish(job, "stop")
 
     def _text(self, tokens: list[int]) -> str:
         return self.gen.tokenizer.decode(tokens, skip_special_tokens=True)

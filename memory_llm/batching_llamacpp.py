@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import logging
 import queue
 import time
 from typing import TYPE_CHECKING
@@ -45,16 +44,13 @@ TAIL = 16  # a prompt's last tokens are prefilled even when a sequence holds the
 
 
 class Context:
-    """A llama.cpp model and context with `seqs` sequences, each with a KV window of `window` tokens."""
+    """A llama.cpp context over a loaded model (the generator's Llama.model: its weights are not loaded twice) with
+    `seqs` sequences, each with a KV window of `window` tokens."""
 
-    def __init__(self, path: str, threads: int, seqs: int, window: int):
+    def __init__(self, model, threads: int, seqs: int, window: int):
         import llama_cpp as lc
 
-        self.lc = lc
-        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-        self.model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
-        if not self.model:
-            raise ModelError(f"llama.cpp could not load {path}")
+        self.lc, self.model = lc, model
         params = lc.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = seqs * window, CHUNK, CHUNK
         params.n_seq_max, params.kv_unified = seqs, False
@@ -62,8 +58,7 @@ class Context:
         params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED  # as LlamaCppGenerator's own context
         self.ctx = lc.llama_init_from_model(self.model, params)
         if not self.ctx:
-            lc.llama_model_free(self.model)
-            raise ModelError(f"llama.cpp could not make a context of {seqs} x {window} tokens for {path}")
+            raise ModelError(f"llama.cpp could not make a context of {seqs} x {window} tokens")
         self.vocab = lc.llama_model_get_vocab(self.model)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
         self.batch = lc.llama_batch_init(CHUNK, 0, 1)
@@ -94,8 +89,7 @@ class Context:
 
     def close(self) -> None:
         self.lc.llama_batch_free(self.batch)
-        self.lc.llama_free(self.ctx)
-        self.lc.llama_model_free(self.model)
+        self.lc.llama_free(self.ctx)  # the model stays: it is the generator's
 
 
 class _Ends:
@@ -123,21 +117,22 @@ class LlamaBatcher(Batcher):
     def stream(self, input_ids, max_new_tokens: int, stop, sampling: Sampling | None, report: dict | None,
                temperature: float = 0.0):
         """Batcher.stream; without `sampling`, greedy or sampled at `temperature` (LlamaCppGenerator.stream's)."""
-        if sampling is None:
-            sampling = Sampling(temperature, 0.95 if temperature > 0 else 1.0)
-        return super().stream(input_ids, max_new_tokens, stop, sampling, report)
+        return super().stream(input_ids, max_new_tokens, stop, sampling or Sampling.at(temperature), report)
 
     def _text(self, tokens: list[int]) -> str:
         return self.gen.llm.detokenize(tokens).decode("utf-8", "replace")
 
-    def close(self) -> None:
-        """End the batch thread once its running answers are done, freeing the context (a swapped-out generator)."""
+    def close(self, wait: float | None = None) -> None:
+        """End the batch thread once its running answers are done, freeing the context (a swapped-out generator);
+        with `wait`, wait that many seconds for it to end."""
         self._waiting.put(None)
+        if wait is not None and self._thread is not None:
+            self._thread.join(wait)
 
     # ---- the batch thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            context = Context(self.gen.path, self.gen.threads, self.max_batch, self.window)
+            context = Context(self.gen.llm.model, self.gen.threads, self.max_batch, self.window)
         except BaseException as exc:  # no context: the answers waiting get the error (the next one tries again)
             self._gather(block=True)
             while self._held:
@@ -242,8 +237,7 @@ class LlamaBatcher(Batcher):
     def _free(self, context: Context, running: dict[int, Job]) -> None:
         """Rows that ended or whose client left give their sequence back (its cache stays for the next prompt)."""
         for seq, job in list(running.items()):
-            if job.stop.is_set() and not job.done:
-                self._finish(job, "stop")
+            self._end_if_left(job)
             if job.done:
                 del running[seq]
 

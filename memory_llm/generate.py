@@ -122,6 +122,11 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature <= 0
 
+    @classmethod
+    def at(cls, temperature: float) -> "Sampling":
+        """A `stream(temperature=...)` caller's sampling: greedy at 0, else the nucleus 0.95."""
+        return cls(temperature, 0.95 if temperature > 0 else 1.0)
+
 
 GREEDY = Sampling()
 
@@ -272,7 +277,7 @@ class TransformersGenerator:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        sampling = sampling or Sampling(temperature, 0.95 if temperature > 0 else 1.0)
+        sampling = sampling or Sampling.at(temperature)
         if self.batcher is not None:
             yield from self.batcher.stream(input_ids, max_new_tokens, stop, sampling, report)
             return

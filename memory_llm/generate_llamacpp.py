@@ -80,9 +80,8 @@ class LlamaCppGenerator:
 
     remote = False
 
-    def __init__(self, llm, name: str, template: str | None, eos: str, bos: str, path: Path | None = None,
-                 threads: int = 1):
-        self.llm, self.name, self.path, self.threads = llm, name, path, threads
+    def __init__(self, llm, name: str, template: str | None, eos: str, bos: str, threads: int = 1):
+        self.llm, self.name, self.threads = llm, name, threads
         self.batcher = None  # a batching_llamacpp.LlamaBatcher (ServedModel.batching): concurrent answers share steps
         self.model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=llm.n_ctx()))
         self.tokenizer = None
@@ -108,7 +107,7 @@ class LlamaCppGenerator:
         piece = lambda key: llm.detokenize([int(meta[key])], special=True).decode("utf-8", "replace") \
             if key in meta else ""  # noqa: E731
         return cls(llm, name, template, piece("tokenizer.ggml.eos_token_id"), piece("tokenizer.ggml.bos_token_id"),
-                   Path(path), threads or cores)
+                   threads or cores)
 
     @property
     def device(self) -> str:

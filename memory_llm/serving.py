@@ -64,6 +64,11 @@ class ServedModel:
                 gen.row_gates, gen.set_row_gates = self.row_gates, self.set_row_gates
             return gen
 
+    @property
+    def loaded(self) -> bool:
+        """Whether the answering generator is loaded (it loads on first use, and again after a change of engine)."""
+        return self._generator is not None
+
     def new_generator(self):
         """A separate base model (no adapter) for consolidation, leaving the serving one untouched; in-process
         even when an engine serves (consolidation trains a torch model)."""

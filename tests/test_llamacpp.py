@@ -170,20 +170,23 @@ def test_batched_answers_share_decoding_steps(llama):
         list(small.stream(small.chat_ids(asks[0]), 8))
     assert "".join(small.stream(small.chat_ids(asks[4]), 8))  # the batcher goes on
     for b in (gen.batcher, small.batcher):
-        b.close()
-        b._thread.join(timeout=10)
-        assert not b._thread.is_alive()
+        b.close(wait=10)
+        assert not b.alive
 
 
-def test_a_context_that_cannot_be_made_fails_the_answer(llama, tmp_path):
-    """The batcher's llama.cpp context fails to load: the waiting answer gets the error instead of hanging."""
+def test_a_context_that_cannot_be_made_fails_the_answer(llama, monkeypatch):
+    """The batcher's llama.cpp context cannot be made: the waiting answer gets the error instead of hanging."""
     import copy
 
+    from memory_llm import batching_llamacpp
     from memory_llm.batching_llamacpp import LlamaBatcher
     from memory_llm.errors import ModelError
 
+    def refuse(*args):
+        raise ModelError("llama.cpp could not load a context here")
+
+    monkeypatch.setattr(batching_llamacpp, "Context", refuse)
     gen = copy.copy(llama)
-    gen.path = tmp_path / "missing.gguf"
     gen.batcher = LlamaBatcher(gen, 2)
     with pytest.raises(ModelError, match="could not load"):
         list(gen.stream(gen.chat_ids([{"role": "user", "content": "Hi"}]), 4))
@@ -205,6 +208,6 @@ def test_serving_uses_llamacpp_until_an_adapter_is_promoted(tmp_path, monkeypatc
     assert "".join(gen.stream(gen.chat_ids([{"role": "user", "content": "Say hello."}]), 4))
     monkeypatch.setattr(served.registry, "current", lambda: object())
     served.reload()
-    assert served._generator is None
-    gen.batcher._thread.join(timeout=10)
-    assert not gen.batcher._thread.is_alive()
+    assert not served.loaded
+    gen.batcher.close(wait=10)  # reload closed it already: this only waits
+    assert not gen.batcher.alive
