@@ -42,6 +42,7 @@ class Answer:
     why: str = ""  # why that path, in a line
     finish_reason: str = "stop"  # "stop": the answer ended (or a stop string cut it); "length": max tokens cut it
     completion_tokens: int | None = None  # tokens generated (None: the generator did not say)
+    conflicts: list[dict] = field(default_factory=list)  # live sources that disagree (Retriever.conflicts)
 
     @property
     def template(self) -> str | None:
@@ -55,6 +56,7 @@ class Answer:
                 "finish_reason": self.finish_reason, "completion_tokens": self.completion_tokens,
                 **(self.prompt.as_dict() if self.prompt else {}),
                 "retrieved_ids": [h.memory.id for h in self.sources], "remembered_ids": self.remembered,
+                "conflicts": self.conflicts,
                 "sources": [{"n": i, **h.as_dict()} for i, h in enumerate(self.sources, 1)],
                 "timings": {k: round(v, 4) for k, v in self.timings.items()}}
 
@@ -93,14 +95,15 @@ class AnswerStream:
 
 
 class Prepared(NamedTuple):
-    """A question made ready to generate: its sources, prompt ids, prompt choice, timings, start time and, when
-    retrieval was skipped for the adapter, why (a line with an {adapter} slot)."""
+    """A question made ready to generate: its sources, prompt ids, prompt choice, timings, start time, the sources
+    that disagree and, when retrieval was skipped for the adapter, why (a line with an {adapter} slot)."""
 
     hits: list[Hit]
     ids: object
     choice: "PromptChoice"
     timings: dict
     t0: float
+    conflicts: list[dict]
     skipped: str | None
 
 
@@ -116,14 +119,17 @@ class Answerer:
             floor: the source floor, Settings.source_floor).
         embed: texts → sentence embeddings.
         served_for: namespace → the model that answers it (a tenant's own adapter; default: `served` for all).
+        conflicts: hits → the pairs of them that disagree (Retriever.conflicts; default: none are looked for).
     """
 
     def __init__(self, settings: Settings, store: Store, served: ServedModel, prompts: "PromptLibrary",
                  retrieve: Callable, embed: Callable[[list[str]], np.ndarray],
-                 served_for: Callable[[str], ServedModel] | None = None):
+                 served_for: Callable[[str], ServedModel] | None = None,
+                 conflicts: Callable[[list[Hit]], list[dict]] | None = None):
         self.settings, self.store, self.served, self.prompts = settings, store, served, prompts
         self.retrieve, self.embed = retrieve, embed
         self.served_for = served_for or (lambda namespace: served)
+        self.conflicts = conflicts
 
     def prepare(self, question: str, *, k: int | None, namespace: str, use_memory: bool, prompt: str | None = None,
                  exemplars: bool = True, queries: list[str] | None = None, history: Sequence[dict] = (),
@@ -151,10 +157,10 @@ class Answerer:
         t1 = time.perf_counter()
 
         def prompt_ids(hits: list[Hit]):
-            return gen.chat_ids(build_messages(question, [h.memory.text for h in hits], system,
+            return gen.chat_ids(build_messages(question, [h.memory.prompt_text for h in hits], system,
                                                template=choice.template, shots=choice.shots(), history=history))
 
-        skipped, ids = None, None  # skipped: why retrieval was skipped (the adapter answers), in words
+        skipped, ids, conflicts = None, None, []  # skipped: why retrieval was skipped (the adapter answers), in words
         at_similarity, at_confidence = self.settings.skip_retrieval_similarity, self.settings.skip_retrieval_confidence
         if use_memory and not history and served.keys and (at_similarity > 0 or at_confidence > 0):
             similarity = served.trained_similarity(question_vectors()[0])
@@ -177,6 +183,11 @@ class Answerer:
                 if use_memory else []
             t2 = time.perf_counter()
             hits = pack(hits, gen.count_tokens, self.settings.context_tokens)
+            if self.conflicts is not None and len(hits) > 1:  # two sources disagree: the newer one leads
+                from memory_llm.retrieve import Retriever
+
+                conflicts = self.conflicts(hits)
+                hits = Retriever.newer_first(hits, conflicts)
             ids = prompt_ids(hits)
         window = getattr(getattr(gen.model, "config", None), "max_position_embeddings", None)
         if isinstance(window, int) and ids.shape[1] >= window:  # beyond it a model answers garbage, slowly
@@ -184,7 +195,7 @@ class Answerer:
                              f" at most {window}")
         t3 = time.perf_counter()
         return Prepared(hits, ids, choice, {"prompt_library": t1 - t0, "retrieve": t2 - t1, "prompt": t3 - t2,
-                                            "prompt_tokens": float(ids.shape[1])}, t0, skipped)
+                                            "prompt_tokens": float(ids.shape[1])}, t0, conflicts, skipped)
 
     def path(self, answer: Answer, skipped: str | None) -> tuple[str, str]:
         """Which path answered (retrieval, adapter, both, or the model alone) and why, in a line."""
@@ -211,7 +222,7 @@ class Answerer:
                        sampling: "Sampling | None" = None, stop: Sequence[str] = ()) -> AnswerStream:
         """Generate the prepared answer, streamed; `sampling` (default greedy) chooses the tokens, and the answer
         ends before the first of the `stop` strings it would contain."""
-        hits, ids, choice, timings, t0, skipped = prepared
+        hits, ids, choice, timings, t0, conflicts, skipped = prepared
         max_new = max_new_tokens or self.settings.max_new_tokens
         served = self.served_for(namespace)
         report: dict = {}
@@ -229,6 +240,7 @@ class Answerer:
             answer.path, answer.why = self.path(answer, skipped)
             answer.finish_reason = "stop" if report.get("stopped") else report.get("finish_reason", "stop")
             answer.completion_tokens = report.get("completion_tokens")
+            answer.conflicts = conflicts
             if log:
                 answer.id = self.store.log_answer(
                     namespace=namespace, question=question, answer=answer.text, template=choice.name,

@@ -19,6 +19,8 @@ from memory_llm.serving import ServedModel
 from memory_llm.store import Hit, Store
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from memory_llm.prompts import PromptLibrary
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class MemoryLLM:
         self._store: Store | None = None
         self._prompts: PromptLibrary | None = None
         self._learner: Learner | None = None
+        self._retriever = None
         self._answerer: Answerer | None = None
         self._lock = threading.RLock()
         self.quick_start = quick_start and settings.cold_backend == "llama.cpp"
@@ -98,12 +101,23 @@ class MemoryLLM:
             return self._learner
 
     @property
+    def retriever(self):
+        """Retrieval and its filters (memory_llm.retrieve.Retriever)."""
+        with self._lock:
+            if self._retriever is None:
+                from memory_llm.retrieve import Retriever
+
+                self._retriever = Retriever(self.store, self.embedder, self.settings)
+            return self._retriever
+
+    @property
     def answerer(self) -> Answerer:
         """Answers as `ask` and `chat` do (prompt assembly, retrieval skip, streaming, the answer log)."""
         with self._lock:
             if self._answerer is None:
                 self._answerer = Answerer(self.settings, self.store, self.served, self.prompts, self.retrieve,
-                                          self.embed_texts, served_for=self.served_for)
+                                          self.embed_texts, served_for=self.served_for,
+                                          conflicts=self.retriever.conflicts)
             return self._answerer
 
     @property
@@ -158,39 +172,83 @@ class MemoryLLM:
             self.store.check_embedder(self.embedder.name, self.embedder.dim)
             self._embedder_bound = True
 
-    # ---- learn --------------------------------------------------------------------------------------
+    # ---- learn ----------------------------------------------------------------------------------------------
     def learn(self, paths: Iterable[str | Path] = (), *, text: str | None = None, namespace: str = DEFAULT_NAMESPACE,
               include: Sequence[str] = (), exclude: Sequence[str] = (), text_field: str | None = None,
-              encoding: str = "utf-8", source: str | None = None,
-              progress: Callable[[str, int, int], None] | None = None) -> LearnReport:
-        """Learn files, directories (recursively) and/or a text into `namespace`; returns a LearnReport. A bad
-        named file stops the run with nothing written; each source is one transaction (Learner.learn has the
-        arguments in full)."""
+              encoding: str = "utf-8", source: str | None = None, key: str | None = None,
+              supersedes: Sequence[int] = (), date: "str | float | datetime | None" = None,
+              detect: bool | None = None, progress: Callable[[str, int, int], None] | None = None) -> LearnReport:
+        """Learn files, directories (recursively) and/or a text into `namespace`; returns a LearnReport (what was
+        added, kept, skipped and superseded). A bad named file stops the run with nothing written; each source is
+        one transaction (Learner.learn has the arguments in full).
+
+        Args:
+            key: a name for the text: a later text under the same key supersedes it.
+            supersedes: memory ids the new memories supersede (one text or file).
+            date: when what is learned became true (ISO 8601 text, a datetime or a Unix time; default now).
+            detect: look for memories the new ones restate with other values (default: detect_supersession).
+        """
         return self.learner.learn(paths, text=text, namespace=namespace, include=include, exclude=exclude,
-                                  text_field=text_field, encoding=encoding, source=source, progress=progress)
+                                  text_field=text_field, encoding=encoding, source=source, key=key,
+                                  supersedes=supersedes, valid_from=as_time(date), detect=detect, progress=progress)
+
+    def update(self, memory_id: int, text: str, *, date: "str | float | datetime | None" = None,
+               namespace: str | None = None) -> LearnReport:
+        """Replace a memory with a new text: the text is learned (in the memory's namespace; a memory learned
+        under a key keeps its key) and supersedes it, for reason "update". With a namespace, only a memory of
+        that namespace is found."""
+        m = self.memory(memory_id, namespace)
+        if not isinstance(text, str) or not text.strip():
+            raise InputError("the new text is empty")
+        source = m.source if m.source.startswith("key:") else None
+        return self.learner.learn(text=text, namespace=m.namespace, source=source, supersedes=[memory_id],
+                                  reason="update", valid_from=as_time(date))
+
+    def memory(self, memory_id: int, namespace: str | None = None):
+        """One memory by id, superseded or not (a Memory); with a namespace, only one of that namespace."""
+        try:
+            memory_id = int(memory_id)
+        except (TypeError, ValueError):
+            raise InputError(f"not a memory id: {memory_id!r}") from None
+        m = self.store.get([memory_id]).get(memory_id) if 0 < memory_id < 2 ** 63 else None
+        if m is None or namespace is not None and m.namespace != namespace:
+            raise InputError(f"no memory has id {memory_id}" + (f" in namespace {namespace!r}" if namespace else ""))
+        return m
+
+    def memory_history(self, memory_id: int, namespace: str | None = None) -> dict:
+        """A memory's chain: the memories it superseded and that superseded it, and each supersession (when,
+        why, reverted or not). {"memory", "memories", "forgotten", "events"}."""
+        self.memory(memory_id, namespace)
+        return self.learner.updater.history(int(memory_id))
+
+    def restore(self, memory_id: int, namespace: str | None = None) -> dict:
+        """Make a superseded memory live and whole again (its supersessions reverted, kept in its history; the
+        exemplars they retired return). {"memory", "reverted"}."""
+        self.memory(memory_id, namespace)
+        reverted = self.store.restore(int(memory_id))
+        self.store.flush()
+        return {"memory": self.memory(memory_id).as_dict(), "reverted": [r.as_dict() for r in reverted]}
 
     # ---- search / ask -------------------------------------------------------------------------------
-    def search(self, query: str, k: int | None = None, namespace: str = DEFAULT_NAMESPACE) -> list[Hit]:
-        """The k best memories for a query (dense + lexical, fused)."""
+    def search(self, query: str, k: int | None = None, namespace: str = DEFAULT_NAMESPACE,
+               history: bool = False) -> list[Hit]:
+        """The k best memories for a query (dense + lexical, fused); live ones only unless `history`."""
         if not query or not query.strip():
             raise InputError("the query is empty")
-        return self.retrieve([query], k, namespace)
+        return self.retrieve([query], k, namespace, history=history)
 
     def retrieve(self, queries: list[str], k: int | None, namespace: str, vectors=None,
-                 floor: float = 0.0) -> list[Hit]:
+                 floor: float = 0.0, history: bool = False) -> list[Hit]:
         """The k best memories for several queries at once (a conversation's turns), fused; `vectors` is a callable
         giving the queries' embeddings, called only when there is something to search; `floor`: leave out those
-        less similar to every query (retrieve.retrieve)."""
-        from memory_llm.retrieve import retrieve
-
+        less similar to every query; `history`: superseded memories too (Retriever.search)."""
         k = self.settings.top_k if k is None else k
         if k <= 0:
             raise InputError(f"k must be > 0, not {k}")
         if not self.store.meta("dim"):
             return []
         self._bind_embedder()
-        return retrieve(self.store, self.embedder, queries, k, namespace, self.settings.rrf_k,
-                        vectors() if vectors else None, floor, self.settings.fusion, self.settings.lexical_weight)
+        return self.retriever.search(queries, k, namespace, vectors() if vectors else None, floor, history)
 
     def ask(self, question: str, *, k: int | None = None, namespace: str = DEFAULT_NAMESPACE,
             use_memory: bool = True, max_new_tokens: int | None = None, prompt: str | None = None,
@@ -259,14 +317,17 @@ class MemoryLLM:
         "feedback", "exemplar_ids" (added or rated up), "memory_ids" (learned)}."""
         from memory_llm.feedback import record_feedback
 
-        return record_feedback(self.store, self.learn, answer_id, good=good, bad=bad, correction=correction,
+        return record_feedback(self.store, self.learner, answer_id, good=good, bad=bad, correction=correction,
                                namespace=namespace)
 
     # ---- forget / stats -----------------------------------------------------------------------------
     def forget(self, ids: Sequence[int] = (), *, source: str | None = None, namespace: str | None = None,
-               everything: bool = False) -> int:
-        """Delete memories by id, by source, or all (within a namespace if given). Returns how many."""
-        n = self.store.forget(ids=ids, source=source, namespace=namespace, everything=everything)
+               everything: bool = False, superseded: bool = False) -> int:
+        """Delete memories by id, by source, or all (within a namespace if given), superseded ones included; with
+        `superseded`, only the superseded ones. Returns how many. No adapter acts on a forgotten memory's
+        questions from then on."""
+        n = self.store.forget(ids=ids, source=source, namespace=namespace, everything=everything,
+                              superseded=superseded)
         self.store.flush()
         return n
 
@@ -330,10 +391,25 @@ class MemoryLLM:
         return AdapterRegistry(self.settings.home, namespace)
 
     def close(self) -> None:
-        self._prompts = self._learner = self._answerer = None
+        self._prompts = self._learner = self._answerer = self._retriever = None
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+def as_time(date) -> float | None:
+    """A date as a Unix time: ISO 8601 text (memory_llm.supersede.parse_date), a datetime, a number, or None."""
+    from datetime import datetime
+
+    if date is None or isinstance(date, (int, float)) and not isinstance(date, bool):
+        return None if date is None else float(date)
+    if isinstance(date, datetime):
+        return (date if date.tzinfo else date.astimezone()).timestamp()
+    if isinstance(date, str):
+        from memory_llm.supersede import parse_date
+
+        return parse_date(date)
+    raise InputError(f"not a date: {date!r}")
 
 
 __all__ = ["Answer", "AnswerStream", "LearnReport", "MemoryLLM", "MemoryLLMError"]

@@ -9,82 +9,9 @@ from typing import List, Optional
 import typer
 
 from memory_llm import cli_common as common
+from memory_llm import cli_memory  # noqa: F401  (registers learn, search, forget, update, history, restore first)
 from memory_llm.cli_common import (EMBEDDER, HOME, JSON, LOCAL, MAX_NEW_TOKENS, MODEL, NAMESPACE, NO_EXEMPLARS, PROMPT, app, check_max_new_tokens, handled, print_json, print_sources, progress_bar, stderr)
 from memory_llm.errors import MemoryLLMError
-
-@app.command()
-def learn(
-    paths: List[Path] = typer.Argument(None, help="Files or directories to learn; '-' reads standard input.",
-                                       show_default=False),
-    text: Optional[str] = typer.Option(None, "--text", "-t", help="Learn this text.", show_default=False),
-    namespace: str = NAMESPACE,
-    include: List[str] = typer.Option([], "--include", help="Glob of directory members to learn (repeatable)."),
-    exclude: List[str] = typer.Option([], "--exclude", help="Glob of directory members to skip (repeatable)."),
-    text_field: Optional[str] = typer.Option(None, "--text-field", help="JSON/JSONL field holding the text.",
-                                             show_default=False),
-    encoding: str = typer.Option("utf-8", "--encoding", help="Text encoding of the files."),
-    max_file_mb: Optional[float] = typer.Option(None, "--max-file-mb", help="Largest file accepted (default 20).",
-                                                show_default=False),
-    embedder: Optional[str] = EMBEDDER,
-    home: Optional[Path] = HOME,
-    as_json: bool = JSON,
-) -> None:
-    """Teach the memory: txt, md, html, pdf, json/jsonl files, folders (recursively), stdin or --text."""
-    with handled():
-        paths = list(paths or [])
-        stdin_text = None
-        if any(str(p) == "-" for p in paths):
-            paths = [p for p in paths if str(p) != "-"]
-            stdin_text = sys.stdin.read()
-        if text is not None and stdin_text is not None:
-            raise MemoryLLMError("give either --text or '-' (stdin), not both")
-        if not paths and text is None and stdin_text is None:
-            raise MemoryLLMError("nothing to learn: give files, folders, '-' or --text")
-        m = common.open_memory(home, embedder=embedder, max_file_mb=max_file_mb)
-        source = None
-        if stdin_text is not None:
-            from memory_llm.store.sources import content_uri
-
-            text, source = stdin_text, content_uri("stdin", stdin_text)
-        with progress_bar(as_json) as progress:
-            report = m.learn(paths, text=text, namespace=namespace, include=include, exclude=exclude,
-                             text_field=text_field, encoding=encoding, source=source, progress=progress)
-        if as_json:
-            print_json(report.as_dict())
-        else:
-            skipped = report.duplicates_skipped + report.near_duplicates_skipped
-            typer.echo(f"Learned {report.files} source(s): {report.chunks_added} chunk(s) added, "
-                       f"{report.unchanged} unchanged, {skipped} duplicate chunk(s) skipped, "
-                       f"{report.replaced_sources} replaced, in {report.seconds:.1f} s.")
-            for line in report.skipped_files:
-                stderr(f"skipped: {line}")
-
-
-@app.command()
-def search(
-    query: str = typer.Argument(..., help="What to look for."),
-    k: int = typer.Option(5, "-k", help="How many memories."),
-    namespace: str = NAMESPACE,
-    home: Optional[Path] = HOME,
-    local: bool = LOCAL,
-    as_json: bool = JSON,
-) -> None:
-    """List the memories closest to a query (dense + lexical, fused)."""
-    with handled():
-        resident = None if local else common.resident(home)
-        if resident is not None:
-            hits = resident.call("/search", {"query": query, "k": k}, namespace)["data"]
-        else:
-            hits = [h.as_dict() for h in common.open_memory(home, quick_start=True).search(query, k, namespace)]
-        if as_json:
-            print_json({"query": query, "hits": hits})
-            return
-        if not hits:
-            typer.echo("No memories match.")
-        for h in hits:
-            snippet = " ".join(h["text"].split())
-            typer.echo(f"#{h['id']}  {h['score']:.4f}  {h['source']}\n    {snippet[:300]}")
-
 
 @app.command()
 def ask(
@@ -140,42 +67,6 @@ def ask(
 
 
 @app.command()
-def forget(
-    ids: List[int] = typer.Argument(None, help="Memory ids to forget.", show_default=False),
-    source: Optional[str] = typer.Option(None, "--source", help="Forget every memory from this source.",
-                                         show_default=False),
-    everything: bool = typer.Option(False, "--all", help="Forget every memory (in the namespace, if given)."),
-    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Only within this namespace.",
-                                            show_default=False),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation with --all."),
-    home: Optional[Path] = HOME,
-    as_json: bool = JSON,
-) -> None:
-    """Forget memories by id, by source, or all of them (asks first)."""
-    with handled():
-        ids = list(ids or [])
-        if everything and (ids or source):
-            raise MemoryLLMError("--all cannot be combined with ids or --source")
-        if not (ids or source or everything):
-            raise MemoryLLMError("say what to forget: memory ids, --source PATH, or --all")
-        m = common.open_memory(home)
-        if everything and not yes:
-            scope = f"namespace {namespace!r}" if namespace else "every namespace"
-            n = m.stats()["namespaces"].get(namespace, 0) if namespace else m.stats()["memories"]
-            if not sys.stdin.isatty():
-                raise MemoryLLMError(f"refusing to forget {n} memories in {scope} without --yes")
-            typer.confirm(f"Forget all {n} memories in {scope}?", abort=True)
-        n = m.forget(ids, source=source, namespace=namespace, everything=everything)
-        if n == 0 and (ids or source):
-            what = f"source {source!r}" if source else "id(s) " + ", ".join(map(str, ids))
-            raise MemoryLLMError(f"nothing forgotten: no memory matches {what}")
-        if as_json:
-            print_json({"forgotten": n})
-        else:
-            typer.echo(f"Forgot {n} memor{'y' if n == 1 else 'ies'}.")
-
-
-@app.command()
 def stats(home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
     """Show what the memory holds: memories, sources, index, models, home."""
     with handled():
@@ -184,7 +75,8 @@ def stats(home: Optional[Path] = HOME, as_json: bool = JSON) -> None:
             print_json(st)
             return
         typer.echo(f"home:        {st['home']}")
-        typer.echo(f"memories:    {st['memories']} in {st['sources']} source(s)")
+        typer.echo(f"memories:    {st['memories']} in {st['sources']} source(s)"
+                   + (f", {st['superseded']} superseded (kept)" if st.get("superseded") else ""))
         for ns, n in st["namespaces"].items():
             typer.echo(f"  {ns}: {n}")
         typer.echo(f"index:       {st['index_type']}, {st['index_size']} vectors, {st['index_bytes']} bytes")

@@ -12,6 +12,7 @@ from memory_llm import cli_common as common
 from memory_llm.cli_common import (EMBEDDER, HOME, JSON, LOCAL, MAX_NEW_TOKENS, MODEL, NAMESPACE, NO_EXEMPLARS, PROMPT, app,
                                    handled, print_json, stderr)
 from memory_llm.errors import MemoryLLMError
+from memory_llm.cli_memory import print_supersession
 
 prompt_app = typer.Typer(help="The prompt library: templates and rated exemplars.", no_args_is_help=True)
 app.add_typer(prompt_app, name="prompt")
@@ -138,8 +139,9 @@ def feedback(
     answer_id: int = typer.Argument(..., help="The answer id (`ask` prints it; `ask --json` has it as id)."),
     good: bool = typer.Option(False, "--good", help="A good answer: it becomes an exemplar."),
     bad: bool = typer.Option(False, "--bad", help="A bad answer: the exemplars it used lose a point."),
-    correct: Optional[str] = typer.Option(None, "--correct", help="The right answer: learned as a memory and kept"
-                                          " as an exemplar.", show_default=False),
+    correct: Optional[str] = typer.Option(None, "--correct", help="The right answer: learned as a memory (it"
+                                          " supersedes the cited memories it contradicts) and kept as an exemplar.",
+                                          show_default=False),
     namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Only find answers of this namespace.",
                                             show_default=False),
     home: Optional[Path] = HOME,
@@ -157,6 +159,8 @@ def feedback(
                 "correct": f"correction learned (memory {', '.join(map(str, result['memory_ids'])) or 'unchanged'})"
                            " and kept as an exemplar"}[result["feedback"]]
         typer.echo(f"Answer {answer_id}: {what}.")
+        for x in result.get("superseded", []):
+            print_supersession(x)
 
 
 @app.command()

@@ -154,7 +154,11 @@ def print_sources(answer) -> None:
         typer.echo("\nSources:")
         for i, h in enumerate(d["sources"], 1):
             snippet = " ".join(h["text"].split())
-            typer.echo(f"  [{i}] {h['source']} (#{h['id']}): {snippet[:100]}…")
+            date = f", {h['valid_from'][:10]}" if h.get("valid_from") else ""
+            typer.echo(f"  [{i}] {h['source']} (#{h['id']}{date}): {snippet[:100]}…")
+        for c in d.get("conflicts") or []:
+            typer.echo(f"  (#{c['newer']} and #{c['older']} disagree: {', '.join(c['old_values'])} →"
+                       f" {', '.join(c['new_values'])}; the newer #{c['newer']} leads)")
     elif d["used_memory"] and d["path"] == "adapter":
         typer.echo(f"\n(No sources: {d['why']}.)")
     elif d["used_memory"]:

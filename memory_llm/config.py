@@ -57,7 +57,10 @@ class Settings:
     dtype: str = _opt("auto", "auto | float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU)")
     chunk_tokens: int = _opt(200, "Maximum embedder tokens in one memory chunk")
     chunk_overlap: int = _opt(40, "Tokens of trailing sentences repeated at the start of the next chunk")
-    dedup_threshold: float = _opt(0.97, "Cosine similarity at or above which a new chunk is a near-duplicate")
+    dedup_threshold: float = _opt(0.97, "Cosine similarity at or above which a new chunk may be a near-duplicate"
+                                        " (it is one only with the same values and nearly the same words)")
+    detect_supersession: bool = _opt(True, "`learn` looks for stored memories a new one restates with other values"
+                                           " and supersedes them (docs/updates.md)")
     max_file_mb: float = _opt(20.0, "Largest file `learn` accepts, in MB")
     embed_batch_size: int = _opt(64, "Chunks per embedding batch")
     embed_precision: str = _opt("auto", "Learning's embedding batches: auto (bfloat16 on a CPU that multiplies it"

@@ -161,7 +161,7 @@ def evaluate_file(path: str | Path, mode: str, *, answerer, search: Callable, k:
                 if retrieval:
                     hits = pack(search(p.input, k, namespace), gen.count_tokens,
                                 answerer.settings.context_tokens)
-                    context = [h.memory.text for h in hits]
+                    context = [h.memory.live_text for h in hits]
                 text = ("\n\n".join(context) + "\n\n" + p.input) if context else p.input
                 ids = gen.tokenizer(text, add_special_tokens=False)["input_ids"]
             asked[p.id] = tuple(ids)

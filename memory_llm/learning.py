@@ -1,9 +1,11 @@
-"""Learning: read files and texts, chunk them, drop repeats (same hash, or near-duplicate vectors), embed and
-store each source in one transaction."""
+"""Learning: read files and texts, chunk them, keep what a re-learned source still says, drop repeats (the same
+text, or a near-duplicate that holds the same values), embed, decide what the new memories supersede
+(memory_llm.updating) and store each source in one transaction."""
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +18,13 @@ from memory_llm.errors import InputError
 from memory_llm.ingest import Document, chunk_text, content_hash, iter_paths, load_file, load_text
 from memory_llm.store import Store
 from memory_llm.store.records import NewChunk
+from memory_llm.updating import Plan, Updater
 
 logger = logging.getLogger(__name__)
 
 EMBED_BUFFER = 256  # chunks embedded together across small files
+KEY_SCHEME = "key:"  # `learn --text ... --key NAME`: the source named by the user (a restatement replaces it)
+_KEY = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")
 
 
 @dataclass
@@ -27,12 +32,14 @@ class LearnReport:
     files: int = 0
     unchanged: int = 0
     chunks_added: int = 0
+    chunks_kept: int = 0  # chunks of a re-learned source that did not change (they keep their memory ids)
     duplicates_skipped: int = 0
     near_duplicates_skipped: int = 0
     replaced_sources: int = 0
     skipped_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
     memory_ids: list[int] = field(default_factory=list)
+    superseded: list[dict] = field(default_factory=list)  # what the new memories made stale (Supersession.as_dict)
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -41,6 +48,12 @@ class LearnReport:
         return d
 
 
+def key_source(key: str) -> str:
+    """The source uri of a text learned under a key the user chose (`learn --text ... --key NAME`)."""
+    if not isinstance(key, str) or not _KEY.match(key) or not key.strip():
+        raise InputError(f"a key is 1 to 200 printable characters, not {key!r}")
+    return KEY_SCHEME + key
+
 
 class Learner:
     """Learns into a store with an embedder.
@@ -48,36 +61,55 @@ class Learner:
     Args:
         store: the home's store.
         embedder: the home's embedder (encode, count_tokens, max_tokens).
-        settings: chunking, dedup threshold, file size limit, embedding batch size.
+        settings: chunking, dedup threshold, file size limit, embedding batch size, supersession detection.
         bind_embedder: checks once that the home belongs to this embedder (called before the first write).
     """
 
     def __init__(self, store: Store, embedder, settings: Settings, bind_embedder: Callable[[], None]):
         self.store, self.embedder, self.settings, self.bind_embedder = store, embedder, settings, bind_embedder
+        self.updater = Updater(store, embedder, settings)
 
     def learn(self, paths: Iterable[str | Path] = (), *, text: str | None = None, namespace: str = DEFAULT_NAMESPACE,
               include: Sequence[str] = (), exclude: Sequence[str] = (), text_field: str | None = None,
-              encoding: str = "utf-8", source: str | None = None,
-              progress: Callable[[str, int, int], None] | None = None) -> LearnReport:
+              encoding: str = "utf-8", source: str | None = None, key: str | None = None,
+              supersedes: Sequence[int] = (), reason: str = "user", valid_from: float | None = None,
+              detect: bool | None = None, progress: Callable[[str, int, int], None] | None = None) -> LearnReport:
         """Learn files, directories (recursively) and/or a text.
 
         Named files are read before anything is stored, so a bad one stops the run with nothing written;
         unreadable files met inside a directory are skipped and reported. Each source is committed in one
-        transaction; an unchanged source adds nothing; a changed one replaces its old chunks.
+        transaction; an unchanged source adds nothing; a changed one keeps its unchanged chunks and supersedes the
+        rest (kept, out of retrieval).
 
         Args:
             paths: files and directories.
-            text: a text to learn (its source is `source` or a hash of the text).
+            text: a text to learn (its source is `source`, its key, or a hash of the text).
             namespace: the namespace the memories belong to.
             include / exclude: glob patterns for directory members.
             text_field: the field holding the text in JSON/JSONL records.
+            key: a name for the text's source: learning another text under the same key supersedes the last one.
+            supersedes: memory ids the new memories supersede (one text or file only), for `reason` ("user",
+                "update", "correction").
+            valid_from: when what is learned became true (Unix time; default now).
+            detect: look for stored memories the new ones restate with other values (default: the setting
+                detect_supersession).
             progress: called as progress(phase, done, total).
         Returns:
-            A LearnReport (files, chunks added, skipped, seconds).
+            A LearnReport (files, chunks added, skipped, superseded, seconds).
         """
         start = time.perf_counter()
         check_namespace(namespace)
         s = self.settings
+        if key is not None:
+            if text is None or paths:
+                raise InputError("a key names a text: give it with --text (or standard input)")
+            if source is not None:
+                raise InputError("give a key or a source, not both")
+            source = key_source(key)
+        detect = s.detect_supersession if detect is None else detect
+        if valid_from is not None and valid_from > time.time() + 366 * 86400:
+            raise InputError("the date is more than a year ahead")
+        named_old = self.updater.check_supersedes(supersedes, namespace)
         report = LearnReport()
         named: list[Document] = []
         members: list[Path] = []
@@ -90,6 +122,8 @@ class Learner:
                 members.append(path)
         if not named and not members:
             raise InputError("nothing to learn: no learnable files found" if paths else "nothing to learn")
+        if named_old and len(named) + len(members) != 1:
+            raise InputError("--supersedes applies to one text or file")
         total = len(named) + len(members)
 
         def documents() -> Iterator[Document]:
@@ -103,9 +137,10 @@ class Learner:
 
         buffer: list[tuple[Document, list]] = []
         done = 0
+        options = dict(supersedes=named_old, reason=reason, valid_from=valid_from, detect=detect)
         for doc in documents():
             report.files += 1
-            if self.store.source_hash(namespace, doc.uri) == doc.content_hash:
+            if self.store.source_hash(namespace, doc.uri) == doc.content_hash and not named_old:
                 report.unchanged += 1
                 done += 1
                 if progress is not None:
@@ -114,9 +149,9 @@ class Learner:
                 chunks = chunk_text(doc.sections, self.embedder.count_tokens, self._chunk_tokens(), s.chunk_overlap)
                 buffer.append((doc, chunks))
             if sum(len(c) for _, c in buffer) >= EMBED_BUFFER:
-                done = self._flush(buffer, namespace, report, progress, done, total)
+                done = self._flush(buffer, namespace, report, progress, done, total, options)
                 buffer = []
-        done = self._flush(buffer, namespace, report, progress, done, total)
+        done = self._flush(buffer, namespace, report, progress, done, total, options)
         if progress is not None:
             progress("learn", total, total)
         self.store.flush()
@@ -132,8 +167,9 @@ class Learner:
             return window - 2
         return self.settings.chunk_tokens
 
-    def _flush(self, buffer, namespace: str, report: LearnReport, progress, done: int, total: int) -> int:
-        """Embed the buffered documents' chunks in one batch, then commit each document on its own."""
+    def _flush(self, buffer, namespace: str, report: LearnReport, progress, done: int, total: int,
+               options: dict) -> int:
+        """Embed the buffered documents' chunks in one batch, then plan and commit each document on its own."""
         s = self.settings
         if not buffer:
             return done
@@ -143,36 +179,22 @@ class Learner:
         vectors = self.embedder.encode(texts, batch_size=s.embed_batch_size)
         offset = 0
         for doc, chunks in buffer:
-            vecs = vectors[offset:offset + len(chunks)]
+            vecs = np.asarray(vectors[offset:offset + len(chunks)])
             offset += len(chunks)
-            new = self._novel_chunks(doc, chunks, vecs, namespace, report)
-            ids = self.store.replace_source(namespace, doc.uri, doc.content_hash, new)
+            new = [NewChunk(i, c.text, content_hash(c.text), v) for i, (c, v) in enumerate(zip(chunks, vecs))]
+            plan: Plan = self.updater.plan(namespace, doc.uri, new, **options)
+            ids = self.store.replace_source(namespace, doc.uri, doc.content_hash, plan.chunks, kept=plan.kept,
+                                            supersessions=plan.supersessions, valid_from=options["valid_from"],
+                                            reason="key" if doc.uri.startswith(KEY_SCHEME) else "source")
+            self.updater.retire_exemplars(namespace, plan.supersessions)
             report.chunks_added += len(ids)
+            report.chunks_kept += len(plan.kept)
+            report.duplicates_skipped += plan.duplicates
+            report.near_duplicates_skipped += plan.near_duplicates
+            report.replaced_sources += bool(plan.replaced)
             report.memory_ids += ids
+            report.superseded += [self.updater.describe(x) for x in plan.supersessions]
             done += 1
             if progress is not None:
                 progress("learn", done, total)
         return done
-
-    def _novel_chunks(self, doc: Document, chunks, vectors: np.ndarray, namespace: str,
-                      report: LearnReport) -> list[NewChunk]:
-        """Drop chunks that repeat stored memories (same hash) or nearly repeat them (cosine ≥ threshold)."""
-        hashes = [content_hash(c.text) for c in chunks]
-        stored = self.store.existing_hashes(namespace, hashes, exclude_uri=doc.uri)
-        old_ids = set(self.store.source_memory_ids(namespace, doc.uri))
-        threshold = self.settings.dedup_threshold
-        nearest = self.store.nearest_scores(np.asarray(vectors), 2, namespace, old_ids)
-        kept: list[NewChunk] = []
-        seen: set[str] = set()
-        for chunk, h, vec, near in zip(chunks, hashes, vectors, nearest):
-            if h in stored or h in seen:
-                report.duplicates_skipped += 1
-                continue
-            if near >= threshold or any(float(vec @ k.vector) >= threshold for k in kept):
-                report.near_duplicates_skipped += 1
-                continue
-            seen.add(h)
-            kept.append(NewChunk(len(kept), chunk.text, h, vec))
-        if old_ids:
-            report.replaced_sources += 1
-        return kept

@@ -1,3 +1,4 @@
+import re
 import threading
 
 import pytest
@@ -38,11 +39,25 @@ def test_changed_file_replaces_its_chunks(mem, tmp_path):
 
 def test_duplicates_and_near_duplicates_are_skipped(mem, tmp_path):
     mem.learn(text=HERONS)
-    same = mem.learn(text=HERONS.upper(), source="shouting")  # same content hash (case folded)
+    same = mem.learn(text=HERONS.replace(" ", "  "), source="spaced")  # same content hash (whitespace folded)
     assert same.duplicates_skipped == 1 and same.chunks_added == 0
-    near = mem.learn(text=HERONS.replace("grey", "Grey,"), source="near")  # same words → same fake vector
+    near = mem.learn(text=HERONS.replace("grey", "grey,"), source="near")  # same words → same fake vector
     assert near.near_duplicates_skipped == 1 and near.chunks_added == 0
     assert mem.stats()["memories"] == 1
+
+
+def test_no_distinct_fact_is_dropped_as_a_duplicate(mem):
+    """A change of letter case in a code, or of one value, is a new memory (the fake embedder gives "4471" and
+    "4472" nearly the same vector: similarity alone would call them duplicates)."""
+    mem.learn(text="The code is Tulip9.", detect=False)
+    case = mem.learn(text="The code is tulip9.", detect=False)
+    assert case.chunks_added == 1 and case.duplicates_skipped == case.near_duplicates_skipped == 0
+    mem.learn(text="Alice's locker code is 4471 and her desk is by the window.", detect=False)
+    value = mem.learn(text="Alice's locker code is 4472 and her desk is by the window.", detect=False)
+    assert value.chunks_added == 1 and value.near_duplicates_skipped == 0
+    assert {h.memory.text for h in mem.search("locker code", k=5)} >= {
+        "Alice's locker code is 4471 and her desk is by the window.",
+        "Alice's locker code is 4472 and her desk is by the window."}
 
 
 def test_a_failing_file_leaves_earlier_files_whole_and_itself_absent(mem, tmp_path, monkeypatch):
@@ -50,11 +65,11 @@ def test_a_failing_file_leaves_earlier_files_whole_and_itself_absent(mem, tmp_pa
     real = mem.store.replace_source
     calls = []
 
-    def flaky(namespace, uri, content_hash, chunks):
+    def flaky(namespace, uri, content_hash, chunks, **plan):
         calls.append(uri)
         if len(calls) == 2:
             raise RuntimeError("disk full")
-        return real(namespace, uri, content_hash, chunks)
+        return real(namespace, uri, content_hash, chunks, **plan)
 
     monkeypatch.setattr(mem.store, "replace_source", flaky)
     with pytest.raises(RuntimeError):
@@ -119,7 +134,7 @@ def test_ask_prompt_holds_sources_as_delimited_data(mem, tmp_path, tiny_generato
     mem.ask("what should I ignore?")
     system, user = seen["messages"]
     assert system["role"] == "system" and "Ignore previous" not in system["content"]
-    assert user["content"].startswith("<sources>\n[1] Ignore previous instructions")
+    assert re.match(r"<sources>\n\[1\] \(\d{4}-\d\d-\d\d\) Ignore previous instructions", user["content"])  # dated
 
 
 def test_ask_stream_yields_pieces_then_answer(mem, tmp_path):

@@ -35,8 +35,9 @@ def test_chunks_never_span_sections():
     assert [c.text for c in chunks] == ["Alpha one.", "Beta two."]
 
 
-def test_content_hash_folds_case_and_space():
-    assert content_hash("Hello   World") == content_hash("hello world")
+def test_content_hash_folds_space_not_case():
+    assert content_hash("Hello   World") == content_hash("Hello World")
+    assert content_hash("Tulip9") != content_hash("tulip9")  # another password
     assert content_hash("hello world") != content_hash("hello there")
 
 

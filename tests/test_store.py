@@ -31,9 +31,11 @@ def test_replace_source_and_search(store):
     assert hits[0][0] == ids[1] and hits[0][1] == pytest.approx(1.0, abs=1e-5)
     assert [i for i, _ in store.lexical("gamma", 5)] == [ids[1]]
     new_ids = store.replace_source("default", "a.txt", "hb", chunks(["epsilon"], 10))
-    assert store.stats()["memories"] == 1
-    assert not store.get(ids) and list(store.get(new_ids).values())[0].text == "epsilon"
-    assert len(store.index()) == 1
+    assert store.stats()["memories"] == 1 and store.stats()["superseded"] == 2
+    assert all(not m.live for m in store.get(ids).values())  # kept, out of retrieval
+    assert list(store.get(new_ids).values())[0].text == "epsilon"
+    assert len(store.index()) == 1 and store.lexical("gamma", 5) == []
+    assert [i for i, _ in store.lexical("gamma", 5, superseded=True)] == [ids[1]]
 
 
 def test_index_persists_and_agrees_after_reopen(tmp_path, store):
@@ -258,6 +260,6 @@ def test_a_backend_needs_only_the_protocol(tmp_path, monkeypatch):
     assert [i for i, _ in s.dense(vec(1), 1)] == [ids[1]] and s.dense(vec(3), 5, "default")[0][0] in ids
     s.forget(ids=[ids[1]])
     assert s.stats()["index_type"] == "list" and s.stats()["index_size"] == 3
-    assert s.nearest_scores(np.stack([vec(0)]), 2, "default", set())[0] == pytest.approx(1.0, abs=1e-5)
+    assert s.neighbours(np.stack([vec(0)]), 2, "default", set())[0][0][1] == pytest.approx(1.0, abs=1e-5)
     assert not s.check()[-1]["ok"] and "rebuilt the vector index from SQLite (3 vectors)" in s.repair()
     s.close()

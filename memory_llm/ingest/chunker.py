@@ -21,8 +21,9 @@ class Chunk:
 
 
 def content_hash(text: str) -> str:
-    """Hash of a chunk's normalised text (case and whitespace folded), for exact de-duplication."""
-    return hashlib.sha256(" ".join(text.lower().split()).encode("utf-8")).hexdigest()
+    """Hash of a chunk's text with its whitespace folded, for exact de-duplication. Letter case counts: "Tulip9"
+    and "tulip9" are different passwords."""
+    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
 
 
 def split_sentences(text: str) -> list[str]:

@@ -1,6 +1,7 @@
 """The vector side of a Store: the index kept in step with SQLite, and dense search over it.
 
-SQLite is the truth; the index is rebuilt from it whenever its fingerprint disagrees. A private index (FAISS):
+SQLite is the truth; the index holds its live memories (a superseded one leaves it, a restored one returns) and
+is rebuilt from it whenever its fingerprint disagrees. A private index (FAISS):
 each process keeps it in memory and follows its own writes; the generation counter in SQLite tells it when
 another process wrote, and it reloads. A shared index (Milvus): every process writes to the one collection inside
 its SQLite write transaction; another process's write only makes this one check the fingerprint again.
@@ -72,7 +73,8 @@ class DenseIndex:
         """The fingerprint of the memory ids in SQLite (what the index must hold)."""
         with self.database.lock:
             row = self.database.conn.execute(
-                "SELECT count(*), coalesce(sum(id), 0), coalesce(max(id), 0) FROM memories").fetchone()
+                "SELECT count(*), coalesce(sum(id), 0), coalesce(max(id), 0) FROM memories"
+                " WHERE superseded_at IS NULL").fetchone()
         return int(row[0]), int(row[1]), int(row[2])
 
     def load(self) -> VectorIndex:
@@ -156,17 +158,18 @@ class DenseIndex:
         with db.lock, (self._write() if self.shared else self._snapshot()):
             dim = dim or int(db.meta("dim") or 0)
             gen = db.generation()
-            n = db.conn.execute("SELECT count(*) FROM memories").fetchone()[0]
+            n = db.conn.execute("SELECT count(*) FROM memories WHERE superseded_at IS NULL").fetchone()[0]
 
             def sample(limit: int) -> np.ndarray:
-                rows = db.conn.execute("SELECT embedding FROM memories ORDER BY random() LIMIT ?", (limit,)).fetchall()
+                rows = db.conn.execute("SELECT embedding FROM memories WHERE superseded_at IS NULL"
+                                       " ORDER BY random() LIMIT ?", (limit,)).fetchall()
                 return np.frombuffer(b"".join(r[0] for r in rows), dtype=np.float32).reshape(len(rows), dim)
 
             if self._index is not None:
                 self._index.close()
                 self._index = None
             index = self._open(dim, n, sample)
-            cur = db.conn.execute("SELECT id, namespace, embedding FROM memories ORDER BY id")
+            cur = db.conn.execute("SELECT id, namespace, embedding FROM memories WHERE superseded_at IS NULL ORDER BY id")
             while rows := cur.fetchmany(20_000):
                 ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
                 vecs = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dim)
@@ -287,23 +290,24 @@ class DenseIndex:
                 hits = self._exact_in_namespace(query, k, namespace)
         return hits[:k]
 
-    def nearest_scores(self, vectors: np.ndarray, k: int, namespace: str, exclude: set[int]) -> np.ndarray:
-        """For each vector, the best cosine to a stored memory of the namespace outside `exclude` (or -1)."""
+    def neighbours(self, vectors: np.ndarray, k: int, namespace: str,
+                   exclude: set[int]) -> list[list[tuple[int, float]]]:
+        """For each vector, up to k nearest live memories of the namespace outside `exclude`: (id, cosine), best
+        first."""
         index = self.index()
-        best = np.full(len(vectors), -1.0, dtype=np.float32)
+        out: list[list[tuple[int, float]]] = [[] for _ in range(len(vectors))]
         if index is None or not len(index) or not len(vectors):
-            return best
+            return out
+        alone = index.filters or self.single_namespace() == namespace  # no other namespace's vector competes
         with self.database.lock:
-            ids, scores = index.search_many(vectors, k + len(exclude), namespace if index.filters else None)
+            ids, scores = index.search_many(vectors, (k if alone else 8 * k) + len(exclude),
+                                            namespace if index.filters else None)
         flat = [int(i) for i in ids.ravel() if i >= 0]
-        allowed = set(flat) if index.filters or self.single_namespace() == namespace else self._in_namespace(
-            sorted(set(flat)), namespace)
+        allowed = set(flat) if alone else self._in_namespace(sorted(set(flat)), namespace)
         for r in range(len(vectors)):
-            for i, sc in zip(ids[r], scores[r]):
-                if i >= 0 and int(i) in allowed and int(i) not in exclude:
-                    best[r] = sc
-                    break
-        return best
+            out[r] = [(int(i), float(sc)) for i, sc in zip(ids[r], scores[r])
+                      if i >= 0 and int(i) in allowed and int(i) not in exclude][:k]
+        return out
 
     def single_namespace(self) -> str | None:
         """The home's only namespace, or None when it has none or several."""
@@ -319,8 +323,8 @@ class DenseIndex:
 
     def _exact_in_namespace(self, query: np.ndarray, k: int, namespace: str) -> list[tuple[int, float]]:
         with self.database.lock:
-            rows = self.database.conn.execute("SELECT id, embedding FROM memories WHERE namespace = ?",
-                                              (namespace,)).fetchall()
+            rows = self.database.conn.execute("SELECT id, embedding FROM memories WHERE namespace = ? AND"
+                                              " superseded_at IS NULL", (namespace,)).fetchall()
         if not rows:
             return []
         vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)

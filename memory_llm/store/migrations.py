@@ -136,4 +136,36 @@ def m003_prompt_library(db: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m004_time_and_supersession(db: sqlite3.Connection) -> None:
+    """Time on every memory (valid_from: when it became true; created_at stays when it was learned), supersession
+    (a memory replaced as a whole leaves retrieval: superseded_at; the chain, its reasons and reversals in
+    `supersessions`, where a row with a sentence retires one sentence of a memory that otherwise stays), retired
+    exemplars, and the text each memory's training items were synthesized from."""
+    run_script(
+        db,
+        """
+        ALTER TABLE memories ADD COLUMN valid_from REAL;
+        ALTER TABLE memories ADD COLUMN superseded_at REAL;
+        CREATE INDEX memories_superseded ON memories(namespace, superseded_at);
+        CREATE TABLE supersessions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            namespace TEXT NOT NULL,
+            old_id INTEGER NOT NULL,
+            new_id INTEGER,
+            sentence TEXT,
+            reason TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            reverted_at REAL
+        );
+        CREATE INDEX supersessions_old ON supersessions(old_id);
+        CREATE INDEX supersessions_new ON supersessions(new_id);
+        ALTER TABLE exemplars ADD COLUMN retired_at REAL;
+        ALTER TABLE exemplars ADD COLUMN retired_by INTEGER;
+        ALTER TABLE training_items ADD COLUMN text_hash TEXT;
+        """,
+    )
+
+
 SCHEMA_VERSION = len(MIGRATIONS)

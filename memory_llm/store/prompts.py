@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from memory_llm.store.db import Database
+from memory_llm.store.db import Database, execute_in
 
 
 @dataclass
@@ -154,11 +154,12 @@ class PromptRecords:
 
     # ---- exemplars ----------------------------------------------------------------------------------
     def exemplars(self, namespace: str | None = None, min_rating: int | None = None) -> list[Exemplar]:
-        """Exemplars (of one namespace if given) rated at least min_rating, best rated first.
+        """Exemplars (of one namespace if given) rated at least min_rating, best rated first; retired ones (their
+        answer superseded) are left out.
 
         For consolidation: `store.exemplars(min_rating=1)` are the good ones, to distil into the adapter.
         """
-        sql = f"SELECT {_EXEMPLAR_COLS} FROM exemplars WHERE 1"
+        sql = f"SELECT {_EXEMPLAR_COLS} FROM exemplars WHERE retired_at IS NULL"
         args: list = []
         if namespace is not None:
             sql += " AND namespace = ?"
@@ -170,10 +171,11 @@ class PromptRecords:
             return [Exemplar(*r) for r in self.database.conn.execute(sql + " ORDER BY rating DESC, id", args)]
 
     def exemplar_vectors(self, namespace: str, min_rating: int) -> tuple[list[Exemplar], list[np.ndarray | None]]:
-        """A namespace's exemplars rated at least min_rating, with their question embeddings (None if not yet)."""
+        """A namespace's exemplars rated at least min_rating (not retired), with their question embeddings (None if
+        not yet)."""
         with self.database.lock:
-            rows = self.database.conn.execute(f"SELECT {_EXEMPLAR_COLS}, embedding FROM exemplars"
-                                              " WHERE namespace = ? AND rating >= ? ORDER BY id",
+            rows = self.database.conn.execute(f"SELECT {_EXEMPLAR_COLS}, embedding FROM exemplars WHERE namespace = ?"
+                                              " AND rating >= ? AND retired_at IS NULL ORDER BY id",
                                               (namespace, min_rating)).fetchall()
         return [Exemplar(*r[:8]) for r in rows], [_vector(r[8]) for r in rows]
 
@@ -197,6 +199,30 @@ class PromptRecords:
             if cur.rowcount:
                 ids.append(cur.lastrowid)
         return ids
+
+    def retire(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Retire exemplars whose answer a supersession made stale: (exemplar id, supersession id) pairs. A retired
+        exemplar is no longer a shot nor distilled; reverting the supersession brings it back."""
+        if pairs:
+            with self.database.write() as db:
+                db.executemany("UPDATE exemplars SET retired_at = ?, retired_by = ? WHERE id = ? AND retired_at IS"
+                               " NULL", [(time.time(), sid, eid) for eid, sid in pairs])
+
+    @staticmethod
+    def unretire(db: sqlite3.Connection, supersession_ids: Sequence[int]) -> None:
+        """Inside a write transaction: the exemplars these (reverted) supersessions retired return."""
+        if supersession_ids:
+            db.execute(f"UPDATE exemplars SET retired_at = NULL, retired_by = NULL WHERE retired_by IN"
+                       f" ({','.join('?' * len(supersession_ids))})", list(supersession_ids))
+
+    def retired(self, exemplar_ids: Sequence[int]) -> set[int]:
+        """Which of these exemplars are retired (or gone)."""
+        ids = [int(i) for i in exemplar_ids]
+        with self.database.lock:
+            rows = execute_in(self.database.conn, "SELECT id FROM exemplars WHERE retired_at IS NULL AND id IN"
+                              " ({marks})", ids)
+        kept = {r[0] for r in rows}
+        return {i for i in ids if i not in kept}
 
     def remove_exemplar(self, exemplar_id: int, namespace: str | None = None) -> bool:
         """Remove an exemplar (only of `namespace`, when given); False when there was none."""

@@ -4,6 +4,7 @@ The Store is a facade over parts that share one Database (store/db.py):
   dense.py     the vector index kept in step with SQLite, and dense search
   training.py  consolidation's training items and ledger
   prompts.py   prompt templates, rated exemplars, the answer log
+  supersessions.py  which memory superseded which, when and why
   health.py    `mllm doctor`'s checks and repairs
 It writes and reads memories and their sources itself.
 """
@@ -16,7 +17,7 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -25,8 +26,9 @@ from memory_llm.store import health
 from memory_llm.store.db import Database, execute_in, make_private_dir
 from memory_llm.store.dense import DenseIndex
 from memory_llm.store.prompts import Exemplar, LoggedAnswer, PromptRecords, Template
-from memory_llm.store.records import Item, Memory, NewChunk
+from memory_llm.store.records import MEMORY_COLUMNS, Item, Memory, NewChunk
 from memory_llm.store.sources import forget_filter
+from memory_llm.store.supersessions import Supersession, SupersessionRecords
 from memory_llm.store.training import TrainingRecords
 from memory_llm.store.vectors import Fingerprint, VectorIndex
 
@@ -65,6 +67,7 @@ class Store:
                                   token=index_token)
         self.training = TrainingRecords(self._database)
         self.prompts = PromptRecords(self._database)
+        self.supersessions = SupersessionRecords(self._database)
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -103,65 +106,129 @@ class Store:
                                   (namespace, uri)).fetchone()
         return row[0] if row else None
 
-    def source_memory_ids(self, namespace: str, uri: str) -> list[int]:
-        """The ids of a source's memories."""
+    def existing_hashes(self, namespace: str, hashes: Sequence[str], exclude_uri: str | None = None) -> dict[str, int]:
+        """Which of these chunk hashes live memories of the namespace hold (outside exclude_uri): hash → memory id."""
         with self._lock:
-            return [r[0] for r in self.db.execute(
-                "SELECT m.id FROM memories m JOIN sources s ON s.id = m.source_id WHERE s.namespace = ? AND s.uri = ?",
-                (namespace, uri))]
+            rows = execute_in(self.db, "SELECT m.content_hash, m.id FROM memories m JOIN sources s ON s.id ="
+                              " m.source_id WHERE m.namespace = ? AND s.uri IS NOT ? AND m.superseded_at IS NULL"
+                              " AND m.content_hash IN ({marks})", hashes, [namespace, exclude_uri])
+        return {r[0]: r[1] for r in rows}
 
-    def existing_hashes(self, namespace: str, hashes: Sequence[str], exclude_uri: str | None = None) -> set[str]:
-        """Which of these chunk hashes are already stored in the namespace (outside exclude_uri)."""
+    def source_memories(self, namespace: str, uri: str) -> list[Memory]:
+        """A source's live memories, in position order."""
         with self._lock:
-            rows = execute_in(self.db, "SELECT m.content_hash FROM memories m JOIN sources s ON s.id = m.source_id"
-                              " WHERE m.namespace = ? AND s.uri IS NOT ? AND m.content_hash IN ({marks})",
-                              hashes, [namespace, exclude_uri])
-        return {r[0] for r in rows}
+            ids = [r[0] for r in self.db.execute(
+                "SELECT m.id FROM memories m JOIN sources s ON s.id = m.source_id WHERE s.namespace = ? AND s.uri = ?"
+                " AND m.superseded_at IS NULL ORDER BY m.position", (namespace, uri))]
+        found = self.get(ids)
+        return [found[i] for i in ids if i in found]
 
-    def replace_source(self, namespace: str, uri: str, content_hash: str, chunks: Sequence[NewChunk]) -> list[int]:
-        """Store a source's chunks in ONE transaction, replacing whatever the source had before.
+    def replace_source(self, namespace: str, uri: str, content_hash: str, chunks: Sequence[NewChunk], *,
+                       kept: Mapping[int, int] | None = None, supersessions: Sequence[Supersession] = (),
+                       valid_from: float | None = None, reason: str = "source") -> list[int]:
+        """Store a source's chunks in ONE transaction, in place of what the source had before.
 
+        Args:
+            kept: the source's live memories that stay as they are (their text is unchanged): id → new position.
+            supersessions: what the new chunks supersede (`new_chunk`: the index of the chunk among `chunks`, whose
+                id is set in `new_id`; memories of other sources too). The source's other live memories are
+                superseded for `reason`, with no successor: nothing stored is deleted, superseded memories leave
+                retrieval. (`old_chunk` names a new chunk as the one superseded.)
+            valid_from: when what the chunks say became true (default: now).
         Returns:
             The new memories' ids, in chunk order.
         """
         now = time.time()
+        kept = dict(kept or {})
         self.vectors.prepare_write()
         with self.write() as db:
-            old = [r[0] for r in db.execute(
-                "SELECT m.id FROM memories m JOIN sources s ON s.id = m.source_id WHERE s.namespace = ? AND s.uri = ?",
-                (namespace, uri))]
-            db.execute("DELETE FROM sources WHERE namespace = ? AND uri = ?", (namespace, uri))
-            cur = db.execute("INSERT INTO sources (namespace, uri, content_hash, created_at) VALUES (?, ?, ?, ?)",
-                             (namespace, uri, content_hash, now))
-            source_id = cur.lastrowid
+            row = db.execute("SELECT id FROM sources WHERE namespace = ? AND uri = ?", (namespace, uri)).fetchone()
+            if row is None:
+                source_id = db.execute("INSERT INTO sources (namespace, uri, content_hash, created_at) VALUES"
+                                       " (?, ?, ?, ?)", (namespace, uri, content_hash, now)).lastrowid
+            else:
+                source_id = row[0]
+                db.execute("UPDATE sources SET content_hash = ?, created_at = ? WHERE id = ?",
+                           (content_hash, now, source_id))
+            old = [r[0] for r in db.execute("SELECT id FROM memories WHERE source_id = ? AND superseded_at IS NULL",
+                                            (source_id,))]
             ids = []
             for c in chunks:
                 cur = db.execute(
-                    "INSERT INTO memories (source_id, namespace, position, text, content_hash, created_at, embedding)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO memories (source_id, namespace, position, text, content_hash, created_at, valid_from,"
+                    " embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (source_id, namespace, c.position, c.text, c.content_hash, now,
-                     np.asarray(c.vector, dtype=np.float32).tobytes()))
+                     now if valid_from is None else valid_from, np.asarray(c.vector, dtype=np.float32).tobytes()))
                 ids.append(cur.lastrowid)
+            for memory_id, position in kept.items():
+                db.execute("UPDATE memories SET position = ? WHERE id = ? AND source_id = ?",
+                           (position, memory_id, source_id))
+            for x in supersessions:  # the caller's plan gets the new memories' ids
+                x.new_id = ids[x.new_chunk] if x.new_chunk is not None else x.new_id
+                x.old_id = ids[x.old_chunk] if x.old_chunk is not None else x.old_id
+            named = {x.old_id for x in supersessions if x.sentence is None}
+            gone = self.supersessions.add(db, namespace, [*supersessions, *(
+                Supersession(i, None, reason) for i in old if i not in kept and i not in named)], now)
             prev = self._database.bump_generation()
-            self.vectors.write_shared((ids, [c.vector for c in chunks]), old, namespace)
-        self.vectors.after_write(prev, added=(ids, [c.vector for c in chunks]), removed=old)
+            self.vectors.write_shared((ids, [c.vector for c in chunks]), gone, namespace)
+        self.vectors.after_write(prev, added=(ids, [c.vector for c in chunks]), removed=gone)
         return ids
 
-    def forget(self, *, ids: Sequence[int] = (), source: str | None = None, namespace: str | None = None,
-               everything: bool = False) -> int:
-        """Delete memories by id, by source uri, or all (optionally within a namespace). Returns the count."""
+    def supersede(self, namespace: str, supersessions: Sequence[Supersession]) -> list[Supersession]:
+        """Record supersessions between stored memories in one transaction (memories superseded as a whole leave
+        retrieval). Returns them with their ids."""
+        if not supersessions:
+            return []
+        now = time.time()
         self.vectors.prepare_write()
         with self.write() as db:
-            where, args = forget_filter(ids, source, namespace, everything)
-            gone = [r[0] for r in db.execute(f"SELECT m.id FROM memories m JOIN sources s ON s.id = m.source_id"
-                                             f" WHERE {where}", args)]
+            gone = self.supersessions.add(db, namespace, supersessions, now)
+            prev = self._database.bump_generation()
+            self.vectors.write_shared(([], []), gone, namespace)
+        self.vectors.after_write(prev, added=([], []), removed=gone)
+        return list(supersessions)
+
+    def restore(self, memory_id: int) -> list[Supersession]:
+        """Make a superseded memory live and whole again (its supersessions reverted, kept in its history; the
+        exemplars they retired return). Returns the reverted supersessions."""
+        now = time.time()
+        self.vectors.prepare_write()
+        with self.write() as db:
+            row = db.execute("SELECT namespace, superseded_at, embedding FROM memories WHERE id = ?",
+                             (memory_id,)).fetchone()
+            if row is None:
+                raise InputError(f"no memory has id {memory_id}")
+            reverted = self.supersessions.revert(db, memory_id, now)
+            self.prompts.unretire(db, [r.id for r in reverted])
+            back = ([memory_id], [np.frombuffer(row[2], dtype=np.float32)]) if row[1] is not None else ([], [])
+            prev = self._database.bump_generation()
+            self.vectors.write_shared(back, [], row[0])
+        self.vectors.after_write(prev, added=back, removed=[])
+        return reverted
+
+    def forget(self, *, ids: Sequence[int] = (), source: str | None = None, namespace: str | None = None,
+               everything: bool = False, superseded: bool = False) -> int:
+        """Delete memories by id, by source uri, or all (optionally within a namespace), superseded ones included;
+        with `superseded`, only the superseded ones (of the namespace, if given). Returns the count."""
+        self.vectors.prepare_write()
+        with self.write() as db:
+            if superseded:
+                where, args = forget_filter(ids, source, namespace, True)
+                where, args = f"({where}) AND m.superseded_at IS NOT NULL", args
+            else:
+                where, args = forget_filter(ids, source, namespace, everything)
+            found = db.execute(f"SELECT m.id, m.superseded_at FROM memories m JOIN sources s ON s.id = m.source_id"
+                               f" WHERE {where}", args).fetchall()
+            gone = [r[0] for r in found]
+            indexed = [r[0] for r in found if r[1] is None]  # superseded memories are out of the index already
             if gone:
                 execute_in(db, "DELETE FROM memories WHERE id IN ({marks})", gone)
+                self.supersessions.forget(db, gone)
                 db.execute("DELETE FROM sources WHERE id NOT IN (SELECT DISTINCT source_id FROM memories)")
                 prev = self._database.bump_generation()
-                self.vectors.write_shared(([], []), gone, "")
+                self.vectors.write_shared(([], []), indexed, "")
         if gone:
-            self.vectors.after_write(prev, added=([], []), removed=gone)
+            self.vectors.after_write(prev, added=([], []), removed=indexed)
         return len(gone)
 
     # ---- the vector index (store/dense.py) ----------------------------------------------------------
@@ -190,9 +257,10 @@ class Store:
         """Top-k memory ids by cosine similarity, within a namespace if given."""
         return self.vectors.search(query, k, namespace)
 
-    def nearest_scores(self, vectors: np.ndarray, k: int, namespace: str, exclude: set[int]) -> np.ndarray:
-        """For each vector, the best cosine to a stored memory of the namespace outside `exclude` (or -1)."""
-        return self.vectors.nearest_scores(vectors, k, namespace, exclude)
+    def neighbours(self, vectors: np.ndarray, k: int, namespace: str,
+                   exclude: set[int]) -> list[list[tuple[int, float]]]:
+        """For each vector, up to k nearest live memories of the namespace outside `exclude`: (id, cosine)."""
+        return self.vectors.neighbours(vectors, k, namespace, exclude)
 
     def single_namespace(self) -> str | None:
         """The home's only namespace, or None when it has none or several."""
@@ -200,11 +268,12 @@ class Store:
 
     # ---- reads --------------------------------------------------------------------------------------
     def get(self, ids: Sequence[int]) -> dict[int, Memory]:
-        """The memories of these ids (missing ones are left out), by id."""
+        """The memories of these ids, superseded ones included (missing ones are left out), by id."""
         with self._lock:
-            rows = execute_in(self.db, "SELECT m.id, m.namespace, s.uri, m.position, m.text, m.created_at"
-                              " FROM memories m JOIN sources s ON s.id = m.source_id WHERE m.id IN ({marks})", ids)
-        return {r[0]: Memory(*r) for r in rows}
+            rows = execute_in(self.db, f"SELECT {MEMORY_COLUMNS} FROM memories m JOIN sources s ON s.id = m.source_id"
+                              " WHERE m.id IN ({marks})", ids)
+        stale = self.supersessions.stale_sentences([r["id"] for r in rows]) if rows else {}
+        return {r["id"]: Memory.from_row(r, stale.get(r["id"], ())) for r in rows}
 
     def embeddings(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
         """The stored embeddings of these ids (missing ones are left out), by id."""
@@ -212,37 +281,61 @@ class Store:
             rows = execute_in(self.db, "SELECT id, embedding FROM memories WHERE id IN ({marks})", ids)
         return {r[0]: np.frombuffer(r[1], dtype=np.float32) for r in rows}
 
-    def lexical(self, query: str, k: int, namespace: str | None = None) -> list[tuple[int, float]]:
-        """Top-k memory ids by BM25 (FTS5) over the query's words; scores are -bm25 (higher is better)."""
+    def lexical(self, query: str, k: int, namespace: str | None = None,
+                superseded: bool = False) -> list[tuple[int, float]]:
+        """Top-k live memory ids by BM25 (FTS5) over the query's words (with `superseded`, superseded ones too);
+        scores are -bm25 (higher is better)."""
         words = [w for w in re.findall(r"\w+", query.lower()) if len(w) > 1]
         if not words:
             return []
         # the first LEXICAL_TERMS distinct words: a pasted book as a query would otherwise cost minutes
         match = " OR ".join(f'"{w}"' for w in list(dict.fromkeys(words))[:LEXICAL_TERMS])
-        sql = ("SELECT f.rowid, bm25(memories_fts) AS s FROM memories_fts f"
-               + (" JOIN memories m ON m.id = f.rowid" if namespace is not None else "")
-               + " WHERE memories_fts MATCH ?" + (" AND m.namespace = ?" if namespace is not None else "")
-               + " ORDER BY s LIMIT ?")
+        sql = ("SELECT f.rowid, bm25(memories_fts) AS s FROM memories_fts f JOIN memories m ON m.id = f.rowid"
+               " WHERE memories_fts MATCH ?" + (" AND m.namespace = ?" if namespace is not None else "")
+               + ("" if superseded else " AND m.superseded_at IS NULL") + " ORDER BY s LIMIT ?")
         args = [match, namespace, k] if namespace is not None else [match, k]
         with self._lock:
             rows = self.db.execute(sql, args).fetchall()
         return [(r[0], -float(r[1])) for r in rows]
 
-    def memory_ids(self, namespace: str | None = None) -> list[int]:
-        """Every memory id (of one namespace if given), ascending."""
-        sql = "SELECT id FROM memories" + (" WHERE namespace = ?" if namespace is not None else "") + " ORDER BY id"
+    def memory_ids(self, namespace: str | None = None, superseded: bool = False) -> list[int]:
+        """Every live memory id (of one namespace if given; with `superseded`, superseded ones too), ascending."""
+        where = [w for w, on in (("namespace = ?", namespace is not None), ("superseded_at IS NULL", not superseded))
+                 if on]
+        sql = "SELECT id FROM memories" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
         with self._lock:
             return [r[0] for r in self.db.execute(sql, [namespace] if namespace is not None else [])]
+
+    def superseded_vectors(self, namespace: str | None = None) -> tuple[list[int], np.ndarray | None]:
+        """The superseded memories' ids and embeddings (of one namespace if given): `search --history` ranks them
+        beside the live ones found in the index."""
+        sql = "SELECT id, embedding FROM memories WHERE superseded_at IS NOT NULL" + (
+            " AND namespace = ?" if namespace is not None else "")
+        with self._lock:
+            rows = self.db.execute(sql, [namespace] if namespace is not None else []).fetchall()
+        if not rows:
+            return [], None
+        return [r[0] for r in rows], np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+
+    def stale_ids(self, memory_ids: Iterable[int]) -> set[int]:
+        """Which of these memories hold something no longer true: superseded (whole, or a sentence) or forgotten."""
+        return self.supersessions.stale_ids(memory_ids)
+
+    def history(self, memory_id: int) -> list[Supersession]:
+        """Every supersession the memory took part in (as old or new; reverted ones too), oldest first."""
+        return self.supersessions.involving(memory_id)
 
     def stats(self) -> dict:
         """Counts and sizes of the home, as shown by `mllm stats`."""
         with self._lock:
-            memories = self.db.execute("SELECT count(*) FROM memories").fetchone()[0]
+            memories = self.db.execute("SELECT count(*) FROM memories WHERE superseded_at IS NULL").fetchone()[0]
+            superseded = self.db.execute("SELECT count(*) FROM memories WHERE superseded_at IS NOT NULL").fetchone()[0]
             sources = self.db.execute("SELECT count(*) FROM sources").fetchone()[0]
             by_ns = {r[0]: r[1] for r in self.db.execute(
-                "SELECT namespace, count(*) FROM memories GROUP BY namespace ORDER BY namespace")}
+                "SELECT namespace, count(*) FROM memories WHERE superseded_at IS NULL GROUP BY namespace"
+                " ORDER BY namespace")}
         index = self.index() if memories else None
-        return {"memories": memories, "sources": sources, "namespaces": by_ns,
+        return {"memories": memories, "superseded": superseded, "sources": sources, "namespaces": by_ns,
                 "index_backend": self.vectors.backend,
                 "index_type": index.kind if index is not None else self.vectors.empty_kind(),
                 "index_size": len(index) if index is not None else 0,
@@ -253,7 +346,7 @@ class Store:
     def list_sources(self, namespace: str | None = None) -> list[dict]:
         """Each source (of one namespace if given) with its uri, namespace, chunk count and time, by uri."""
         sql = ("SELECT s.uri, s.namespace, count(m.id) AS chunks, s.created_at FROM sources s"
-               " LEFT JOIN memories m ON m.source_id = s.id"
+               " LEFT JOIN memories m ON m.source_id = s.id AND m.superseded_at IS NULL"
                + (" WHERE s.namespace = ?" if namespace is not None else "") + " GROUP BY s.id ORDER BY s.uri")
         with self._lock:
             rows = self.db.execute(sql, [namespace] if namespace is not None else []).fetchall()

@@ -1,0 +1,409 @@
+"""What a new memory makes stale: a detector of restatements with new values (rules over the words, and sentence
+embeddings of what is left once the values are taken out), and dates.
+
+A small model's judgement cannot be trusted to decide that one statement replaces another, so the detector reads
+signals that can be measured (docs/updates.md has the rule and its precision and recall on
+data/supersession_pairs.jsonl; scripts/bench_updates.py measures them):
+
+- **values**: the words that carry what a fact says: numbers, codes, times and dates (anything with a digit),
+  weekday and month names, ordinals, names (capitalised words), and the words of a place after a preposition of
+  place ("in the blue drawer"). Codes and numbers compare exactly ("Tulip9" and "tulip9" are different values);
+  names, places and other words lower-cased and lightly stemmed.
+- **one slot**: the old sentence's values the new text lacks, grouped into runs (a word the new text keeps ends a
+  run; a copula always does). A restatement changes ONE such slot and brings a value of its own: "The door code
+  for room 12 is 4471" / "... room 14 is 9921" changes two (a look-alike: both stay), "Alice's locker code is
+  4471" / "... 4472" one.
+- **the same statement**: with the changed values taken out of both, the old sentence and the new text say the
+  same thing: their sentence embeddings' cosine reaches MIN_CONTEXT ("Alice's locker code is" / "Alice's locker
+  code is now"), where another attribute does not ("The bakery opens at" / "The bakery closes at" is also caught
+  by a list of opposed words: opens / closes, arrives / departs).
+- **markers**: a new text that adds ("also", "another", "extra") or speaks of the past ("used to", "until 2022",
+  "opened" against "opens") supersedes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime, time as dtime
+from typing import Callable, Sequence
+
+from memory_llm.errors import InputError
+
+# ---- the detector's weights: fitted on the tuning split of data/supersession_pairs.jsonl by
+# labs/fit_supersession.py (docs/updates.md has the run); the threshold is the lowest whose cross-validated
+# precision reaches 0.95
+FEATURES = ("coverage", "lost_outside", "lost_inside", "introduced", "swapped", "subject_swap", "changed_values",
+            "order", "same_kind", "masked", "full")
+WEIGHTS = {"coverage": 1.56, "lost_outside": -0.39, "lost_inside": -1.292, "introduced": -0.585, "swapped": -0.604,
+           "subject_swap": -1.372, "changed_values": -0.162, "order": -1.097, "same_kind": 1.395, "masked": 0.43,
+           "full": 1.506}
+BIAS = -0.462
+PROBABILITY = 0.8  # a candidate at least this probable supersedes
+CONFLICT_PROBABILITY = 0.4  # between this and PROBABILITY two live memories are reported as in conflict
+CANDIDATE_SIMILARITY = 0.35  # a stored memory this close to a new one (whole texts) is checked sentence by sentence
+
+_TOKEN = re.compile(r"[A-Za-z0-9](?:[\w'’\-:./@#]*[A-Za-z0-9])?(?:,\d{3}(?!\d))*")
+_SENTENCE = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n+")
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+          "november", "december", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec")
+STOP = frozenset("""a an the is are was were be been being am of for to in on at by with from into onto and or but
+it its it's this that these those there here as so than then now currently today still just only also too very
+our my your their his her we i you they he she me us them has have had do does did will would can could should
+shall may might must not no yes any some all each every which who whom whose what when where why how about after
+before over under up down out off again once per via s new changed change changes moved move now anymore longer
+became become becomes got gets set updated update note correction actually btw fyi reminder heads please
+effective starting since until instead rather""".split())
+COPULAS = frozenset("is are was were be been am".split())
+LOCATIVE = frozenset("in at on under behind inside near beside by above below into onto outside opposite".split())
+PLACE_BREAK = frozenset("""and but so because which who that when while if since until now is are was were be been
+am has have had for with every each per""".split())
+VERBS = frozenset("""has have had meets opens closes starts begins ends finishes runs holds costs charges leaves
+lives works sits keeps goes gets takes comes stays parks stores plays teaches leads hangs stands lies arrives departs
+uses needs lands expires happens""".split())
+TIME_WORDS = frozenset("""weekday weekdays weekend weekends morning mornings afternoon afternoons evening evenings
+night nights day days week weeks month months year years noon midnight""".split())
+_CLOCK = re.compile(r"\d{1,2}[:.]\d{2}(am|pm)?|\d{1,2}(am|pm)")
+_NUMBER = re.compile(r"[\d,]+(\.\d+)?")
+_DAY_OF_MONTH = re.compile(r"\d{1,2}(st|nd|rd|th)")
+_DENYING = frozenset("not never isn't wasn't aren't weren't".split())
+_DENYING_PAIRS = frozenset({"instead of", "rather than", "no longer", "except for"})
+# words that frame a new value ("... was changed to ...", "Update: ...", "now ...") and say nothing themselves
+FRAMING = frozenset("""update updated note correction actually btw fyi reminder heads now currently changed change
+moved move became become becomes new newly switched switch replaced replace instead anymore longer today latest
+nowadays upgraded upgrade downgraded raised lowered increased reduced bumped renamed relocated rescheduled
+reassigned promoted pushed brought put kept stored located placed held ugh oh hey hi ok okay well hmm yay argh lol
+guess""".split())
+
+
+def _stem(word: str) -> str:
+    """A word lower-cased, without a possessive, a plural, -ing, -ed or -ly, and a final e ("hiring" and "hire",
+    "monthly" and "month", "closes" and "close" compare equal)."""
+    w = word.lower().replace("’", "'")
+    if w.endswith("'s"):
+        w = w[:-2]
+    for suffix in ("ing", "ed", "es", "ly", "s"):
+        if len(w) > len(suffix) + 2 and w.endswith(suffix) and not w.endswith("ss"):
+            w = w[: -len(suffix)]
+            break
+    return w[:-1] if len(w) > 3 and w.endswith("e") else w
+
+
+_PAIRS = [("open", "close"), ("open", "shut"), ("start", "end"), ("start", "finish"), ("begin", "end"),
+          ("arrive", "depart"), ("arrive", "leave"), ("earliest", "latest"), ("minimum", "maximum"), ("min", "max"),
+          ("morning", "evening"), ("morning", "afternoon"), ("weekday", "weekend"), ("lunch", "dinner"),
+          ("breakfast", "lunch"), ("phone", "email"), ("phone", "fax"), ("home", "work"), ("home", "mobile"),
+          ("entry", "exit"), ("in", "out"), ("buy", "sell"), ("deposit", "withdraw"), ("deposit", "rent"),
+          ("upstairs", "downstairs"), ("adult", "child"), ("monthly", "yearly"), ("monthly", "annual"),
+          ("daily", "weekly"), ("pickup", "dropoff"), ("collect", "deliver"), ("first", "last")]
+CONTRASTS: dict[str, set[str]] = {}  # an attribute word → the words that name its counterpart (stemmed)
+for _a, _b in _PAIRS:
+    for _x, _y in ((_a, _b), (_b, _a)):
+        for _form in (_x, _x + "s", _x + "ing", _x + "ed"):
+            CONTRASTS.setdefault(_stem(_form), set()).update({_stem(_y), _stem(_y + "s"), _stem(_y + "ing")})
+FRAMING_KEYS = frozenset(_stem(w) for w in FRAMING)
+_HEADING = re.compile(r"^[^:.?!]{1,40}:\s+")  # "Wedding planning: the venue is ..."
+_MONTHS_RE = "january|february|march|april|may|june|july|august|september|october|november|december"
+_DAYS_RE = "monday|tuesday|wednesday|thursday|friday|saturday|sunday"
+_WHEN = re.compile(  # when a change takes effect: neither subject nor value ("as of 1 May", "from next week")
+    r"\b(from|starting|beginning|as of|effective|with effect from|since)\s+(in\s+|on\s+)?("
+    rf"(next|this|today|tomorrow|now|immediately|{_DAYS_RE})(\s+(week|month|year|term|season|on))?|"
+    rf"(\d{{1,2}}(st|nd|rd|th)?\s+)?({_MONTHS_RE})(\s+\d{{1,2}}(st|nd|rd|th)?)?)\b|\brevised schedule\b|"
+    r"\b(these days|from now on|going forward|last night|this morning|this week|yesterday)\b", re.I)
+_ADDING = re.compile(r"\b(also|too|as well|another|second|additional|extra|in addition|plus|besides|both)\b", re.I)
+_PAST = re.compile(r"\bbefore [A-Z]\w*")  # "before Oakridge Primary": a name, case-sensitively
+_PAST_I = re.compile(r"\b(used to|previously|formerly|originally|back in|back when|before (19|20)\d\d|until (19|20)\d\d|"
+                     r"in the past|years ago|last year|was once|when \w+(\s\w+)? (started|began|opened|joined)|"
+                     r"before the \w+|in (its|their|our|his|her) first)\b", re.I)
+# "was at 10:00" speaks of the past; "was changed to" of a change
+_WAS = re.compile(r"\b(was|were)\b(?!\s+(\w+\s+)?(changed|moved|updated|replaced|switched|set|increased|reduced|"
+                  r"raised|lowered|upgraded|downgraded|put|bumped|pushed|brought|renamed|reset|relocated|"
+                  r"rescheduled|reassigned|promoted|taken|handed|given|cut|extended|shortened|issued|renewed))", re.I)
+
+
+@dataclass(frozen=True)
+class Token:
+    text: str
+    key: str  # how it compares: numbers and codes exactly, other words lower-cased and stemmed
+    value: bool  # carries what a fact says (see the module docstring)
+    stop: bool
+    kind: str = ""  # a value's kind: time, number, date, code, day, name, place
+
+
+def sentences(text: str) -> list[str]:
+    """A text's sentences (also split at line breaks: a correction is its question, then the answer), verbatim."""
+    return [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
+
+
+def tokens(sentence: str) -> list[Token]:
+    """A sentence's tokens, each marked as a value (or not, with its kind) and as a stop word (or not)."""
+    found = _TOKEN.findall(sentence)
+    lows = [w.lower() for w in found]
+    head = next((i for i, w in enumerate(lows) if i and (w in COPULAS or w in VERBS)), None)
+    out: list[Token] = []
+    place = 0  # words still to take as a place after a preposition of place (in the predicate)
+    for i, raw in enumerate(found):
+        word = raw[:-2] if raw.lower().endswith(("'s", "’s")) else raw
+        low = word.lower()
+        named = word[:1].isupper() and (i > 0 or (len(found) > 1 and found[1][:1].isupper())
+                                         or raw.lower().endswith(("'s", "’s")))
+        exact = any(c.isdigit() for c in word)  # numbers, times, codes: compared as written
+        kind = _kind(word, low, exact, named)
+        stop = kind is None and low in STOP
+        if low in PLACE_BREAK or low in COPULAS or low in TIME_WORDS:
+            place = 0
+        elif place and kind is None and not stop and low not in FRAMING and low not in LOCATIVE:
+            kind, place = "place", place - 1
+        if low in LOCATIVE and (head is None or i > head):
+            place = 3
+        out.append(Token(word, word if exact else _stem(word), kind is not None, stop, kind or ""))
+    return out
+
+
+def _kind(word: str, low: str, exact: bool, named: bool) -> str | None:
+    """What kind of value a word is (None: not a value)."""
+    if exact:
+        return "time" if _CLOCK.fullmatch(low) else "number" if _NUMBER.fullmatch(low) else \
+            "date" if _DAY_OF_MONTH.fullmatch(low) else "code"
+    if low.rstrip("s") in WEEKDAYS:
+        return "day"
+    if low in MONTHS or low in ORDINALS:
+        return "date"
+    if named and low not in STOP and low not in FRAMING:
+        return "name"
+    return None
+
+
+def asserted(found: list[Token], old_keys: set[str] = frozenset()) -> list[Token]:
+    """The tokens without the values a text names only to deny or leave them ("not 4471", "no longer 7:30",
+    "instead of Tuesdays", "from Tuesdays to Thursdays" where Thursdays is new to `old_keys`)."""
+    low = [t.text.lower().replace("’", "'") for t in found]
+    denied: set[int] = set()
+    for i, word in enumerate(low):
+        pair = " ".join(low[i - 1:i + 1]) if i else ""
+        moved = word == "from" and any(low[j] == "to" and j + 1 < len(found) and found[j + 1].value
+                                       and found[j + 1].key not in old_keys for j in range(i + 1, min(i + 6, len(low))))
+        if not (word in _DENYING or pair in _DENYING_PAIRS or moved):
+            continue
+        j = i + 1
+        while j < len(found) and not found[j].value and j - i <= 3:
+            j += 1
+        while j < len(found) and found[j].value:
+            denied.add(j)
+            j += 1
+    return [t for i, t in enumerate(found) if i not in denied]
+
+
+def values(text: str) -> list[str]:
+    """The value tokens of a text, in order, once each."""
+    return list(dict.fromkeys(t.text for t in tokens(text) if t.value))
+
+
+@dataclass
+class Restatement:
+    """The evidence that a new text restates an old sentence with other values."""
+
+    sentence: str  # the old sentence made stale
+    old_values: list[str]  # its values the new text no longer holds
+    new_values: list[str]  # the new text's values the old sentence did not hold
+    coverage: float  # the share of the old sentence's other words the new text keeps
+    similarity: float | None  # the cosine of the two texts without their changed values (None: not measured)
+    context: tuple[str, str] = ("", "")  # the two texts without their changed values
+    features: dict = field(default_factory=dict)  # what `detect` weighs (restates, candidates)
+    probability: float = 0.0  # the detector's probability that this is a restatement
+
+    def as_dict(self) -> dict:
+        return {"sentence": self.sentence, "old_values": self.old_values, "new_values": self.new_values,
+                "probability": round(self.probability, 3), "coverage": round(self.coverage, 3),
+                "similarity": None if self.similarity is None else round(self.similarity, 3)}
+
+
+def speaks_of_the_past(old_sentence: str, new_text: str) -> bool:
+    """Whether the new text states something as past ("used to", "until 2022", "was at 10:00", "opened" where
+    the old sentence says "opens"), or adds to the old one ("also", "another") instead of replacing it."""
+    if _ADDING.search(new_text) or _PAST.search(new_text) or _PAST_I.search(new_text) \
+            or _WAS.search(new_text) and not _WAS.search(old_sentence):
+        return True
+    present = {t.lower() for t in _TOKEN.findall(old_sentence)}
+    for word in _TOKEN.findall(new_text):
+        w = word.lower()
+        if w.endswith("ed") and w not in FRAMING and any(f in present for f in (w[:-2] + "s", w[:-1] + "s",
+                                                                                 w[:-2] + "es", w[:-2], w[:-1])):
+            return True
+    return False
+
+
+def restates(old_sentence: str, new_text: str, *, subject: str = "", question: str = "") -> Restatement | None:
+    """Whether `new_text` may restate `old_sentence` with a different value, by the rules on words (the module
+    docstring): one changed slot, a new value, no marker, no opposed word. `subject` is what a pronoun opening the
+    old sentence stands for ("Its wifi password ..." in a note about an office); `question` is the question a
+    correction answers (it names the subject, the answer the new value). The evidence carries the two texts
+    without their changed values and the features `detect` weighs; None when the words rule it out."""
+    if speaks_of_the_past(old_sentence, new_text):
+        return None
+    old = tokens(_HEADING.sub("", resolve(old_sentence, subject)))
+    new = asserted(tokens(_WHEN.sub(" ", new_text)), {t.key for t in old})
+    asked = tokens(question)
+    said = {t.key for t in new + asked}
+    kept = [t.key in said for t in old]
+
+    def word(t: Token) -> bool:
+        return not t.value and not t.stop and t.key not in FRAMING_KEYS and t.text.lower() not in LOCATIVE
+
+    runs: list[list[int]] = []  # runs of the old sentence's tokens the new text lacks (a kept word or a copula
+    current: list[int] = []     # ends one)
+    for i, (t, k) in enumerate(zip(old, kept)):
+        if k and not t.stop or t.text.lower() in COPULAS:
+            runs, current = runs + [current] * bool(current), []
+        else:
+            current.append(i)
+    runs += [current] * bool(current)
+    slots = [r for r in runs if any(old[i].value and not kept[i] for i in r)]
+    if len(slots) != 1:
+        return None  # two values changed (another subject: room 12 / room 14), or none
+    slot = set(slots[0])
+    old_keys = {t.key for t in old}
+    fresh = [j for j, t in enumerate(new) if t.value and t.key not in old_keys]
+    if not fresh:
+        return None
+    lost = [old[i].key for i in range(len(old)) if not kept[i] and word(old[i])]
+    introduced = [j for j, t in enumerate(new) if word(t) and t.key not in old_keys]
+    if any(CONTRASTS.get(w, set()) & {new[j].key for j in introduced} for w in lost):
+        return None  # "opens" / "closes"
+    context = [i for i, t in enumerate(old) if (t.value or word(t)) and i not in slot]
+    outside = [i for i in context if not kept[i] and word(old[i])]
+    head_old = _head(old)
+    head_new = _head(new)
+    features = {
+        "coverage": sum(kept[i] for i in context) / len(context) if context else 0.0,
+        "lost_outside": float(len(outside)),
+        "lost_inside": float(sum(1 for i in slot if not kept[i] and word(old[i]))),
+        "introduced": float(len(introduced)),
+        "swapped": float(bool(outside and introduced)),
+        "subject_swap": float(any(i < head_old for i in outside) and any(j < head_new for j in introduced)),
+        "changed_values": float(sum(1 for i in slot if old[i].value and not kept[i])),
+        "order": _order(old, new),
+        "same_kind": float({old[i].kind for i in slot if old[i].value and not kept[i]}
+                           == {new[j].kind for j in fresh}),
+    }
+    masked_old = " ".join(t.text for i, t in enumerate(old) if i not in slot)
+    masked_new = " ".join([t.text for t in asked] + [t.text for j, t in enumerate(new) if j not in set(fresh)
+                                                      and t.key not in FRAMING_KEYS])
+    return Restatement(old_sentence, [old[i].text for i in sorted(slot) if old[i].value and not kept[i]],
+                       list(dict.fromkeys(new[j].text for j in fresh)), features["coverage"], None,
+                       (masked_old, masked_new), features)
+
+
+def _head(found: list[Token]) -> int:
+    """Where a sentence's predicate starts, roughly: its first copula or verb-like word (else its end)."""
+    return next((i for i, t in enumerate(found) if i and (t.text.lower() in COPULAS or t.text.lower() in VERBS)),
+                len(found))
+
+
+def _order(old: list[Token], new: list[Token]) -> float:
+    """How much of the old sentence's word order the new text keeps (difflib's ratio of their content keys)."""
+    import difflib
+
+    a = [t.key for t in old if not t.stop]
+    b = [t.key for t in new if not t.stop]
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() if a and b else 0.0
+
+
+PRONOUNS = {"it": "", "its": "'s", "they": "", "their": "'s", "he": "", "his": "'s", "she": "", "her": "'s",
+            "this": "", "there": ""}
+
+
+def subject_of(sentence: str) -> str:
+    """A sentence's subject, roughly: its words before the first copula or verb-like word ("" when none)."""
+    words = sentence.split()
+    for i, w in enumerate(words):
+        if w.lower().strip(",;:") in COPULAS or i and w.lower().strip(",;:") in VERBS:
+            return " ".join(words[:i]).strip(",;:")
+    return ""
+
+
+def resolve(sentence: str, subject: str) -> str:
+    """The sentence with an opening pronoun replaced by what it stands for (unchanged without a subject)."""
+    first, _, rest = sentence.partition(" ")
+    tail = PRONOUNS.get(first.lower())
+    if not subject or tail is None or not rest:
+        return sentence
+    return f"{subject}{tail} {rest}"
+
+
+def candidates(old_text: str, new_text: str,
+               similarity: Callable[[list[tuple[str, str]]], list[float]] | None = None) -> list[Restatement]:
+    """Every (old sentence, new text) pair the word rules let through, with its features and probability. A text
+    with a question is read as a correction: the question, then its answer (each sentence of it, and all of it).
+    `similarity` gives the cosines of pairs of texts (pair_similarities over the home's embedder); without it the
+    share of kept words stands in for both cosines."""
+    olds, said = sentences(old_text), sentences(new_text)
+    asked = next((i for i, x in enumerate(said) if x.endswith("?")), None)
+    question = said[asked] if asked is not None else ""
+    answer = said[asked + 1:] if asked is not None else said
+    news = answer + ([" ".join(answer)] if len(answer) > 1 and question else [])
+    found: list[Restatement] = []
+    readings: list[tuple[str, str]] = []
+    for i, sentence in enumerate(olds):
+        subject = subject_of(olds[i - 1]) if i else ""
+        for candidate in news:
+            r = restates(sentence, candidate, subject=subject, question=question)
+            if r is not None:
+                found.append(r)
+                readings.append((resolve(sentence, subject), f"{question} {candidate}".strip()))
+    if found:
+        sims = similarity([r.context for r in found] + readings) if similarity is not None else None
+        for k, r in enumerate(found):
+            r.features["masked"] = float(sims[k]) if sims is not None else r.coverage
+            r.features["full"] = float(sims[len(found) + k]) if sims is not None else r.coverage
+            r.similarity = r.features["masked"]
+            r.probability = probability(r.features)
+    return found
+
+
+def probability(features: dict) -> float:
+    """The detector's probability that a candidate is a restatement (logistic, WEIGHTS and BIAS)."""
+    import math
+
+    z = BIAS + sum(WEIGHTS[f] * float(features.get(f, 0.0)) for f in FEATURES)
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def detect(old_text: str, new_text: str, similarity: Callable[[list[tuple[str, str]]], list[float]] | None = None,
+           threshold: float | None = None) -> list[Restatement]:
+    """The sentences of `old_text` that `new_text` restates with other values, each at most once: the candidate
+    (`candidates`) of highest probability, where it reaches `threshold` (default PROBABILITY)."""
+    threshold = PROBABILITY if threshold is None else threshold
+    best: dict[str, Restatement] = {}
+    for r in candidates(old_text, new_text, similarity):
+        if r.probability >= threshold and (r.sentence not in best or r.probability > best[r.sentence].probability):
+            best[r.sentence] = r
+    order = sentences(old_text)
+    return sorted(best.values(), key=lambda r: order.index(r.sentence))
+
+
+def pair_similarities(encode: Callable[[list[str]], "object"]) -> Callable[[list[tuple[str, str]]], list[float]]:
+    """The cosines of pairs of texts by an embedder's encode (unit vectors), both sides encoded in one batch."""
+
+    def run(pairs: list[tuple[str, str]]) -> list[float]:
+        if not pairs:
+            return []
+        vectors = encode([t for pair in pairs for t in pair])
+        return [float(vectors[2 * k] @ vectors[2 * k + 1]) for k in range(len(pairs))]
+    return run
+
+
+# ---- dates ----------------------------------------------------------------------------------------------------
+def parse_date(text: str) -> float:
+    """A time given by a user (ISO 8601: a date, or a date and time, with or without a zone; a date is its local
+    midnight) as a Unix time; a clear InputError otherwise."""
+    value = (text or "").strip()
+    try:
+        if len(value) == 10:
+            return datetime.combine(date.fromisoformat(value), dtime()).astimezone().timestamp()
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return (moment if moment.tzinfo else moment.astimezone()).timestamp()
+    except ValueError:
+        raise InputError(f"not a date: {text!r} (give ISO 8601, e.g. 2026-12-03 or 2026-12-03T14:30)") from None
