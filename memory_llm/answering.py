@@ -153,6 +153,7 @@ class Answerer:
         t0 = time.perf_counter()
         served = self.served_for(namespace)
         gen = served.generator
+        served.sync_staleness()  # no adapter acts on what is no longer true
         choice = self.prompts.choose(lambda: question_vectors()[0], namespace, prompt, exemplars, gen.count_tokens)
         t1 = time.perf_counter()
 
@@ -162,7 +163,8 @@ class Answerer:
 
         skipped, ids, conflicts = None, None, []  # skipped: why retrieval was skipped (the adapter answers), in words
         at_similarity, at_confidence = self.settings.skip_retrieval_similarity, self.settings.skip_retrieval_confidence
-        if use_memory and not history and served.keys and (at_similarity > 0 or at_confidence > 0):
+        if use_memory and not history and served.keys and (at_similarity > 0 or at_confidence > 0) \
+                and not served.stale_near(question_vectors()[0]):  # a memory the adapter holds was superseded
             similarity = served.trained_similarity(question_vectors()[0])
             if at_similarity <= 0 or similarity >= at_similarity:
                 closed = prompt_ids([])

@@ -55,7 +55,8 @@ class MemoryLLM:
         self._lock = threading.RLock()
         self.quick_start = quick_start and settings.cold_backend == "llama.cpp"
         self.served = ServedModel(settings, self.embed_texts, generator, use_adapter, self._lock,
-                                  quick=self.quick_start)
+                                  quick=self.quick_start, staleness=self._stale_owners,
+                                  generation=lambda: self.store.generation())
         self._tenants: dict[str, ServedModel] = {}  # tenant namespace → the model serving its own adapters
 
     # ---- components (lazy) ---------------------------------------------------------------------------
@@ -165,6 +166,13 @@ class MemoryLLM:
             return
         for served in [self.served, *self._tenants.values()]:
             served.reload()
+
+    def _stale_owners(self, owners: set[int]) -> set[int]:
+        """Of these adapter key owners (memory ids; an exemplar's negative id), those no longer true: superseded
+        (in part or whole), forgotten, or retired."""
+        memories = {i for i in owners if i > 0}
+        exemplars = {-i for i in owners if i < 0}
+        return self.store.stale_ids(memories) | {-e for e in self.store.prompts.retired(sorted(exemplars))}
 
     def _bind_embedder(self) -> None:
         """Check (once per instance: it is a write transaction) that the home belongs to this embedder."""

@@ -86,6 +86,9 @@ class Settings:
     exemplar_min_rating: int = _opt(1, "Exemplars rated below this are not used")
     exemplar_min_similarity: float = _opt(0.5, "Cosine similarity of an exemplar's question to the question, at least")
     template_min_similarity: float = _opt(0.3, "Below this similarity to every template description, 'default' is used")
+    stale_similarity: float = _opt(0.5, "A question at least this similar to a prompt an adapter was trained on, from"
+                                        " a memory no longer true (superseded or forgotten), gets no help from"
+                                        " that adapter (nor one whose nearest trained prompt is such)")
     adapter_with_sources: bool = _opt(False, "The consolidated adapter may act on prompts that carry retrieved"
                                       " sources (routed on the question); false: those prompts get the base model")
     skip_retrieval_similarity: float = _opt(0.0, "Answer from the adapter without retrieval when the question is at"
@@ -125,7 +128,7 @@ class Settings:
         for name in ("exemplar_k", "exemplar_tokens"):
             if getattr(self, name) < 0:
                 raise InputError(f"setting {name}={getattr(self, name)!r} must be >= 0")
-        for name in ("skip_retrieval_similarity", "skip_retrieval_confidence", "source_floor"):
+        for name in ("skip_retrieval_similarity", "skip_retrieval_confidence", "source_floor", "stale_similarity"):
             if not 0 <= getattr(self, name) <= 1:
                 raise InputError(f"setting {name}={getattr(self, name)!r} must be in [0, 1]")
         for name in ("exemplar_min_similarity", "template_min_similarity"):

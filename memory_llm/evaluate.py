@@ -141,6 +141,7 @@ def evaluate_file(path: str | Path, mode: str, *, answerer, search: Callable, k:
         answerer.prompts.get(prompt)  # an unknown template fails before any model loads
     served = answerer.served_for(namespace)  # a tenant namespace is evaluated on its own adapter
     gen = served.generator
+    served.sync_staleness()
     adapted = mode in ("closed", "hybrid")
     if adapted and served.adapter_version is None:
         raise InputError(f"mode {mode} needs a consolidated adapter: run `mllm consolidate` first")

@@ -27,11 +27,15 @@ class ServedModel:
         use_adapter: attach the promoted adapter (False: the base model always).
         lock: the facade's lock (the model is loaded once however many threads ask).
         namespace: a tenant namespace: serve its own adapters (adapters/tenants/<slug>/) instead of the shared ones.
+        staleness: memory ids (an exemplar's negative) → those no longer true (superseded, forgotten, retired): no
+            adapter acts on questions about them (adapters.keys.blocked).
+        generation: the store's write counter; staleness is looked up again when it moves.
     """
 
     def __init__(self, settings: Settings, embed: Callable[[list[str]], np.ndarray], generator=None,
                  use_adapter: bool = True, lock: threading.RLock | None = None, namespace: str | None = None,
-                 quick: bool = False):
+                 quick: bool = False, staleness: Callable[[set[int]], set[int]] | None = None,
+                 generation: Callable[[], int] | None = None):
         from memory_llm.adapters import AdapterRegistry
 
         self.settings, self.embed, self.use_adapter = settings, embed, use_adapter
@@ -44,6 +48,8 @@ class ServedModel:
         self.adapter_version: str | None = None
         self.router = None  # the current adapter's router (adapters.routing), if it has one
         self.keys: list = []  # the current adapters' keys (unit embeddings of their trained prompts)
+        self.staleness, self.generation = staleness, generation
+        self._stale_generation: int | None = None  # the store generation the routers' stale keys agree with
 
     @property
     def generator(self):
@@ -90,7 +96,7 @@ class ServedModel:
             if self.remote:
                 gen.route = None
         served = ServedModel(self.settings, self.embed, gen, self.use_adapter, self._lock, namespace=namespace,
-                             quick=self.quick)
+                             quick=self.quick, staleness=self.staleness, generation=self.generation)
         served.batching = self.batching
         return served
 
@@ -132,6 +138,8 @@ class ServedModel:
                 self.router.veto = marker
         self.keys = [k for k in (read_keys(v.path) for v in current.stack) if k is not None]
         self.adapter_version = current.label
+        self._stale_generation = None
+        self.sync_staleness()
 
     def _publish(self, current):
         """Publish the current version's adapters to the engine (adapters.remote) and route requests among them.
@@ -160,6 +168,7 @@ class ServedModel:
             elif gen is not None and hasattr(gen.model, "unload"):
                 gen.model = gen.model.unload()
             self._attached, self.adapter_version, self.keys = False, None, []
+            self._stale_generation = None
             if gen is not None and self._injected is None and not self.remote and not hasattr(gen.model, "parameters") \
                     and self.use_adapter and self.registry.current() is not None:
                 if hasattr(gen.batcher, "close"):  # llama.cpp serves no adapter: transformers loads on the next answer
@@ -189,6 +198,25 @@ class ServedModel:
             return _unrouted(gen)
         model = gen.model
         return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+
+    def sync_staleness(self) -> None:
+        """Tell the current adapters' routers which of their keys' memories are no longer true, when the store
+        changed since they were last told (a supersession, a restore or a forget moves its generation)."""
+        router = self.router
+        if router is None or self.staleness is None or not hasattr(router, "update_stale"):
+            return
+        generation = self.generation() if self.generation is not None else None
+        with self._lock:
+            if generation is not None and generation == self._stale_generation:
+                return
+            router.update_stale(self.staleness, self.settings.stale_similarity)
+            self._stale_generation = generation
+
+    def stale_near(self, vector) -> bool:
+        """Whether a question (its embedding) is about a memory an adapter holds that is no longer true: then it
+        is not answered from the adapter alone (no retrieval skip)."""
+        router = self.router
+        return bool(router is not None and hasattr(router, "blocks") and router.blocks(vector))
 
     def trained_similarity(self, vector) -> float:
         """The cosine similarity of a question's embedding to the nearest prompt the current adapters trained on."""

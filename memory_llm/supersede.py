@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from datetime import date, datetime, time as dtime
 from typing import Callable, Sequence
 
@@ -35,13 +36,14 @@ from memory_llm.errors import InputError
 # precision reaches 0.95
 FEATURES = ("coverage", "lost_outside", "lost_inside", "introduced", "swapped", "subject_swap", "changed_values",
             "order", "same_kind", "masked", "full")
-WEIGHTS = {"coverage": 1.56, "lost_outside": -0.39, "lost_inside": -1.292, "introduced": -0.585, "swapped": -0.604,
-           "subject_swap": -1.372, "changed_values": -0.162, "order": -1.097, "same_kind": 1.395, "masked": 0.43,
-           "full": 1.506}
-BIAS = -0.462
+WEIGHTS = {"coverage": 0.998, "lost_outside": -0.482, "lost_inside": -1.296, "introduced": -0.618,
+           "swapped": -0.633, "subject_swap": -1.344, "changed_values": -0.271, "order": -1.201, "same_kind": 1.394,
+           "masked": 0.258, "full": 1.169}
+BIAS = 0.716
 PROBABILITY = 0.8  # a candidate at least this probable supersedes
 CONFLICT_PROBABILITY = 0.4  # between this and PROBABILITY two live memories are reported as in conflict
 CANDIDATE_SIMILARITY = 0.35  # a stored memory this close to a new one (whole texts) is checked sentence by sentence
+MAX_SENTENCES = 6  # a new text of more sentences is a document: it is not checked for restatements
 
 _TOKEN = re.compile(r"[A-Za-z0-9](?:[\w'’\-:./@#]*[A-Za-z0-9])?(?:,\d{3}(?!\d))*")
 _SENTENCE = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n+")
@@ -134,11 +136,21 @@ class Token:
 
 def sentences(text: str) -> list[str]:
     """A text's sentences (also split at line breaks: a correction is its question, then the answer), verbatim."""
-    return [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
+    return list(_sentences(text))
+
+
+@lru_cache(maxsize=4096)
+def _sentences(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in _SENTENCE.split(text) if s and s.strip())
 
 
 def tokens(sentence: str) -> list[Token]:
     """A sentence's tokens, each marked as a value (or not, with its kind) and as a stop word (or not)."""
+    return list(_tokens(sentence))
+
+
+@lru_cache(maxsize=8192)
+def _tokens(sentence: str) -> tuple[Token, ...]:
     found = _TOKEN.findall(sentence)
     lows = [w.lower() for w in found]
     head = next((i for i, w in enumerate(lows) if i and (w in COPULAS or w in VERBS)), None)
@@ -159,7 +171,7 @@ def tokens(sentence: str) -> list[Token]:
         if low in LOCATIVE and (head is None or i > head):
             place = 3
         out.append(Token(word, word if exact else _stem(word), kind is not None, stop, kind or ""))
-    return out
+    return tuple(out)
 
 
 def _kind(word: str, low: str, exact: bool, named: bool) -> str | None:
@@ -346,9 +358,17 @@ def candidates(old_text: str, new_text: str,
     news = answer + ([" ".join(answer)] if len(answer) > 1 and question else [])
     found: list[Restatement] = []
     readings: list[tuple[str, str]] = []
+    if len(news) > MAX_SENTENCES:  # a document, not a restatement: its source's own chunks are superseded by source
+        return found
+    asked = {t.key for t in _tokens(question)}
+    keys = {n: _keys(n) for n in news}
     for i, sentence in enumerate(olds):
         subject = subject_of(olds[i - 1]) if i else ""
+        old_values, old_words = _keys(resolve(sentence, subject))
         for candidate in news:
+            new_values, new_words = keys[candidate]
+            if not new_values - old_values or not (old_values | old_words) & (new_values | new_words | asked):
+                continue  # no new value, or nothing in common: not a restatement (cheap to tell)
             r = restates(sentence, candidate, subject=subject, question=question)
             if r is not None:
                 found.append(r)
@@ -361,6 +381,14 @@ def candidates(old_text: str, new_text: str,
             r.similarity = r.features["masked"]
             r.probability = probability(r.features)
     return found
+
+
+@lru_cache(maxsize=8192)
+def _keys(sentence: str) -> tuple[frozenset, frozenset]:
+    """A sentence's value keys and content-word keys."""
+    found = _tokens(sentence)
+    return (frozenset(t.key for t in found if t.value),
+            frozenset(t.key for t in found if not t.value and not t.stop))
 
 
 def probability(features: dict) -> float:

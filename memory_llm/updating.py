@@ -67,7 +67,7 @@ class Updater:
     def check_supersedes(self, ids: Sequence[int], namespace: str) -> list[int]:
         """The memory ids a learn is told to supersede, each checked: it exists, is in the namespace, is live."""
         ids = list(dict.fromkeys(int(i) for i in ids))
-        found = self.store.get(ids) if ids else {}
+        found = self.store.get([i for i in ids if 0 < i < 2 ** 63]) if ids else {}
         for i in ids:
             m = found.get(i)
             if m is None:

@@ -208,3 +208,95 @@ def test_source_floor_leaves_out_memories_unlike_the_question(tmp_path, fake_emb
     assert len(unfloored.ask("What colour is a banana?").sources) == 2
     for x in (m, unfloored):
         x.close()
+
+
+def test_a_restated_value_supersedes_the_old_one_reversibly(mem):
+    """Detected (the same statement, another value), dated, kept out of search, in the history, restorable."""
+    old = mem.learn(text="The wifi password for the Harbor office is tangerine-42.", date="2026-11-01").memory_ids[0]
+    report = mem.learn(text="The wifi password for the Harbor office is maple-17.", date="2026-12-03")
+    new = report.memory_ids[0]
+    assert [(x["old_id"], x["new_id"], x["reason"]) for x in report.superseded] == [(old, new, "detected")]
+    assert report.superseded[0]["detail"]["old_values"] == ["tangerine-42"]
+    hits = mem.search("wifi password Harbor office")
+    assert [h.memory.id for h in hits] == [new] and hits[0].as_dict()["valid_from"].startswith("2026-12-03")
+    assert {h.memory.id: h.memory.status for h in mem.search("wifi password", history=True)} == {
+        old: "superseded", new: "live"}
+    chain = mem.memory_history(old)
+    assert [(e["old_id"], e["new_id"], e["reason"], e["reverted_at"]) for e in chain["events"]] == [
+        (old, new, "detected", None)]
+    answer = mem.ask("What is the wifi password for the Harbor office?", max_new_tokens=2)
+    assert [h.memory.id for h in answer.sources] == [new]
+    mem.restore(old)
+    assert {h.memory.id for h in mem.search("wifi password Harbor office")} == {old, new}
+    assert mem.memory_history(old)["events"][0]["reverted_at"] is not None
+
+
+def test_look_alikes_both_stay(mem):
+    mem.learn(text="The door code for room 12 is 4471.")
+    report = mem.learn(text="The door code for room 14 is 9921.")
+    assert report.superseded == [] and len(mem.search("door code room", k=5)) == 2
+
+
+def test_a_key_names_a_text_that_a_restatement_replaces(mem):
+    first = mem.learn(text="Bring the red folder to the Monday meeting.", key="monday").memory_ids
+    again = mem.learn(text="Bring the red folder to the Monday meeting.", key="monday")
+    assert again.unchanged == 1 and again.superseded == []
+    report = mem.learn(text="Bring the green binder to the Monday meeting.", key="monday")
+    assert [(x["old_id"], x["reason"]) for x in report.superseded] == [(first[0], "key")]
+    assert [h.memory.text for h in mem.search("Monday meeting")] == ["Bring the green binder to the Monday meeting."]
+    with pytest.raises(InputError, match="a key names a text"):
+        mem.learn([], key="monday")
+
+
+def test_an_edited_file_keeps_its_unchanged_chunks_and_supersedes_the_changed_one(mem, tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("The team meeting is on Tuesdays.\n\n" + "Lunch is at noon in the canteen. " * 40)
+    ids = mem.learn([notes]).memory_ids
+    assert len(ids) >= 2
+    notes.write_text("The team meeting is on Thursdays.\n\n" + "Lunch is at noon in the canteen. " * 40)
+    report = mem.learn([notes])
+    assert report.chunks_kept == len(ids) - 1 and report.chunks_added == 1
+    assert [(x["old_id"], x["reason"]) for x in report.superseded] == [(ids[0], "source")]
+    assert report.superseded[0]["new_id"] == report.memory_ids[0]
+    assert set(mem.store.memory_ids()) == set(ids[1:]) | set(report.memory_ids)
+
+
+def test_supersedes_and_update_are_checked_and_reported(mem):
+    a = mem.learn(text="Mira's desk is by the window.").memory_ids[0]
+    with pytest.raises(InputError, match="no memory has id 999"):
+        mem.learn(text="Mira's desk is by the door.", supersedes=[999])
+    with pytest.raises(InputError, match="in namespace 'default', not 'other'"):
+        mem.learn(text="x y z", supersedes=[a], namespace="other")
+    b = mem.learn(text="Mira sits by the door now.", supersedes=[a], detect=False)
+    assert [(x["old_id"], x["reason"]) for x in b.superseded] == [(a, "user")]
+    with pytest.raises(InputError, match="already superseded"):
+        mem.learn(text="Mira sits upstairs.", supersedes=[a])
+    c = mem.update(b.memory_ids[0], "Mira sits upstairs now.")
+    assert [(x["old_id"], x["reason"]) for x in c.superseded] == [(b.memory_ids[0], "update")]
+    with pytest.raises(InputError, match="not a date"):
+        mem.learn(text="Mira moved again.", date="yesterday-ish")
+    with pytest.raises(InputError, match="the new text is empty"):
+        mem.update(c.memory_ids[0], "  ")
+
+
+def test_a_correction_supersedes_the_cited_memory_it_contradicts(mem):
+    old = mem.learn(text="Alice's locker code is 4471.").memory_ids[0]
+    answer = mem.ask("What is Alice's locker code?", max_new_tokens=2)
+    mem.store.db.execute("UPDATE answers SET answer = 'It is 4471.' WHERE id = ?", (answer.id,))  # the tiny
+    # model's answer, as a real one would repeat its source
+    result = mem.feedback(answer.id, correction="It is 4472 now.")
+    assert [(x["old_id"], x["reason"]) for x in result["superseded"]] in ([(old, "correction")],
+                                                                          [(old, "detected")])
+    assert old not in {h.memory.id for h in mem.search("Alice locker code")}
+
+
+def test_retired_exemplars_carried_the_old_value(mem):
+    old = mem.learn(text="The Harbor office wifi password is tangerine-42.").memory_ids[0]
+    answer = mem.ask("What is the Harbor office wifi password?", max_new_tokens=2)
+    mem.store.db.execute("UPDATE answers SET answer = 'tangerine-42' WHERE id = ?", (answer.id,))
+    mem.feedback(answer.id, good=True)
+    assert [e.answer for e in mem.store.exemplars("default")] == ["tangerine-42"]
+    mem.learn(text="The Harbor office wifi password is maple-17.", supersedes=[old])
+    assert mem.store.exemplars("default") == []  # retired, not deleted
+    mem.restore(old)
+    assert [e.answer for e in mem.store.exemplars("default")] == ["tangerine-42"]

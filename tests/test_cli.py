@@ -48,6 +48,34 @@ def test_learn_search_ask_json(tmp_path):
     assert plain.exit_code == 0 and "Sources:" in plain.stdout and "herons.md" in plain.stdout
 
 
+def test_what_is_true_now_from_the_command_line():
+    """learn says what it superseded and how to undo it; search shows dates and, with --history, the superseded;
+    update, history and restore; bad ids and dates are one-line errors."""
+    first = mllm("learn", "--text", "The wifi password for the Harbor office is tangerine-42.", "--date",
+                 "2026-11-01", "--json")
+    old = json.loads(first.stdout)["memory_ids"][0]
+    second = mllm("learn", "--text", "The wifi password for the Harbor office is maple-17.", "--date", "2026-12-03")
+    assert second.exit_code == 0 and f"superseded #{old} by #" in second.stdout
+    assert f"(undo: mllm restore {old})" in second.stdout and "tangerine-42" in second.stdout
+    plain = mllm("search", "Harbor office wifi password")
+    assert "2026-12-03" in plain.stdout and "tangerine" not in plain.stdout
+    both = mllm("search", "Harbor office wifi password", "--history")
+    assert "[superseded]" in both.stdout and "tangerine-42" in both.stdout
+    shown = mllm("history", str(old))
+    assert shown.exit_code == 0 and "superseded by #" in shown.stdout and "(detected)" in shown.stdout
+    new = json.loads(mllm("search", "Harbor office wifi password", "--json").stdout)["hits"][0]["id"]
+    updated = json.loads(mllm("update", str(new), "The wifi password for the Harbor office is birch-905.",
+                              "--json").stdout)
+    assert [(x["old_id"], x["reason"]) for x in updated["superseded"]] == [(new, "update")]
+    assert "Restored #" in mllm("restore", str(old)).stdout
+    assert json.loads(mllm("stats", "--json").stdout)["superseded"] == 1
+    assert_clean_error(mllm("history", "987654"), "no memory has id 987654")
+    assert_clean_error(mllm("learn", "--text", "x y z", "--date", "soon"), "not a date")
+    assert_clean_error(mllm("learn", "--text", "x y z", "--supersedes", "987654"), "no memory has id 987654")
+    assert_clean_error(mllm("update", "987654", "text"), "no memory has id 987654")
+    assert json.loads(mllm("forget", "--superseded", "--json").stdout) == {"forgotten": 1}
+
+
 def test_learn_text_and_stdin_then_forget_and_stats(tmp_path):
     assert mllm("learn", "--text", "Remember the milk.").exit_code == 0
     assert mllm("learn", "-", input="Buy fresh bread on Friday.").exit_code == 0

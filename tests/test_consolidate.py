@@ -279,15 +279,59 @@ def test_good_exemplars_are_distilled_once_and_bad_ones_never(cmem):
     assert bad not in cmem.adapters.get(full.version).manifest["exemplars"]
 
 
-def test_forgetting_forces_a_full_rebuild_without_the_memory(cmem):
+def test_forgetting_retrains_only_the_round_that_held_the_memory(cmem):
     run(cmem)
-    gone = cmem.store.memory_ids()[0]
+    cmem.learn(text="Salt from the Varn flats is sold in blue paper bags.", source="salt")
+    second = run(cmem)  # a second round, stacked beside the first
+    assert cmem.adapters.get(second.version).manifest["stack"] == ["v0001"]
+    gone = cmem.store.memory_ids()[0]  # a memory of the first round
     cmem.forget([gone])
     assert cmem.store.items([gone]) == []  # its training items went with it
+    dry = run(cmem, dry_run=True)
+    assert "retraining v0001 (stale)" in dry.message
     summary = run(cmem)
-    assert summary.full and summary.status == "promoted"
+    assert not summary.full and summary.status == "promoted" and summary.retrained == ["v0001"]
     manifest = cmem.adapters.get(summary.version).manifest
-    assert gone not in manifest["memories"] and manifest["parent"] is None
+    assert gone not in manifest["memories"] and gone not in manifest["own_memories"]
+    assert manifest["stack"] == ["v0002"]  # the round without stale memories serves on, untouched
+    assert set(manifest["own_memories"]) == set(cmem.store.memory_ids()) - set(
+        cmem.adapters.get("v0002").own_memories)
+
+
+def test_a_superseded_memory_is_retrained_with_what_replaced_it(cmem):
+    run(cmem)
+    old = cmem.store.memory_ids()[0]
+    report = cmem.learn(text="The lighthouse of Varn was built in 1822 by the engineer Lisbet Holm.",
+                        supersedes=[old])
+    new = report.memory_ids[0]
+    assert report.superseded[0]["old_id"] == old and report.superseded[0]["new_id"] == new
+    summary = run(cmem)
+    manifest = cmem.adapters.get(summary.version).manifest
+    assert summary.retrained == ["v0001"] and manifest["stack"] == []
+    assert new in manifest["own_memories"] and old not in manifest["memories"]
+    assert summary.metrics["stale_probes"] > 0 and "stale_answers" in summary.metrics
+    assert any("questions about what went stale" in r for r in summary.reasons)
+
+
+def test_items_of_a_partly_superseded_memory_are_made_again_from_its_live_text(mem):
+    mem.learn(text="The Varn ferry leaves at 7:40. The ticket office opens at 6:00.", source="ferry")
+    run(mem)
+    note = mem.store.memory_ids()[0]
+    from memory_llm.store.supersessions import Supersession
+
+    mem.store.supersede("default", [Supersession(note, None, "user", "The Varn ferry leaves at 7:40.")])
+    assert mem.store.get([note])[note].live_text == "The ticket office opens at 6:00."
+    summary = run(mem)
+    assert summary.status == "promoted" and summary.retrained == ["v0001"]
+    items = mem.store.items([note])
+    assert items and not any("7:40" in i.prompt or "7:40" in i.answer for i in items)
+
+
+def test_the_gate_rejects_a_candidate_that_still_answers_an_old_value():
+    metrics = {"reliability": 0.9, "locality": 0.99, "stale_answers": 1, "stale_probes": 4}
+    ok, reasons = decide(metrics, None, Floors())
+    assert not ok and any(r.startswith("failed: old values answered 1 of 4") for r in reasons)
+    assert decide({**metrics, "stale_answers": 0}, None, Floors())[0]
 
 
 def test_rejected_candidate_keeps_current(cmem):
@@ -729,6 +773,62 @@ def test_stacked_adapters_are_chosen_by_the_nearest_key_and_act_only_where_their
     old.remove()
     with pytest.raises(ValueError, match="one key set per router"):
         RouterStack([a, b], keys=[np.array([[1.0, 0.0]])], embed=embed)
+
+
+def test_a_stale_key_keeps_its_adapter_off_questions_about_it(tiny_generator, tmp_path):
+    """A key whose memory is no longer true blocks its adapter for the questions nearest it (or at least
+    stale_bar similar to it); another adapter may still take them, and with every key stale none does."""
+    import numpy as np
+
+    from memory_llm.adapters.routing import Router, contains
+    from memory_llm.adapters.stack import RouterStack
+
+    t = _stacked_twice(tiny_generator, tmp_path, [[3, 3], [4, 4]])
+    a, b = Router(t.stacked, t.threshold, name="a"), Router(t.stacked, t.threshold, name="b")
+
+    def embed(token_rows, head):
+        return np.array([[0.0, 2.0] if contains(r, [4, 4]) else [3.0, 0.0] for r in token_rows])
+    stack = RouterStack([a, b], keys=[np.array([[1.0, 0.1]]), np.array([[0.1, 1.0], [-1.0, 0.0]])], embed=embed,
+                        owners=[np.array([11]), np.array([21, 22])]).install()
+    t.logits(t.stacked)
+    assert stack.last_adapter == [None, "a", "b"] and not stack.blocks([0.0, 1.0])
+    asked = []
+    stack.update_stale(lambda ids: asked.append(set(ids)) or {21}, bar=0.5)  # memory 21 was superseded
+    assert asked == [{11, 21, 22}] and [None if m is None else m.tolist() for m in stack.stale] == [None,
+                                                                                                  [True, False]]
+    t.logits(t.stacked)
+    assert stack.last_adapter[2] != "b" and stack.blocks([0.0, 1.0]) and not stack.blocks([1.0, 0.0])
+    stack.update_stale(lambda ids: {11, 21, 22}, bar=0.5)
+    t.logits(t.stacked)
+    assert stack.last_adapter == [None, None, None] and stack.last_on == [False, False, False]
+    stack.update_stale(lambda ids: set(), bar=0.5)  # restored: the adapters serve again
+    t.logits(t.stacked)
+    assert stack.last_adapter == [None, "a", "b"]
+    stack.remove()
+    old = RouterStack([a, b], keys=[np.array([[1.0, 0.1]]), np.array([[0.1, 1.0], [-1.0, 0.0]])], embed=embed
+                      ).install()  # keys without their memories (made before they were kept): b holds 21
+    b.holds = [21, 22]
+    old.update_stale(lambda ids: {21} & ids, bar=0.5)
+    t.logits(t.stacked)
+    assert "b" not in old.last_adapter  # the whole adapter is kept off every question
+    old.remove()
+
+
+def test_a_lone_adapter_without_keys_stops_acting_when_a_memory_it_holds_goes_stale(tiny_generator, tmp_path):
+    from memory_llm.adapters.routing import Router
+
+    t = _stacked_twice(tiny_generator, tmp_path, [[3, 3]])
+    router = Router(t.stacked, t.threshold, name="a").install()
+    router.holds = [5, 6]
+    t.logits(t.stacked)
+    on = list(router.last_on)
+    router.update_stale(lambda ids: {6})
+    t.logits(t.stacked)
+    assert any(on) and router.last_on == [False] * len(on) and router.blocks([1.0])
+    router.update_stale(lambda ids: set())
+    t.logits(t.stacked)
+    assert router.last_on == on
+    router.remove()
 
 
 def test_prompt_embedder_embeds_a_chat_question_as_the_question(tiny_generator):

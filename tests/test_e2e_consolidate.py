@@ -1,7 +1,8 @@
 """A real, small consolidation on the offline model with the shipped recipe: the gate promotes it; the adapter
 answers the trained facts closed-book better than the base model, both as raw statements and asked in chat form as
 users ask; what `ask` serves is no worse than retrieval alone; and general answers stay (the router gives general
-questions the base model)."""
+questions the base model). Then facts change (a restated text, an edited file) and neither `ask` nor `ask
+--no-memory` answers an old value."""
 
 import copy
 import json
@@ -22,6 +23,9 @@ PROBES = [("The harbour town of Pelloria was founded in 1642 by the cartographer
           ("Its lighthouse, the Grey", "Sentinel"),
           ("Every autumn the town holds the Lantern", "Regatta"),
           ("The harbour town of Pelloria was founded in", "1642")]
+FERRY = "The Pelloria ferry leaves the harbour at {time} every morning."
+CHANGED = [("In which year was Pelloria founded?", "1642", "1655"),
+           ("When does the Pelloria ferry leave the harbour?", "7:40", "8:15")]
 QUESTIONS = [("Who founded the harbour town of Pelloria?", "Vantz"),  # as users ask: `ask`'s chat form
              ("What is the name of the lighthouse of Pelloria?", "Sentinel"),
              ("In which year was Pelloria founded?", "1642"),
@@ -41,6 +45,9 @@ def test_consolidation_moves_facts_into_the_weights_without_damage(tmp_path, rea
     generator = TransformersGenerator(copy.deepcopy(shared.model), shared.tokenizer, shared.name)  # the adapter attaches in place
     m = MemoryLLM(tmp_path / "home", embedder=embedder, generator=generator)
     m.learn(text=FACTS, source="pelloria")
+    notes = tmp_path / "ferry.md"
+    notes.write_text(FERRY.format(time="7:40"))
+    m.learn([notes])
     base = m.evaluate(facts, "base")
     general_before = m.evaluate(gk, "base")
     asked_base, asked_rag = m.evaluate(asked, "base"), m.evaluate(asked, "rag")
@@ -64,3 +71,16 @@ def test_consolidation_moves_facts_into_the_weights_without_damage(tmp_path, rea
     # the router keeps the adapter off a general question (that it acts on the facts is what the closed-book
     # gain above needs; through `ask`, with its own system prompt, fact prompts did not route in full-suite runs)
     assert m.ask("What is the capital of France?", use_memory=False, max_new_tokens=4).adapter_active is False
+
+    # facts change: a restated text (detected: one sentence of the Pelloria note) and an edited file
+    restated = m.learn(text="The harbour town of Pelloria was founded in 1655 by the cartographer Mirela Vantz.")
+    assert [(x["reason"], x["sentence"] is not None) for x in restated.superseded] == [("detected", True)]
+    notes.write_text(FERRY.format(time="8:15"))
+    assert [x["reason"] for x in m.learn([notes]).superseded] == ["source"]
+    for question, old, new in CHANGED:
+        closed = m.ask(question, use_memory=False, max_new_tokens=24)
+        served = m.ask(question, max_new_tokens=24)
+        assert old not in closed.text and old not in served.text, (question, closed.text, served.text)
+        assert closed.adapter_active is not True, closed.why  # the adapter holds the old value: it stays off
+        assert all(old not in h.memory.live_text for h in served.sources)
+        assert new in served.text, (question, served.text)  # read from the sources

@@ -316,7 +316,9 @@ def test_unservable_versions_are_clear_errors(tmp_path, tiny_generator, fake_emb
 
 
 def test_content_route_rules(tiny_generator, fake_embedder):
-    """ContentRoute on its own: nearest key over the bar wins, veto and the sources marker, always-on."""
+    """ContentRoute on its own: nearest key over the bar wins, veto and the sources marker, always-on, stale keys."""
+    import numpy as np
+
     from memory_llm.adapters import ContentRoute, prompt_embedder
     from memory_llm.adapters.keys import unit
     from memory_llm.adapters.remote import RemoteAdapter
@@ -338,6 +340,16 @@ def test_content_route_rules(tiny_generator, fake_embedder):
     assert route.choose([with_sources]) == ["mem-v0001"]  # routed on the question after the sources
     always = ContentRoute([RemoteAdapter("v0001", "mem-v0001", routed=False)], embed)
     assert always.choose(rows) == ["mem-v0001"] * 4 and always.always is not None
+    # a key whose memory is no longer true keeps its adapter off the questions near it; the others serve on
+    route.veto = route.after = []
+    a.owners, b.owners = np.array([7]), np.array([8])
+    route.update_stale(lambda ids: {7} & ids, bar=0.5)
+    assert route.choose(rows) == [None, None, "mem-v0002", None] and route.blocks(fake_embedder.encode(QUESTIONS[:1])[0])
+    route.update_stale(lambda ids: set(), bar=0.5)
+    assert route.choose(rows) == ["mem-v0001", None, "mem-v0002", None]
+    always.adapters[0].holds = (3,)
+    always.update_stale(lambda ids: {3}, bar=0.5)
+    assert always.choose(rows) == [None] * 4
 
 
 def test_server_generates_concurrently_on_an_engine(tmp_path, tiny_generator, fake_embedder):

@@ -81,6 +81,21 @@ ERRORS = {  # case → (setup returning the arguments, fragment of the one-line 
     "eval-huge-line": (lambda p: ["eval", str(write(p / "e.jsonl", '{"input": "' + "x" * 2_000_000 + '"}\n'))],
                        "'answers' must be"),
     "eval-name-too-long": (lambda p: ["eval", str(p / ("e" * 300 + ".jsonl"))], "File name too long"),
+    "learn-date-not-iso": (lambda p: ["learn", "--text", "Owls sleep by day.", "--date", "31/12/2026"], "not a date"),
+    "learn-date-far-ahead": (lambda p: ["learn", "--text", "Owls sleep by day.", "--date", "2999-01-01"],
+                             "more than a year ahead"),
+    "learn-supersedes-unknown": (lambda p: ["learn", "--text", "Owls sleep by day.", "--supersedes", "999999"],
+                                 "no memory has id 999999"),
+    "learn-supersedes-beyond-int64": (lambda p: ["learn", "--text", "Owls sleep.", "--supersedes", str(2 ** 70)],
+                                      "no memory has id"),
+    "learn-key-control-characters": (lambda p: ["learn", "--text", "Owls sleep.", "--key", "a\x01b"],
+                                     "a key is 1 to 200 printable characters"),
+    "learn-key-with-a-file": (lambda p: ["learn", str(write(p / "k.txt", "Owls sleep.")), "--key", "k"],
+                              "a key names a text"),
+    "update-empty-text": (lambda p: ["update", "1", "  "], "the new text is empty"),
+    "update-unknown": (lambda p: ["update", "999999", "Owls sleep."], "no memory has id 999999"),
+    "history-beyond-int64": (lambda p: ["history", str(2 ** 70)], "no memory has id"),
+    "restore-unknown": (lambda p: ["restore", "999999"], "no memory has id 999999"),
 }
 
 

@@ -100,6 +100,30 @@ def test_search_forget_and_feedback_stay_in_the_namespace(client):
     assert client.post("/v1/search", headers=a, json={"query": "spare key"}).json()["data"] == []
 
 
+def test_update_history_and_restore_through_the_api(client):
+    a = {**AUTH, "X-Namespace": "alice"}
+    first = client.post("/v1/memories", headers=a, json={"text": "The gate code of the Wren yard is 4471.",
+                                                          "key": "wren-gate", "date": "2026-11-01"}).json()
+    old = first["memory_ids"][0]
+    got = client.get(f"/v1/memories/{old}", headers=a).json()
+    assert got["object"] == "memory" and got["status"] == "live" and got["valid_from"].startswith("2026-11-01")
+    assert_openai_error(client.get(f"/v1/memories/{old}", headers=AUTH), 400, fragment="no memory has id")  # another
+    # namespace's memory is not found
+    upd = client.post(f"/v1/memories/{old}", headers=a, json={"text": "The gate code of the Wren yard is 5512.",
+                                                              "date": "2026-12-03"}).json()
+    new = upd["memory_ids"][0]
+    assert [(x["old_id"], x["new_id"], x["reason"]) for x in upd["superseded"]] == [(old, new, "update")]
+    hits = client.post("/v1/search", headers=a, json={"query": "Wren yard gate code"}).json()["data"]
+    assert [h["id"] for h in hits] == [new] and hits[0]["valid_from"].startswith("2026-12-03")
+    both = client.post("/v1/search", headers=a, json={"query": "Wren yard gate code", "history": True}).json()
+    assert {(h["id"], h["status"]) for h in both["data"]} == {(new, "live"), (old, "superseded")}
+    chain = client.get(f"/v1/memories/{new}/history", headers=a).json()
+    assert chain["object"] == "memory.history" and [e["old_id"] for e in chain["events"]] == [old]
+    restored = client.post(f"/v1/memories/{old}/restore", headers=a).json()
+    assert restored["memory"]["status"] == "live" and restored["reverted"][0]["reverted_at"]
+    assert client.post("/v1/forget", headers=a, json={"superseded": True}).json()["forgotten"] == 0
+
+
 def test_remember_and_session_through_the_api(client, mem):
     body = chat_body("My sister lives in Porto.", remember=True, session_id="s9")
     ext = client.post("/v1/chat/completions", headers={**AUTH, "X-Namespace": "carol"}, json=body).json()["mllm"]

@@ -72,6 +72,21 @@ class AdapterVersion:
         return int(self.name[1:])
 
     @property
+    def own_memories(self) -> list[int]:
+        """The memories this version's own adapter was trained on: a round beside earlier ones (stacked) learned its
+        new memories; one that continued or rebuilt an adapter holds every memory it covers."""
+        m = self.manifest
+        if "own_memories" in m:
+            return list(m["own_memories"])
+        stacked = bool(m.get("parent")) and m.get("parent") in (m.get("stack") or [])
+        return list(m.get("new_memories" if stacked else "memories", []))
+
+    @property
+    def own_exemplars(self) -> list[int]:
+        """The exemplars this version's own adapter was trained on (as the manifest records them)."""
+        return list(self.manifest.get("own_exemplars", self.manifest.get("exemplars", [])))
+
+    @property
     def stack(self) -> list["AdapterVersion"]:
         """Every version whose adapter this version serves, oldest first, itself last."""
         return self.below + [self]

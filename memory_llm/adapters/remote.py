@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from memory_llm.adapters.keys import read_keys, unit
+from memory_llm.adapters.keys import read_keys, read_owners, unit
 from memory_llm.adapters.registry import AdapterVersion
 from memory_llm.adapters.routing import LastRouted, contains, occurrences, read_router
 from memory_llm.errors import ModelError, StoreError
@@ -57,6 +57,9 @@ class RemoteAdapter:
     keys: object = None
     similarity: float | None = None
     routed: bool = True
+    owners: object = None  # each key's memory (keys.read_owners; None: not recorded)
+    holds: tuple = ()  # the memories (an exemplar: its negative id) the adapter was trained on
+    stale: object = None  # which keys' memories are no longer true (keys.stale_masks), or None
 
 
 class ContentRoute(LastRouted):
@@ -71,6 +74,7 @@ class ContentRoute(LastRouted):
 
     def __init__(self, adapters: Sequence[RemoteAdapter], embed: Callable | None = None, head: Sequence[int] = ()):
         self.adapters, self.embed, self.head = list(adapters), embed, list(head)
+        self.stale_bar = 1.0  # a question this similar to a stale key gets no adapter holding it (update_stale)
         self.veto: list[int] = []  # a prompt holding this token sequence gets the base model
         self.after: list[int] = []  # a prompt holding this token sequence is routed on the tokens after it
         self._last = threading.local()  # the last choice, per thread: the server answers several requests at once
@@ -106,11 +110,38 @@ class ContentRoute(LastRouted):
             start = max((start + i + len(self.after) for i in occurrences(row[start:], self.after)), default=start)
         return row[start:]
 
+    def update_stale(self, stale_of, bar: float) -> None:
+        """Mark each adapter's keys whose memories are no longer true (RouterStack.update_stale does the same
+        in-process); an always-on adapter holding such a memory stops acting."""
+        from memory_llm.adapters.keys import stale_masks
+
+        candidates = {int(i) for a in self.adapters if a.owners is not None for i in a.owners}
+        candidates |= {int(i) for a in self.adapters for i in a.holds}
+        stale = stale_of(candidates) if candidates else set()
+        masks = stale_masks([a.owners for a in self.adapters], stale,
+                            [a.owners is None and bool(set(a.holds) & stale) for a in self.adapters])
+        for a, mask in zip(self.adapters, masks):
+            a.stale = mask
+        self.stale_bar = bar
+
+    def blocks(self, vector) -> bool:
+        """Whether a question (its sentence embedding) is kept from some adapter by a stale key."""
+        import numpy as np
+
+        from memory_llm.adapters.keys import blocked
+
+        if not any(a.stale is not None for a in self.adapters):
+            return False
+        q = unit(np.asarray(vector, dtype=np.float32).reshape(1, -1))
+        return bool(blocked(q, [a.keys for a in self.adapters], [a.stale for a in self.adapters],
+                            self.stale_bar).any())
+
     def choose(self, rows: Sequence[Sequence[int]]) -> list[str | None]:
         """Each row's engine adapter name (None: the base model); kept in last_on, last_adapter."""
         rows = [list(r) for r in rows]
-        chosen: list[RemoteAdapter | None] = [self.always] * len(rows)
-        sims = [1.0 if self.always else 0.0] * len(rows)
+        always = self.always if self.always is None or self.always.stale is None else None
+        chosen: list[RemoteAdapter | None] = [always] * len(rows)
+        sims = [1.0 if always else 0.0] * len(rows)
         candidates = [a for a in self.adapters if a.keys is not None and a.similarity is not None]
         if self.always is None and candidates and self.embed is not None and rows:
             import numpy as np
@@ -119,11 +150,15 @@ class ContentRoute(LastRouted):
             if allowed:
                 queries = unit(np.asarray(self.embed([self.own_tokens(rows[i]) for i in allowed], self.head),
                                           dtype=np.float32))
+                from memory_llm.adapters.keys import blocked
+
                 best = np.stack([(queries @ a.keys.T).max(axis=1) for a in candidates], axis=1)
+                best[blocked(queries, [a.keys for a in candidates], [a.stale for a in candidates],
+                             self.stale_bar)] = -np.inf
                 for j, i in enumerate(allowed):
                     k = int(best[j].argmax())
                     sims[i] = float(best[j, k])
-                    if sims[i] >= candidates[k].similarity:
+                    if np.isfinite(sims[i]) and sims[i] >= candidates[k].similarity:
                         chosen[i] = candidates[k]
         self._last.similarity = sims
         self._last.on = [a is not None for a in chosen]
@@ -148,13 +183,19 @@ def remote_adapters(version: AdapterVersion) -> tuple[list[RemoteAdapter], list[
             router, keys = read_router(v.path), read_keys(v.path)
         except ValueError as exc:
             raise StoreError(f"adapter {v.name} is broken: {exc}") from None
+        holds = (*v.own_memories, *(-e for e in v.own_exemplars))
+        try:
+            owners = read_owners(v.path)
+        except ValueError as exc:
+            raise StoreError(f"adapter {v.name} is broken: {exc}") from None
         if router is None:
-            out.append(RemoteAdapter(v.name, engine_name(v), routed=False))
+            out.append(RemoteAdapter(v.name, engine_name(v), routed=False, owners=owners, holds=holds))
             continue
         head = head or router["head"]
         if keys is None or router.get("similarity") is None:
             logger.warning("adapter %s routes by activation only: on a remote engine it does not act", v.name)
-        out.append(RemoteAdapter(v.name, engine_name(v), None if keys is None else unit(keys), router.get("similarity")))
+        out.append(RemoteAdapter(v.name, engine_name(v), None if keys is None else unit(keys), router.get("similarity"),
+                                 owners=owners, holds=holds))
     if len(out) > 1 and not all(a.routed for a in out):
         raise ModelError(f"adapter {version.name} stacks {len(out)} adapters, some without a router (they act"
                          " together); an engine applies one adapter per request: serve it in-process"

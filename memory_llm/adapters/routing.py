@@ -83,6 +83,9 @@ class Router:
         self.after: list[int] = []  # a prompt holding this token sequence is scored on the tokens after its last
         # occurrence (the assistant sets the sources marker: a prompt with sources is routed on its question)
         self.details: dict = {}  # how the threshold was calibrated (saved with it)
+        self.stale = False  # the adapter holds a memory no longer true and has no keys to tell which: it acts on
+        # no prompt (a lone adapter routed by activation; stacked ones are kept off by content, RouterStack)
+        self.holds: list[int] = []  # the memories (an exemplar: its negative id) the adapter was trained on
 
     # ---- scoring ------------------------------------------------------------------------------------------
     def _add(self, which: int, out, scale: float = 1.0) -> None:
@@ -188,7 +191,7 @@ class Router:
         """Score a batch's rows and decide which rows the adapter acts on (also kept in last, last_on)."""
         self.last = self.score_rows(input_ids, attention_mask)
         rows = input_ids.tolist() if self.veto else [[]] * len(self.last)
-        self.last_on = [s >= self.threshold_for(chat) and not contains(row, self.veto)
+        self.last_on = [s >= self.threshold_for(chat) and not contains(row, self.veto) and not self.stale
                         for s, chat, row in zip(self.last, self.last_chat, rows)]
         return self.last_on
 
@@ -198,6 +201,15 @@ class Router:
         import torch
 
         return torch.as_tensor([float(x) for x in on], device=device)
+
+    def update_stale(self, stale_of, bar: float = 1.0) -> None:
+        """A lone adapter routed by activation acts on nothing once a memory it holds is no longer true (`stale_of`:
+        memory ids → those superseded, forgotten or retired); it has no keys to tell which questions are about it."""
+        self.stale = bool(self.holds) and bool(stale_of(set(self.holds)))
+
+    def blocks(self, vector) -> bool:
+        """Whether a question is kept from the adapter by a memory no longer true (all of them, while stale)."""
+        return self.stale
 
     # ---- persistence --------------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:

@@ -13,7 +13,7 @@ import logging
 import re
 from typing import Sequence
 
-from memory_llm.adapters.keys import unit
+from memory_llm.adapters.keys import blocked, unit
 from memory_llm.adapters.routing import LastRouted, Router, contains, occurrences
 from memory_llm.generate import continues_sequence
 
@@ -30,15 +30,19 @@ class RouterStack(LastRouted):
     scores the rows alone and a row gets, of the adapters whose threshold it reaches, the one it excites most
     (score ÷ threshold). Quacks like a Router for its users (veto, after, active, last_on, remove)."""
 
-    def __init__(self, routers: Sequence[Router], keys: Sequence | None = None, embed=None):
+    def __init__(self, routers: Sequence[Router], keys: Sequence | None = None, embed=None,
+                 owners: Sequence | None = None):
         if not routers:
             raise ValueError("a router stack needs a router")
         self.routers = list(routers)
         if keys is not None and len(keys) != len(self.routers):
             raise ValueError("a router stack needs one key set per router")
+        self.owners = list(owners) if owners is not None else [None] * len(self.routers)  # each key's memory
         self.keys = None if keys is None or embed is None or any(k is None or not len(k) for k in keys) \
             else [unit(k) for k in keys]
         self.embed = embed
+        self.stale: list = [None] * len(self.routers)  # per adapter: its stale keys (keys.stale_masks), or None
+        self.stale_bar = 1.0  # a question this similar to a stale key gets no adapter holding it (set_stale)
         self._hooks: list = []
         self.last_on: list[bool] = []  # whether some adapter acted on each row of the last routed prefill
         self.last: list[float] = []  # each row's chosen adapter's score ÷ threshold (0: no adapter acted)
@@ -83,17 +87,54 @@ class RouterStack(LastRouted):
         for r in self.routers:
             r.remove()
 
+    def update_stale(self, stale_of, bar: float) -> None:
+        """Mark the keys whose memories are no longer true: `stale_of` takes memory ids (an exemplar's negative)
+        and returns those superseded, forgotten or retired; an adapter whose keys' memories were not recorded is
+        stale as a whole when it holds such a memory (Router.holds)."""
+        from memory_llm.adapters.keys import stale_masks
+
+        holds = [set(r.holds) for r in self.routers]
+        candidates = {int(i) for o in self.owners if o is not None for i in o} | set().union(*holds)
+        stale = stale_of(candidates) if candidates else set()
+        self.set_stale(stale_masks(self.owners, stale, [o is None and bool(h & stale)
+                                                        for o, h in zip(self.owners, holds)]), bar)
+
+    def blocks(self, vector) -> bool:
+        """Whether a question (its sentence embedding) is kept from some adapter by a stale key."""
+        import numpy as np
+
+        if not any(m is not None for m in self.stale):
+            return False
+        q = unit(np.asarray(vector, dtype=np.float32).reshape(1, -1))
+        return bool(blocked(q, self.keys, self.stale, self.stale_bar).any())
+
+    def set_stale(self, masks: list, bar: float) -> None:
+        """Which keys of each adapter came from memories no longer true (keys.stale_masks), and how similar a
+        question must be to one of them to be kept from that adapter (keys.blocked)."""
+        if len(masks) != len(self.routers):
+            raise ValueError("a router stack needs one stale mask (or None) per router")
+        self.stale, self.stale_bar = list(masks), bar
+
     def nearest(self, rows: Sequence[Sequence[int]]) -> list[int]:
         """Each row's adapter by content: the index of the router whose keys hold the row's nearest key."""
         return self.nearest_keys(rows)[0]
 
     def nearest_keys(self, rows: Sequence[Sequence[int]]) -> tuple[list[int], list[float]]:
-        """Each row's adapter by content (see nearest) and the row's cosine similarity to that nearest key."""
+        """Each row's adapter by content and the row's cosine similarity to that adapter's nearest key: among the
+        adapters not blocked for it by a stale key (index -1 when every adapter is)."""
+        chosen, sims, _ = self._nearest(rows)
+        return chosen, sims
+
+    def _nearest(self, rows: Sequence[Sequence[int]]) -> tuple[list[int], list[float], list[bool]]:
+        """nearest_keys, and whether each row is about a memory no longer true (a stale key blocks an adapter)."""
         import numpy as np
 
         queries = unit(np.asarray(self.embed([list(r) for r in rows], self.routers[0].head), dtype=np.float32))
         best = np.stack([(queries @ k.T).max(axis=1) for k in self.keys], axis=1)
-        return [int(i) for i in best.argmax(axis=1)], [float(x) for x in best.max(axis=1)]
+        stale = blocked(queries, self.keys, self.stale, self.stale_bar)
+        best[stale] = -np.inf
+        chosen = [int(i) if np.isfinite(row.max()) else -1 for i, row in zip(best.argmax(axis=1), best)]
+        return chosen, [float(x) if np.isfinite(x) else -1.0 for x in best.max(axis=1)], stale.any(axis=1).tolist()
 
     def _route(self, mod, args, kwargs):
         if any(r.busy for r in self.routers) or continues_sequence(args, kwargs):
@@ -113,18 +154,22 @@ class RouterStack(LastRouted):
         if self.by_content:
             rows, masks = input_ids.tolist(), mask if mask is not None else [None] * n
             try:
-                chosen, sims = self.nearest_keys([row[self.routers[0].own_tokens(row, m)[0]]
-                                                  for row, m in zip(rows, masks)])
-                bars = [self.routers[k].similarity for k in chosen]
+                chosen, sims, about_stale = self._nearest([row[self.routers[0].own_tokens(row, m)[0]]
+                                                           for row, m in zip(rows, masks)])
+                bars = [self.routers[k].similarity if k >= 0 else None for k in chosen]
                 veto = self.routers[0].veto
                 near = [bar is not None and sim >= bar and not contains(row, veto)
                         for bar, sim, row in zip(bars, sims, rows)]
+                # a question about a memory no longer true gets an adapter only where it is near that adapter's
+                # own (live) keys: one that learned what replaced it, not one that its activation alone passes
+                chosen = [k if not stale or close else -1 for k, stale, close in zip(chosen, about_stale, near)]
             except ValueError as exc:  # keys from another embedder (another width): choose by activation
                 logger.warning("adapter keys do not match the embedder (%s): choosing adapters by activation", exc)
                 self.keys = None
         excitement = []
         for k, r in enumerate(self.routers):  # each scores with the others' adapters off
-            if chosen is not None and k not in chosen:  # no row chose it: not scored
+            whole = chosen is None and self.stale[k] is not None  # by activation: an adapter holding a stale
+            if whole or chosen is not None and k not in chosen:  # memory acts on nothing; no row chose it: not scored
                 r.last, r.last_on, r.last_chat = [0.0] * n, [False] * n, [False] * n
                 excitement.append([0.0] * n)
                 continue

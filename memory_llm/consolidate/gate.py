@@ -30,6 +30,7 @@ class Floors:
     locality: float = 0.95
     retention: float = 0.9  # of the current adapter's value on the same items
     tolerance: float = 0.02  # allowed drop against the current adapter (locality, generalization)
+    stale_answers: int = 0  # questions about what went stale the candidate may answer with an old value
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +138,10 @@ def decide(candidate: dict, current: dict | None, floors: Floors) -> tuple[bool,
     need(candidate["reliability"] is not None and candidate["reliability"] >= floors.reliability,
          f"reliability {_f(candidate['reliability'])} ≥ floor {floors.reliability}")
     need(candidate["locality"] >= floors.locality, f"locality {_f(candidate['locality'])} ≥ floor {floors.locality}")
+    if candidate.get("stale_answers") is not None:
+        need(candidate["stale_answers"] <= floors.stale_answers,
+             f"old values answered {candidate['stale_answers']} of {candidate.get('stale_probes')} questions about"
+             f" what went stale ≤ {floors.stale_answers}")
     if current:
         if current.get("retention") is not None and candidate.get("retention") is not None:
             need(candidate["retention"] >= floors.retention * current["retention"] - 1e-9,

@@ -1,14 +1,17 @@
-"""memory_llm's own routes: learn (/v1/memories), search, forget and feedback, each in the caller's namespace.
-They run on the server's thread pool, beside generation."""
+"""memory_llm's own routes: learn (/v1/memories), a memory, its update, history and restore (/v1/memories/{id}),
+search, forget and feedback, each in the caller's namespace. They run on the server's thread pool, beside
+generation."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from memory_llm.server.context import namespace_of, served
 from memory_llm.server.errors import ApiError
-from memory_llm.server.schemas import FeedbackRequest, ForgetRequest, LearnRequest, SearchRequest
+from memory_llm.server.schemas import FeedbackRequest, ForgetRequest, LearnRequest, SearchRequest, UpdateRequest
 
 router = APIRouter()
 
@@ -17,14 +20,41 @@ router = APIRouter()
 async def learn(body: LearnRequest, request: Request):
     m = served(request)[0]
     ns = namespace_of(request, body.user)
-    report = await run_in_threadpool(m.learn, text=body.text, namespace=ns, source=body.source)
+    report = await run_in_threadpool(m.learn, text=body.text, namespace=ns, source=body.source, key=body.key,
+                                     supersedes=body.supersedes, date=body.date, detect=body.detect)
     return {"namespace": ns, "memory_ids": report.memory_ids, **report.as_dict()}
+
+@router.get("/v1/memories/{memory_id}")
+async def memory(memory_id: int, request: Request, user: Optional[str] = None):
+    m = served(request)[0]
+    ns = namespace_of(request, user)  # a memory of another namespace is not found
+    found = await run_in_threadpool(m.memory, memory_id, ns)
+    return {"object": "memory", **found.as_dict()}
+
+@router.post("/v1/memories/{memory_id}")
+async def update(memory_id: int, body: UpdateRequest, request: Request):
+    m = served(request)[0]
+    ns = namespace_of(request, body.user)
+    report = await run_in_threadpool(m.update, memory_id, body.text, date=body.date, namespace=ns)
+    return {"namespace": ns, "memory_ids": report.memory_ids, **report.as_dict()}
+
+@router.get("/v1/memories/{memory_id}/history")
+async def history(memory_id: int, request: Request, user: Optional[str] = None):
+    m = served(request)[0]
+    ns = namespace_of(request, user)
+    return {"object": "memory.history", **await run_in_threadpool(m.memory_history, memory_id, ns)}
+
+@router.post("/v1/memories/{memory_id}/restore")
+async def restore(memory_id: int, request: Request, user: Optional[str] = None):
+    m = served(request)[0]
+    ns = namespace_of(request, user)
+    return await run_in_threadpool(m.restore, memory_id, ns)
 
 @router.post("/v1/search")
 async def search(body: SearchRequest, request: Request):
     m = served(request)[0]
     ns = namespace_of(request, body.user)
-    hits = await run_in_threadpool(m.search, body.query, body.k, ns)
+    hits = await run_in_threadpool(m.search, body.query, body.k, ns, body.history)
     return {"object": "list", "namespace": ns, "data": [h.as_dict() for h in hits]}
 
 @router.post("/v1/forget")
@@ -33,9 +63,11 @@ async def forget(body: ForgetRequest, request: Request):
     ns = namespace_of(request, body.user)  # a tenant only ever forgets its own memories
     if body.all and (body.ids or body.source):
         raise ApiError(400, "'all' cannot be combined with 'ids' or 'source'", param="all")
-    if not (body.ids or body.source or body.all):
-        raise ApiError(400, "say what to forget: 'ids', 'source' or 'all': true", code="missing_field")
-    n = await run_in_threadpool(m.forget, body.ids, source=body.source, namespace=ns, everything=body.all)
+    if not (body.ids or body.source or body.all or body.superseded):
+        raise ApiError(400, "say what to forget: 'ids', 'source', 'superseded': true or 'all': true",
+                       code="missing_field")
+    n = await run_in_threadpool(m.forget, body.ids, source=body.source, namespace=ns, everything=body.all,
+                                superseded=body.superseded)
     return {"namespace": ns, "forgotten": n}
 
 @router.post("/v1/feedback")

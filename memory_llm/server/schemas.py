@@ -81,17 +81,28 @@ class ChatRequest(BaseModel):
 class LearnRequest(BaseModel):
     text: str = Field(min_length=1)
     source: Optional[str] = None
+    key: Optional[str] = None  # a later text under the same key supersedes this one
+    supersedes: list[int] = []  # memory ids the new memory supersedes
+    date: Optional[str] = None  # when it became true (ISO 8601)
+    detect: Optional[bool] = None  # look for memories it restates with other values (default: the setting)
+    user: Optional[str] = None
+
+class UpdateRequest(BaseModel):
+    text: str = Field(min_length=1)
+    date: Optional[str] = None
     user: Optional[str] = None
 
 class SearchRequest(BaseModel):
     query: str = Field(min_length=1)
     k: int = Field(5, gt=0, le=100)
+    history: bool = False  # superseded memories too (marked by their status)
     user: Optional[str] = None
 
 class ForgetRequest(BaseModel):
     ids: list[int] = []
     source: Optional[str] = None
     all: bool = False
+    superseded: bool = False  # the superseded memories only
     user: Optional[str] = None
 
 class FeedbackRequest(BaseModel):

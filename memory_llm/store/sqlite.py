@@ -353,9 +353,9 @@ class Store:
         return [dict(r) for r in rows]
 
     # ---- consolidation (store/training.py) ----------------------------------------------------------
-    def add_items(self, memory_id: int, namespace: str, items: Iterable[Item]) -> None:
+    def add_items(self, memory_id: int, namespace: str, items: Iterable[Item], text_hash: str | None = None) -> None:
         """Store one memory's synthesized items in one transaction, replacing its earlier ones."""
-        self.training.add_items(memory_id, namespace, items)
+        self.training.add_items(memory_id, namespace, items, text_hash)
 
     def items(self, memory_ids: Iterable[int]) -> list[Item]:
         """The stored training items of these memories."""

@@ -16,11 +16,11 @@ class TrainingRecords:
     def __init__(self, database: Database):
         self.database = database
 
-    def add_items(self, memory_id: int, namespace: str, items: Iterable[Item]) -> None:
+    def add_items(self, memory_id: int, namespace: str, items: Iterable[Item], text_hash: str | None = None) -> None:
         """Store one memory's synthesized items in one transaction (a killed run keeps finished memories).
 
-        Replaces the memory's earlier items; sets each item's `id`. Nothing is stored for a memory forgotten
-        meanwhile.
+        Replaces the memory's earlier items; sets each item's `id`; `text_hash` names the text they were made from
+        (`synthesized_from`). Nothing is stored for a memory forgotten meanwhile.
         """
         now = time.time()
         with self.database.write() as db:
@@ -29,8 +29,9 @@ class TrainingRecords:
             db.execute("DELETE FROM training_items WHERE memory_id = ?", (memory_id,))
             for it in items:
                 cur = db.execute("INSERT INTO training_items (memory_id, namespace, kind, prompt, answer, held_out,"
-                                 " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                 (memory_id, namespace, it.kind, it.prompt, it.answer, int(it.held_out), now))
+                                 " created_at, text_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (memory_id, namespace, it.kind, it.prompt, it.answer, int(it.held_out), now,
+                                  text_hash))
                 it.id = cur.lastrowid
 
     def items(self, memory_ids: Iterable[int]) -> list[Item]:
@@ -39,6 +40,14 @@ class TrainingRecords:
             rows = execute_in(self.database.conn, "SELECT id, memory_id, kind, prompt, answer, held_out"
                               " FROM training_items WHERE memory_id IN ({marks}) ORDER BY id", list(memory_ids))
         return [Item(r[1], r[2], r[3], r[4], bool(r[5]), r[0]) for r in rows]
+
+    def synthesized_from(self, memory_ids: Iterable[int]) -> dict[int, str | None]:
+        """The text hash each memory's stored items were made from (None: not recorded, items made before), for
+        the memories that have items."""
+        with self.database.lock:
+            rows = execute_in(self.database.conn, "SELECT memory_id, max(text_hash) FROM training_items WHERE"
+                              " memory_id IN ({marks}) GROUP BY memory_id", list(memory_ids))
+        return {r[0]: r[1] for r in rows}
 
     def memories_with_items(self, memory_ids: Iterable[int]) -> set[int]:
         """Which of these memories have training items stored."""
