@@ -22,6 +22,10 @@ _NOT_A_STATEMENT = re.compile(
     re.I)
 
 
+_OPENING = re.compile(r"^((hi|hello|hey|ok|okay|oh|so|well|um|umm|yes|yeah|no|nope|thanks|thank you)\b[\s,.!:;-]*)+",
+                      re.I)
+
+
 def check_messages(messages: Sequence[dict]) -> list[dict]:
     """OpenAI-style messages [{"role", "content"}], the last one from the user; InputError says what is wrong."""
     if not isinstance(messages, (list, tuple)) or not messages:
@@ -56,10 +60,11 @@ def conversation_queries(messages: list[dict]) -> list[str]:
 
 
 def statements(text: str) -> list[str]:
-    """The sentences of a user message that state something (not questions, requests or greetings)."""
+    """The sentences of a user message that state something (not questions, requests or greetings); a greeting or
+    an interjection before a statement is left out of it ("hey, I changed the password to ..." states that)."""
     out = []
     for sentence in re.split(r"(?<=[.!?])\s+|\n+", text.strip()):
-        sentence = sentence.strip()
+        sentence = _OPENING.sub("", sentence.strip())
         if (len(sentence.split()) >= 3 and not sentence.endswith("?")
                 and not _NOT_A_STATEMENT.match(sentence)):
             out.append(sentence)

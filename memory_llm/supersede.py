@@ -114,7 +114,8 @@ _WHEN = re.compile(  # when a change takes effect: neither subject nor value ("a
     rf"(next|this|today|tomorrow|now|immediately|{_DAYS_RE})(\s+(week|month|year|term|season|on))?|"
     rf"(\d{{1,2}}(st|nd|rd|th)?\s+)?({_MONTHS_RE})(\s+\d{{1,2}}(st|nd|rd|th)?)?)\b|\brevised schedule\b|"
     r"\b(these days|from now on|going forward|last night|this morning|this week|yesterday)\b", re.I)
-_ADDING = re.compile(r"\b(also|too|as well|another|second|additional|extra|in addition|plus|besides|both)\b", re.I)
+_ADDING = re.compile(r"\b(also|too|as well|another(?! (update|change|correction))|second|additional|extra|in addition|"
+                     r"plus|besides|both)\b", re.I)
 _PAST = re.compile(r"\bbefore [A-Z]\w*")  # "before Oakridge Primary": a name, case-sensitively
 _PAST_I = re.compile(r"\b(used to|previously|formerly|originally|back in|back when|before (19|20)\d\d|until (19|20)\d\d|"
                      r"in the past|years ago|last year|was once|when \w+(\s\w+)? (started|began|opened|joined)|"

@@ -74,14 +74,15 @@ def writer(home: Path, index: int, ops: int, files: Path) -> None:
 
 
 def reader(home: Path, index: int, seconds: float, ask: bool) -> None:
-    """Search (or ask) in a loop until the writers are done (at least `seconds`); report torn hits and errors."""
+    """Search (or ask) in a loop until the writers are done (at least `seconds`, at most 10 minutes more: writers
+    that died never say they are done); report torn hits and errors."""
     from fake_cli import factory
 
     from memory_llm import MemoryLLMError
 
     m = factory(home, generate=ask)
     end, n, bad = time.time() + seconds, 0, 0
-    while time.time() < end or not writers_done(home).exists():
+    while time.time() < end or not writers_done(home).exists() and time.time() < end + 600:
         try:
             q = f"Writer{n % 8} fact{n % 30} herons"
             hits = m.ask(q, max_new_tokens=2).sources if ask else m.search(q, 5)

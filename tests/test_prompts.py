@@ -258,6 +258,10 @@ def test_statements_heuristic():
 
     assert statements("My dog is called Rex. What is his name? Please tell me a joke. Hi there! "
                       "I moved to Lyon in 2021.\nOk") == ["My dog is called Rex.", "I moved to Lyon in 2021."]
+    # a greeting before a statement is left out of it, not the statement with it
+    assert statements("hey I changed the streaming password to otterbank82") == [
+        "I changed the streaming password to otterbank82"]
+    assert statements("Hello, how are you?") == [] and statements("no, the code is 5512.") == ["the code is 5512."]
 
 
 def test_namespaces_isolate_memories_exemplars_answers_and_eval(mem, tmp_path):
