@@ -157,8 +157,11 @@ class Answerer:
         choice = self.prompts.choose(lambda: question_vectors()[0], namespace, prompt, exemplars, gen.count_tokens)
         t1 = time.perf_counter()
 
-        def prompt_ids(hits: list[Hit]):
-            return gen.chat_ids(build_messages(question, [h.memory.prompt_text for h in hits], system,
+        def prompt_ids(hits: list[Hit], conflicts: Sequence[dict] = ()):
+            from memory_llm.retrieve import Retriever
+
+            texts = Retriever.read_as(hits, conflicts)
+            return gen.chat_ids(build_messages(question, texts, system,
                                                template=choice.template, shots=choice.shots(), history=history))
 
         skipped, ids, conflicts = None, None, []  # skipped: why retrieval was skipped (the adapter answers), in words
@@ -190,7 +193,7 @@ class Answerer:
 
                 conflicts = self.conflicts(hits)
                 hits = Retriever.newer_first(hits, conflicts)
-            ids = prompt_ids(hits)
+            ids = prompt_ids(hits, conflicts)
         window = getattr(getattr(gen.model, "config", None), "max_position_embeddings", None)
         if isinstance(window, int) and ids.shape[1] >= window:  # beyond it a model answers garbage, slowly
             raise InputError(f"the question is too long: the prompt is {ids.shape[1]} tokens and the model reads"

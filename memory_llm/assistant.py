@@ -334,6 +334,10 @@ class MemoryLLM:
         """Delete memories by id, by source, or all (within a namespace if given), superseded ones included; with
         `superseded`, only the superseded ones. Returns how many. No adapter acts on a forgotten memory's
         questions from then on."""
+        if everything and (ids or source):
+            raise InputError("'all' cannot be combined with ids or a source")
+        if not (ids or source or everything or superseded):
+            raise InputError("say what to forget: memory ids, a source, the superseded ones, or all")
         n = self.store.forget(ids=ids, source=source, namespace=namespace, everything=everything,
                               superseded=superseded)
         self.store.flush()

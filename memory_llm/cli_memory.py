@@ -136,12 +136,8 @@ def forget(
     """Forget memories by id, by source, all of them (asks first), or the superseded ones."""
     with handled():
         ids = list(ids or [])
-        if everything and (ids or source):
-            raise MemoryLLMError("--all cannot be combined with ids or --source")
-        if not (ids or source or everything or superseded):
-            raise MemoryLLMError("say what to forget: memory ids, --source PATH, --superseded or --all")
         m = common.open_memory(home)
-        if everything and not yes:
+        if everything and not yes and not (ids or source):
             scope = f"namespace {namespace!r}" if namespace else "every namespace"
             n = m.stats()["namespaces"].get(namespace, 0) if namespace else m.stats()["memories"]
             if not sys.stdin.isatty():

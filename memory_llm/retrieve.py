@@ -114,7 +114,7 @@ class Retriever:
     def conflicts(self, hits: Sequence[Hit]) -> list[dict]:
         """Pairs of live hits that still disagree: the newer may restate the older with other values (the
         detector's probability at least CONFLICT_PROBABILITY, short of a supersession). Each: {"newer", "older",
-        "sentence", "old_values", "new_values", "probability"}."""
+        "sentence" (the older one's), "old_values", "new_values", "probability"}."""
         from memory_llm.supersede import CONFLICT_PROBABILITY, detect, pair_similarities
 
         out = []
@@ -127,6 +127,25 @@ class Retriever:
                 for r in detect(b.live_text, a.live_text, similarity, threshold=CONFLICT_PROBABILITY):
                     out.append({"newer": a.id, "older": b.id, "sentence": r.sentence, "old_values": r.old_values,
                                 "new_values": r.new_values, "probability": round(r.probability, 3)})
+        return out
+
+    @staticmethod
+    def read_as(hits: Sequence[Hit], conflicts: Sequence[dict] = ()) -> list[str]:
+        """The hits as the model reads them: dated, what is still true of each, and where two disagree the older
+        one's disagreeing sentence left out (the newer one leads); a hit left with nothing is left out."""
+        from dataclasses import replace
+
+        hidden: dict[int, tuple[str, ...]] = {}
+        for c in conflicts:
+            hidden[c["older"]] = hidden.get(c["older"], ()) + (c["sentence"],)
+        out = []
+        for h in hits:
+            m = h.memory
+            if m.id in hidden:
+                m = replace(m, stale_sentences=m.stale_sentences + hidden[m.id])
+                if not m.live_text.strip():
+                    continue
+            out.append(m.prompt_text)
         return out
 
     @staticmethod

@@ -234,11 +234,12 @@ class Updater:
         out = []
         memories = [m for m in self.store.get(list(cited)).values() if m.live]
         said = values(correction)
+        asked = set(values(question))  # the subject: named by the question, not a value the answer got wrong
         for m in memories:
             found = {r.sentence: r.as_dict() for r in detect(m.live_text, f"{question}\n{correction}",
                                                             self.similarities)}
             for sentence in sentences(m.live_text):
-                repeated = [v for v in values(sentence) if v in answer and v not in said]
+                repeated = [v for v in values(sentence) if v in answer and v not in said and v not in asked]
                 if sentence not in found and repeated and [v for v in said if v not in sentence]:
                     found[sentence] = {"sentence": sentence, "old_values": repeated, "new_values": said,
                                        "answer": answer}

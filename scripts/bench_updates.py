@@ -190,7 +190,8 @@ def change(m, fact: dict, version: str, files: Path) -> dict:
         return {"superseded": m.learn([path]).superseded}
     if fact["channel"] == "chat":
         answer = m.chat([{"role": "user", "content": text}], remember=True, max_new_tokens=8).result()
-        return {"remembered": answer.remembered, "superseded": []}
+        made = [e for i in answer.remembered for e in m.memory_history(i)["events"] if e["new_id"] == i]
+        return {"remembered": answer.remembered, "superseded": made}
     answer = m.ask(fact["question"], max_new_tokens=32)  # a question answered (from the old value), corrected
     result = m.feedback(answer.id, correction=text)
     return {"superseded": result["superseded"], "answer": answer.text}
@@ -220,8 +221,7 @@ def run_split(split: str, facts: list[dict], work: Path, args) -> dict:
         for f in facts:
             if f.get(version):
                 changes[f"{f['id']}:{version}"] = change(m, f, version, files)
-    missed = [k for k, c in changes.items() if not c["superseded"] and k.split(":")[0] in
-              {f["id"] for f in facts if f["channel"] != "chat"}]
+    missed = [k for k, c in changes.items() if not c["superseded"]]
     out["changes"] = {"n": len(changes), "superseded": sum(bool(c["superseded"]) for c in changes.values()),
                       "reasons": _count(x["reason"] for c in changes.values() for x in c["superseded"]),
                       "without_supersession": missed,

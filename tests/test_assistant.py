@@ -300,3 +300,22 @@ def test_retired_exemplars_carried_the_old_value(mem):
     assert mem.store.exemplars("default") == []  # retired, not deleted
     mem.restore(old)
     assert [e.answer for e in mem.store.exemplars("default")] == ["tangerine-42"]
+
+
+def test_where_two_live_sources_disagree_the_newer_one_leads():
+    from memory_llm.retrieve import Retriever
+    from memory_llm.store import Hit, Memory
+
+    def hit(i, text, when):
+        return Hit(Memory(i, "default", f"s{i}", 0, text, when, when), 1.0)
+    old = hit(1, "The key is under the stone frog. The gate is green.", 100.0)
+    new = hit(2, "The key is with Gwendolyn now.", 200.0)
+    conflict = {"newer": 2, "older": 1, "sentence": "The key is under the stone frog.", "old_values": ["stone"],
+                "new_values": ["Gwendolyn"], "probability": 0.6}
+    hits = Retriever.newer_first([old, new], [conflict])
+    assert [h.memory.id for h in hits] == [2, 1]
+    texts = Retriever.read_as(hits, [conflict])
+    assert texts[0].endswith("The key is with Gwendolyn now.") and texts[1].endswith("The gate is green.")
+    assert not any("stone frog" in t for t in texts)
+    alone = hit(3, "The key is under the stone frog.", 100.0)
+    assert len(Retriever.read_as([new, alone], [{**conflict, "older": 3}])) == 1  # nothing else to read: left out

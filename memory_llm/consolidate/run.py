@@ -24,7 +24,7 @@ from memory_llm.consolidate.recipe import Recipe
 from memory_llm.consolidate.train import Checkpoint, attach_lora, null_space_constraint, train
 from memory_llm.consolidate.calibrate import fit_router, similarity_bar
 from memory_llm.consolidate.distributed import launcher_command, train_in_processes
-from memory_llm.consolidate.select import Selection, select, stale_probes
+from memory_llm.consolidate.select import Selection, mentions, select, stale_probes
 from memory_llm.consolidate.synth import Item, synthesize
 from memory_llm.errors import InputError, MemoryLLMError, StoreError
 
@@ -423,7 +423,7 @@ def stale_answers(gen, probes) -> int:
     for i in range(0, len(probes), GENERATE_BATCH):
         batch = probes[i:i + GENERATE_BATCH]
         outs = gen.generate_batch([student_prompt_ids(gen, it) for it, _ in batch], 32)
-        count += sum(any(v in out for v in old) for (_, old), out in zip(batch, outs))
+        count += sum(any(mentions(out, v) for v in old) for (_, old), out in zip(batch, outs))
     return count
 
 

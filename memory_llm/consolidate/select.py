@@ -82,8 +82,35 @@ def stale_probes(store: Store, stale: set[int]) -> list[tuple[Item, list[str]]]:
             old = x.sentence or (memories[old_id].text if old_id in memories else "")
             successor = memories[x.new_id].live_text if x.new_id in memories else ""
             old_values = list(x.detail.get("old_values") or [v for v in values(old) if v not in values(successor)])
-            old_values = [v for v in old_values if v not in successor]  # a value the new text still holds is not old
+            old_values = [v for v in phrases(old, old_values) if not mentions(successor, v)]  # still held: not old
             for it in items.get(old_id, []) + items.get(x.new_id, []):
                 if old_values:
                     out.append((it, old_values))
     return out
+
+
+def phrases(text: str, found: list[str]) -> list[str]:
+    """The values, as the phrases they form in the text: values next to each other ("stone frog", "Odile
+    Marchbank") are one phrase; a value not in the text stays as it is."""
+    import re
+
+    spans = sorted((m.start(), m.end()) for v in dict.fromkeys(found)
+                   for m in [re.search(rf"(?<!\w){re.escape(v)}(?!\w)", text)] if m)
+    out: list[str] = []
+    last = -2
+    for start, end in spans:
+        if out and text[last:start].strip() == "":
+            out[-1] += text[last:end]
+        else:
+            out.append(text[start:end])
+        last = end
+    return out + [v for v in found if not any(v in p for p in out)]
+
+
+def mentions(text: str, value: str) -> bool:
+    """Whether a text holds a value as whole words: exactly for a code or number (letter case counts: "Tulip9"),
+    in any case for words and names."""
+    import re
+
+    digits = any(c.isdigit() for c in value)
+    return re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text, 0 if digits else re.I) is not None

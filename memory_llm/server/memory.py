@@ -61,11 +61,6 @@ async def search(body: SearchRequest, request: Request):
 async def forget(body: ForgetRequest, request: Request):
     m = served(request)[0]
     ns = namespace_of(request, body.user)  # a tenant only ever forgets its own memories
-    if body.all and (body.ids or body.source):
-        raise ApiError(400, "'all' cannot be combined with 'ids' or 'source'", param="all")
-    if not (body.ids or body.source or body.all or body.superseded):
-        raise ApiError(400, "say what to forget: 'ids', 'source', 'superseded': true or 'all': true",
-                       code="missing_field")
     n = await run_in_threadpool(m.forget, body.ids, source=body.source, namespace=ns, everything=body.all,
                                 superseded=body.superseded)
     return {"namespace": ns, "forgotten": n}
