@@ -15,6 +15,7 @@ from memory_llm.errors import MemoryLLMError
 
 DATE = typer.Option(None, "--date", help="When it became true (ISO 8601: 2026-12-03 or 2026-12-03T14:30;"
                     " default now).", show_default=False)
+OF_NAMESPACE = typer.Option(None, "--namespace", "-n", help="Only a memory of this namespace.", show_default=False)
 
 
 @app.command()
@@ -158,8 +159,7 @@ def update(
     memory_id: int = typer.Argument(..., help="The memory to replace."),
     text: str = typer.Argument(..., help="What is true now."),
     date: Optional[str] = DATE,
-    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Only a memory of this namespace.",
-                                            show_default=False),
+    namespace: Optional[str] = OF_NAMESPACE,
     home: Optional[Path] = HOME,
     as_json: bool = JSON,
 ) -> None:
@@ -178,8 +178,7 @@ def update(
 @app.command()
 def history(
     memory_id: int = typer.Argument(..., help="A memory id."),
-    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Only a memory of this namespace.",
-                                            show_default=False),
+    namespace: Optional[str] = OF_NAMESPACE,
     home: Optional[Path] = HOME,
     as_json: bool = JSON,
 ) -> None:
@@ -211,8 +210,7 @@ def history(
 @app.command()
 def restore(
     memory_id: int = typer.Argument(..., help="A superseded memory."),
-    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Only a memory of this namespace.",
-                                            show_default=False),
+    namespace: Optional[str] = OF_NAMESPACE,
     home: Optional[Path] = HOME,
     as_json: bool = JSON,
 ) -> None:

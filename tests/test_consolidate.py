@@ -977,3 +977,19 @@ def test_mixed_precision_trains_under_bf16_only_where_the_hardware_computes_it(t
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # a CPU without bf16
     assert rc.training_autocast(model) is contextlib.nullcontext
     assert rc.training_autocast(copy.deepcopy(model).to(torch.bfloat16)) is contextlib.nullcontext  # bf16 already
+
+
+def test_stale_probes_hold_the_old_values_as_phrases_and_skip_questions_that_name_them(mem):
+    from memory_llm.consolidate.select import mentions, phrases, stale_probes
+    from memory_llm.store import Item
+
+    old = mem.learn(text="The spare key is under the stone frog by the door.").memory_ids[0]
+    new = mem.learn(text="The spare key is in the meter box.", supersedes=[old]).memory_ids[0]
+    mem.store.add_items(old, "default", [Item(old, "qa", "Where is the spare key?", "Under the stone frog."),
+                                         Item(old, "qa", "Is the key under the stone frog?", "Yes.")])
+    mem.store.add_items(new, "default", [Item(new, "qa", "Where do I find the spare key?", "In the meter box.")])
+    probes = stale_probes(mem.store, {old})
+    assert sorted(it.prompt for it, _ in probes) == ["Where do I find the spare key?", "Where is the spare key?"]
+    assert all("stone frog" in olds for _, olds in probes)
+    assert phrases("Room 7 is Odile Marchbank's.", ["7", "Odile", "Marchbank"]) == ["7", "Odile Marchbank"]
+    assert mentions("it is in room 7", "7") and not mentions("at 17:00", "7") and not mentions("tulip9", "Tulip9")

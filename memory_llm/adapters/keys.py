@@ -27,16 +27,10 @@ def read_owners(directory: Path):
     adapter made before supersession). Unreadable: a ValueError."""
     import numpy as np
 
-    path = Path(directory) / OWNERS_FILE
-    if not path.exists():
-        return None
-    try:
-        owners = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise ValueError(f"{OWNERS_FILE} unreadable ({type(exc).__name__})") from None
-    if owners.ndim != 1 or owners.dtype.kind != "i":
+    owners = _load(Path(directory) / OWNERS_FILE)
+    if owners is not None and (owners.ndim != 1 or owners.dtype.kind != "i"):
         raise ValueError(f"{OWNERS_FILE} is not a list of ids")
-    return owners.astype(np.int64)
+    return None if owners is None else owners.astype(np.int64)
 
 
 def check_keys(directory: Path) -> None:
@@ -59,16 +53,22 @@ def read_keys(directory: Path):
     """An adapter directory's keys (float32, n × dim), or None when it has none. Unreadable: a ValueError."""
     import numpy as np
 
-    path = Path(directory) / KEYS_FILE
+    keys = _load(Path(directory) / KEYS_FILE)
+    if keys is not None and (keys.ndim != 2 or not np.isfinite(keys).all()):
+        raise ValueError(f"{KEYS_FILE} is not a finite matrix")
+    return None if keys is None else keys.astype(np.float32)
+
+
+def _load(path: Path):
+    """A saved array, or None when the file is absent; an unreadable one is a ValueError naming it."""
+    import numpy as np
+
     if not path.exists():
         return None
     try:
-        keys = np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise ValueError(f"{KEYS_FILE} unreadable ({type(exc).__name__})") from None
-    if keys.ndim != 2 or not np.isfinite(keys).all():
-        raise ValueError(f"{KEYS_FILE} is not a finite matrix")
-    return keys.astype(np.float32)
+        raise ValueError(f"{path.name} unreadable ({type(exc).__name__})") from None
 
 
 def unit(x):

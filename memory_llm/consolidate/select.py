@@ -84,8 +84,8 @@ def stale_probes(store: Store, stale: set[int]) -> list[tuple[Item, list[str]]]:
             old_values = list(x.detail.get("old_values") or [v for v in values(old) if v not in values(successor)])
             old_values = [v for v in phrases(old, old_values) if not mentions(successor, v)]  # still held: not old
             for it in items.get(old_id, []) + items.get(x.new_id, []):
-                if old_values:
-                    out.append((it, old_values))
+                if old_values and not any(mentions(it.prompt, v) for v in old_values):  # (an answer may echo
+                    out.append((it, old_values))  # a value its question names: that is not the adapter's)
     return out
 
 
