@@ -181,8 +181,10 @@ class Learner:
         for doc, chunks in buffer:
             vecs = np.asarray(vectors[offset:offset + len(chunks)])
             offset += len(chunks)
-            new = [NewChunk(i, c.text, content_hash(c.text), v) for i, (c, v) in enumerate(zip(chunks, vecs))]
-            plan: Plan = self.updater.plan(namespace, doc.uri, new, **options)
+            when = doc.valid_from if doc.valid_from is not None else options["valid_from"]
+            new = [NewChunk(i, c.text, content_hash(c.text), v, when) for i, (c, v) in enumerate(zip(chunks, vecs))]
+            plan: Plan = self.updater.plan(namespace, doc.uri, new, supersedes=options["supersedes"],
+                                           reason=options["reason"], detect=options["detect"])
             ids = self.store.replace_source(namespace, doc.uri, doc.content_hash, plan.chunks, kept=plan.kept,
                                             supersessions=plan.supersessions, valid_from=options["valid_from"],
                                             reason="key" if doc.uri.startswith(KEY_SCHEME) else "source")

@@ -80,7 +80,7 @@ class Updater:
 
     # ---- planning ------------------------------------------------------------------------------------------
     def plan(self, namespace: str, uri: str, chunks: list[NewChunk], *, supersedes: Sequence[int] = (),
-             reason: str = "user", valid_from: float | None = None, detect: bool = True) -> Plan:
+             reason: str = "user", detect: bool = True) -> Plan:
         """What storing a source's chunks does: keep the source's unchanged chunks, skip repeats of live memories
         elsewhere, succeed the source's changed chunks, and supersede what the new chunks restate or what the user
         named."""
@@ -132,7 +132,7 @@ class Updater:
         if detect and plan.chunks:
             taken = {x.old_id for x in plan.supersessions if x.sentence is None}
             plan.supersessions += self._detected(namespace, plan.chunks, [near[n] for n, _ in kept_near], texts,
-                                                 taken, valid_from)
+                                                 taken)
         return plan
 
     def _successors(self, dropped: list[Memory], new: list[NewChunk], reason: str) -> list[Supersession]:
@@ -152,12 +152,12 @@ class Updater:
         return out
 
     def _detected(self, namespace: str, chunks: list[NewChunk], near: list[list[tuple[int, float]]],
-                  texts: dict[int, Memory], taken: set[int], valid_from: float | None) -> list[Supersession]:
+                  texts: dict[int, Memory], taken: set[int]) -> list[Supersession]:
         """The stored memories (or sentences of them) the new chunks restate with other values; a new chunk that
-        is older than what it restates (`valid_from`) is the one superseded."""
+        became true before what it restates (its valid_from) is the one superseded."""
         out: list[Supersession] = []
-        when = valid_from
         for j, (c, row) in enumerate(zip(chunks, near)):
+            when = c.valid_from
             for i, cosine in row:
                 m = texts.get(i)
                 if m is None or cosine < CANDIDATE_SIMILARITY or i in taken or not m.live:

@@ -319,3 +319,10 @@ def test_where_two_live_sources_disagree_the_newer_one_leads():
     assert not any("stone frog" in t for t in texts)
     alone = hit(3, "The key is under the stone frog.", 100.0)
     assert len(Retriever.read_as([new, alone], [{**conflict, "older": 3}])) == 1  # nothing else to read: left out
+
+
+def test_an_older_restatement_learned_late_is_the_one_superseded(mem):
+    now = mem.learn(text="The wifi password for the Harbor office is maple-17.", date="2026-12-03").memory_ids[0]
+    late = mem.learn(text="The wifi password for the Harbor office is tangerine-42.", date="2026-11-01")
+    assert [(x["old_id"], x["new_id"]) for x in late.superseded] == [(late.memory_ids[0], now)]
+    assert [h.memory.id for h in mem.search("wifi password Harbor office")] == [now]

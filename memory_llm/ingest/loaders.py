@@ -31,6 +31,7 @@ class Document:
     uri: str
     sections: list[str]
     content_hash: str
+    valid_from: float | None = None  # when what it says became true, where the source says so (else the learn's)
 
 
 def load_text(text: str, uri: str | None = None) -> Document:

@@ -107,12 +107,13 @@ class Hit:
 
 @dataclass
 class NewChunk:
-    """A chunk about to be stored: its position in the source, text, content hash and embedding."""
+    """A chunk about to be stored: its position in the source, text, content hash, embedding and time."""
 
     position: int
     text: str
     content_hash: str
     vector: np.ndarray
+    valid_from: float | None = None  # when what it says became true (None: the learn's date, else now)
 
 
 @dataclass

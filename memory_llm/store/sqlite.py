@@ -134,7 +134,7 @@ class Store:
                 id is set in `new_id`; memories of other sources too). The source's other live memories are
                 superseded for `reason`, with no successor: nothing stored is deleted, superseded memories leave
                 retrieval. (`old_chunk` names a new chunk as the one superseded.)
-            valid_from: when what the chunks say became true (default: now).
+            valid_from: when what the chunks say became true, where a chunk does not say (default: now).
         Returns:
             The new memories' ids, in chunk order.
         """
@@ -158,7 +158,8 @@ class Store:
                     "INSERT INTO memories (source_id, namespace, position, text, content_hash, created_at, valid_from,"
                     " embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (source_id, namespace, c.position, c.text, c.content_hash, now,
-                     now if valid_from is None else valid_from, np.asarray(c.vector, dtype=np.float32).tobytes()))
+                     c.valid_from if c.valid_from is not None else now if valid_from is None else valid_from,
+                     np.asarray(c.vector, dtype=np.float32).tobytes()))
                 ids.append(cur.lastrowid)
             for memory_id, position in kept.items():
                 db.execute("UPDATE memories SET position = ? WHERE id = ? AND source_id = ?",
@@ -170,8 +171,11 @@ class Store:
             gone = self.supersessions.add(db, namespace, [*supersessions, *(
                 Supersession(i, None, reason) for i in old if i not in kept and i not in named)], now)
             prev = self._database.bump_generation()
-            self.vectors.write_shared((ids, [c.vector for c in chunks]), gone, namespace)
-        self.vectors.after_write(prev, added=(ids, [c.vector for c in chunks]), removed=gone)
+            fresh = [(i, c.vector) for i, c in zip(ids, chunks) if i not in gone]  # (a new chunk may be superseded
+            added = ([i for i, _ in fresh], [v for _, v in fresh])  # on arrival: older than what it restates)
+            removed = [i for i in gone if i not in set(ids)]
+            self.vectors.write_shared(added, removed, namespace)
+        self.vectors.after_write(prev, added=added, removed=removed)
         return ids
 
     def supersede(self, namespace: str, supersessions: Sequence[Supersession]) -> list[Supersession]:
