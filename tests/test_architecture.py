@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "memory_llm"
 # the two entry points that start a consolidation round: the facade's method and the CLI's command
 ROUND_STARTERS = {("assistant.py", "consolidate"), ("cli.py", "consolidate")}
-FACADE = ("memory_llm.assistant", "memory_llm.cli", "memory_llm.cli_chat", "memory_llm.server")
+FACADE = ("memory_llm.assistant", "memory_llm.cli", "memory_llm.cli_chat", "memory_llm.cli_memory", "memory_llm.server")
 
 
 def modules():
@@ -51,11 +51,20 @@ def test_consolidation_uses_components_never_the_facade():
 
 
 def test_components_do_not_import_what_is_built_on_them():
-    above = ("memory_llm.consolidate", "memory_llm.answering", "memory_llm.learning", "memory_llm.serving") + FACADE
+    above = ("memory_llm.consolidate", "memory_llm.answering", "memory_llm.learning", "memory_llm.serving",
+             "memory_llm.updating") + FACADE
     components = ("store", "adapters", "ingest", "prompts")
 
     def rule(path, module, names, where):
         return path.parts[0] in components and module.startswith(above)
+    assert offences(rule) == []
+
+
+def test_the_detector_reads_text_only():
+    """memory_llm/supersede.py decides from texts (and the similarity function it is given): no store, no model,
+    so learning, retrieval and consolidation share it."""
+    def rule(path, module, names, where):
+        return str(path) == "supersede.py" and module.startswith("memory_llm") and module != "memory_llm.errors"
     assert offences(rule) == []
 
 
