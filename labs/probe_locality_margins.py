@@ -17,7 +17,7 @@ def main() -> None:
     import torch
 
     from memory_llm import MemoryLLM
-    from memory_llm.consolidate.run import generic_prompts
+    from memory_llm.consolidate.steps import generic_prompts
 
     gen = MemoryLLM(tempfile.mkdtemp(prefix="margins-")).new_generator()  # the default base model, no adapter
     _, prompts = generic_prompts()

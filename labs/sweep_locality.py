@@ -33,7 +33,7 @@ from test_e2e_consolidate import FACTS, PROBES  # noqa: E402
 def lab_data(m) -> tuple:
     """The lab's prompt sets from a home: (trained items, held-out items, memory texts by id, training generic
     prompts, held-out generic prompts, the first 40 general-knowledge probes)."""
-    from memory_llm.consolidate.run import generic_prompts
+    from memory_llm.consolidate.steps import generic_prompts
 
     items = m.store.items(m.store.memory_ids())
     train_items, held = [i for i in items if not i.held_out], [i for i in items if i.held_out]
@@ -144,7 +144,7 @@ def _route(gen, model, recipe, loc_train, loc_eval, general, train_items, held, 
     """Fit the product's router (consolidate.calibrate.fit_router), print every prompt set's scores against its threshold."""
     from memory_llm.consolidate.examples import closed_prompt_ids, student_prompt_ids
     from memory_llm.consolidate.calibrate import fit_router
-    from memory_llm.consolidate.run import calibration_prompts
+    from memory_llm.consolidate.steps import calibration_prompts
 
     router = fit_router(model, gen, calibration_prompts(recipe), train_items, margin, recipe.route_band,
                         recipe.route_pool, recipe.route_per_form)

@@ -16,6 +16,7 @@ from memory_llm.errors import InputError, MemoryLLMError
 from memory_llm.generate import Sampling
 from memory_llm.learning import Learner, LearnReport
 from memory_llm.serving import ServedModel
+from memory_llm.statements import as_time
 from memory_llm.store import Hit, Store
 
 if TYPE_CHECKING:
@@ -407,21 +408,6 @@ class MemoryLLM:
         if self._store is not None:
             self._store.close()
             self._store = None
-
-
-def as_time(date) -> float | None:
-    """A date as a Unix time: ISO 8601 text (memory_llm.supersede.parse_date), a datetime, a number, or None."""
-    from datetime import datetime
-
-    if date is None or isinstance(date, (int, float)) and not isinstance(date, bool):
-        return None if date is None else float(date)
-    if isinstance(date, datetime):
-        return (date if date.tzinfo else date.astimezone()).timestamp()
-    if isinstance(date, str):
-        from memory_llm.supersede import parse_date
-
-        return parse_date(date)
-    raise InputError(f"not a date: {date!r}")
 
 
 __all__ = ["Answer", "AnswerStream", "LearnReport", "MemoryLLM", "MemoryLLMError"]

@@ -1,5 +1,5 @@
 """What a new memory makes stale: a detector of restatements with new values (rules over the words, and sentence
-embeddings of what is left once the values are taken out), and dates.
+embeddings of what is left once the values are taken out); the words themselves are read by statements.
 
 A small model's judgement cannot be trusted to decide that one statement replaces another, so the detector reads
 signals that can be measured (docs/updates.md has the rule and its precision and recall on
@@ -26,10 +26,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from datetime import date, datetime, time as dtime
-from typing import Callable, Sequence
+from typing import Callable
 
-from memory_llm.errors import InputError
+from memory_llm.statements import (COPULAS, FRAMING, FRAMING_KEYS, LOCATIVE, VERBS, WORD, Token, asserted, resolve,
+                                   sentences, stem, subject_of, tokens)
 
 # ---- the detector's weights: fitted on the tuning split of data/supersession_pairs.jsonl by
 # labs/fit_supersession.py (docs/updates.md has the run); the threshold is the lowest whose cross-validated
@@ -46,54 +46,6 @@ CONFLICT_PROBABILITY = 0.5  # from this to PROBABILITY two live memories retriev
 CANDIDATE_SIMILARITY = 0.35  # a stored memory this close to a new one (whole texts) is checked sentence by sentence
 MAX_SENTENCES = 6  # a new text of more sentences is a document: it is not checked for restatements
 
-_TOKEN = re.compile(r"[A-Za-z0-9](?:[\w'’\-:./@#]*[A-Za-z0-9])?(?:,\d{3}(?!\d))*")
-_SENTENCE = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n+")
-ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
-WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
-          "november", "december", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec")
-STOP = frozenset("""a an the is are was were be been being am of for to in on at by with from into onto and or but
-it its it's this that these those there here as so than then now currently today still just only also too very
-our my your their his her we i you they he she me us them has have had do does did will would can could should
-shall may might must not no yes any some all each every which who whom whose what when where why how about after
-before over under up down out off again once per via s new changed change changes moved move now anymore longer
-became become becomes got gets set updated update note correction actually btw fyi reminder heads please
-effective starting since until instead rather""".split())
-COPULAS = frozenset("is are was were be been am".split())
-LOCATIVE = frozenset("in at on under behind inside near beside by above below into onto outside opposite".split())
-PLACE_BREAK = frozenset("""and but so because which who that when while if since until now is are was were be been
-am has have had for with every each per""".split())
-VERBS = frozenset("""has have had meets opens closes starts begins ends finishes runs holds costs charges leaves
-lives works sits keeps goes gets takes comes stays parks stores plays teaches leads hangs stands lies arrives departs
-uses needs lands expires happens""".split())
-TIME_WORDS = frozenset("""weekday weekdays weekend weekends morning mornings afternoon afternoons evening evenings
-night nights day days week weeks month months year years noon midnight""".split())
-_CLOCK = re.compile(r"\d{1,2}[:.]\d{2}(am|pm)?|\d{1,2}(am|pm)")
-_NUMBER = re.compile(r"[\d,]+(\.\d+)?")
-_DAY_OF_MONTH = re.compile(r"\d{1,2}(st|nd|rd|th)")
-_DENYING = frozenset("not never isn't wasn't aren't weren't".split())
-_DENYING_PAIRS = frozenset({"instead of", "rather than", "no longer", "except for"})
-# words that frame a new value ("... was changed to ...", "Update: ...", "now ...") and say nothing themselves
-FRAMING = frozenset("""update updated note correction actually btw fyi reminder heads now currently changed change
-moved move became become becomes new newly switched switch replaced replace instead anymore longer today latest
-nowadays upgraded upgrade downgraded raised lowered increased reduced bumped renamed relocated rescheduled
-reassigned promoted pushed brought put kept stored located placed held ugh oh hey hi ok okay well hmm yay argh lol
-guess""".split())
-
-
-def _stem(word: str) -> str:
-    """A word lower-cased, without a possessive, a plural, -ing, -ed or -ly, and a final e ("hiring" and "hire",
-    "monthly" and "month", "closes" and "close" compare equal)."""
-    w = word.lower().replace("’", "'")
-    if w.endswith("'s"):
-        w = w[:-2]
-    for suffix in ("ing", "ed", "es", "ly", "s"):
-        if len(w) > len(suffix) + 2 and w.endswith(suffix) and not w.endswith("ss"):
-            w = w[: -len(suffix)]
-            break
-    return w[:-1] if len(w) > 3 and w.endswith("e") else w
-
-
 _PAIRS = [("open", "close"), ("open", "shut"), ("start", "end"), ("start", "finish"), ("begin", "end"),
           ("arrive", "depart"), ("arrive", "leave"), ("earliest", "latest"), ("minimum", "maximum"), ("min", "max"),
           ("morning", "evening"), ("morning", "afternoon"), ("weekday", "weekend"), ("lunch", "dinner"),
@@ -105,8 +57,7 @@ CONTRASTS: dict[str, set[str]] = {}  # an attribute word → the words that name
 for _a, _b in _PAIRS:
     for _x, _y in ((_a, _b), (_b, _a)):
         for _form in (_x, _x + "s", _x + "ing", _x + "ed"):
-            CONTRASTS.setdefault(_stem(_form), set()).update({_stem(_y), _stem(_y + "s"), _stem(_y + "ing")})
-FRAMING_KEYS = frozenset(_stem(w) for w in FRAMING)
+            CONTRASTS.setdefault(stem(_form), set()).update({stem(_y), stem(_y + "s"), stem(_y + "ing")})
 _HEADING = re.compile(r"^[^:.?!]{1,40}:\s+")  # "Wedding planning: the venue is ..."
 _MONTHS_RE = "january|february|march|april|may|june|july|august|september|october|november|december"
 _DAYS_RE = "monday|tuesday|wednesday|thursday|friday|saturday|sunday"
@@ -125,94 +76,6 @@ _PAST_I = re.compile(r"\b(used to|previously|formerly|originally|back in|back wh
 _WAS = re.compile(r"\b(was|were)\b(?!\s+(\w+\s+)?(changed|moved|updated|replaced|switched|set|increased|reduced|"
                   r"raised|lowered|upgraded|downgraded|put|bumped|pushed|brought|renamed|reset|relocated|"
                   r"rescheduled|reassigned|promoted|taken|handed|given|cut|extended|shortened|issued|renewed))", re.I)
-
-
-@dataclass(frozen=True)
-class Token:
-    text: str
-    key: str  # how it compares: numbers and codes exactly, other words lower-cased and stemmed
-    value: bool  # carries what a fact says (see the module docstring)
-    stop: bool
-    kind: str = ""  # a value's kind: time, number, date, code, day, name, place
-
-
-def sentences(text: str) -> list[str]:
-    """A text's sentences (also split at line breaks: a correction is its question, then the answer), verbatim."""
-    return list(_sentences(text))
-
-
-@lru_cache(maxsize=4096)
-def _sentences(text: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in _SENTENCE.split(text) if s and s.strip())
-
-
-def tokens(sentence: str) -> list[Token]:
-    """A sentence's tokens, each marked as a value (or not, with its kind) and as a stop word (or not)."""
-    return list(_tokens(sentence))
-
-
-@lru_cache(maxsize=8192)
-def _tokens(sentence: str) -> tuple[Token, ...]:
-    found = _TOKEN.findall(sentence)
-    lows = [w.lower() for w in found]
-    head = next((i for i, w in enumerate(lows) if i and (w in COPULAS or w in VERBS)), None)
-    out: list[Token] = []
-    place = 0  # words still to take as a place after a preposition of place (in the predicate)
-    for i, raw in enumerate(found):
-        word = raw[:-2] if raw.lower().endswith(("'s", "’s")) else raw
-        low = word.lower()
-        named = word[:1].isupper() and (i > 0 or (len(found) > 1 and found[1][:1].isupper())
-                                         or raw.lower().endswith(("'s", "’s")))
-        exact = any(c.isdigit() for c in word)  # numbers, times, codes: compared as written
-        kind = _kind(word, low, exact, named)
-        stop = kind is None and low in STOP
-        if low in PLACE_BREAK or low in COPULAS or low in TIME_WORDS:
-            place = 0
-        elif place and kind is None and not stop and low not in FRAMING and low not in LOCATIVE:
-            kind, place = "place", place - 1
-        if low in LOCATIVE and (head is None or i > head):
-            place = 3
-        out.append(Token(word, word if exact else _stem(word), kind is not None, stop, kind or ""))
-    return tuple(out)
-
-
-def _kind(word: str, low: str, exact: bool, named: bool) -> str | None:
-    """What kind of value a word is (None: not a value)."""
-    if exact:
-        return "time" if _CLOCK.fullmatch(low) else "number" if _NUMBER.fullmatch(low) else \
-            "date" if _DAY_OF_MONTH.fullmatch(low) else "code"
-    if low.rstrip("s") in WEEKDAYS:
-        return "day"
-    if low in MONTHS or low in ORDINALS:
-        return "date"
-    if named and low not in STOP and low not in FRAMING:
-        return "name"
-    return None
-
-
-def asserted(found: list[Token], old_keys: set[str] = frozenset()) -> list[Token]:
-    """The tokens without the values a text names only to deny or leave them ("not 4471", "no longer 7:30",
-    "instead of Tuesdays", "from Tuesdays to Thursdays" where Thursdays is new to `old_keys`)."""
-    low = [t.text.lower().replace("’", "'") for t in found]
-    denied: set[int] = set()
-    for i, word in enumerate(low):
-        pair = " ".join(low[i - 1:i + 1]) if i else ""
-        moved = word == "from" and any(low[j] == "to" and j + 1 < len(found) and found[j + 1].value
-                                       and found[j + 1].key not in old_keys for j in range(i + 1, min(i + 6, len(low))))
-        if not (word in _DENYING or pair in _DENYING_PAIRS or moved):
-            continue
-        j = i + 1
-        while j < len(found) and not found[j].value and j - i <= 3:
-            j += 1
-        while j < len(found) and found[j].value:
-            denied.add(j)
-            j += 1
-    return [t for i, t in enumerate(found) if i not in denied]
-
-
-def values(text: str) -> list[str]:
-    """The value tokens of a text, in order, once each."""
-    return list(dict.fromkeys(t.text for t in tokens(text) if t.value))
 
 
 @dataclass
@@ -240,8 +103,8 @@ def speaks_of_the_past(old_sentence: str, new_text: str) -> bool:
     if _ADDING.search(new_text) or _PAST.search(new_text) or _PAST_I.search(new_text) \
             or _WAS.search(new_text) and not _WAS.search(old_sentence):
         return True
-    present = {t.lower() for t in _TOKEN.findall(old_sentence)}
-    for word in _TOKEN.findall(new_text):
+    present = {t.lower() for t in WORD.findall(old_sentence)}
+    for word in WORD.findall(new_text):
         w = word.lower()
         if w.endswith("ed") and w not in FRAMING and any(f in present for f in (w[:-2] + "s", w[:-1] + "s",
                                                                                  w[:-2] + "es", w[:-2], w[:-1])):
@@ -259,7 +122,7 @@ def restates(old_sentence: str, new_text: str, *, subject: str = "", question: s
         return None
     old = tokens(_HEADING.sub("", resolve(old_sentence, subject)))
     new = asserted(tokens(_WHEN.sub(" ", new_text)), {t.key for t in old})
-    asked = tokens(question)
+    asked = list(tokens(question))
     said = {t.key for t in new + asked}
     kept = [t.key in said for t in old]
 
@@ -325,35 +188,13 @@ def _order(old: list[Token], new: list[Token]) -> float:
     return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() if a and b else 0.0
 
 
-PRONOUNS = {"it": "", "its": "'s", "they": "", "their": "'s", "he": "", "his": "'s", "she": "", "her": "'s",
-            "this": "", "there": ""}
-
-
-def subject_of(sentence: str) -> str:
-    """A sentence's subject, roughly: its words before the first copula or verb-like word ("" when none)."""
-    words = sentence.split()
-    for i, w in enumerate(words):
-        if w.lower().strip(",;:") in COPULAS or i and w.lower().strip(",;:") in VERBS:
-            return " ".join(words[:i]).strip(",;:")
-    return ""
-
-
-def resolve(sentence: str, subject: str) -> str:
-    """The sentence with an opening pronoun replaced by what it stands for (unchanged without a subject)."""
-    first, _, rest = sentence.partition(" ")
-    tail = PRONOUNS.get(first.lower())
-    if not subject or tail is None or not rest:
-        return sentence
-    return f"{subject}{tail} {rest}"
-
-
 def candidates(old_text: str, new_text: str,
                similarity: Callable[[list[tuple[str, str]]], list[float]] | None = None) -> list[Restatement]:
     """Every (old sentence, new text) pair the word rules let through, with its features and probability. A text
     with a question is read as a correction: the question, then its answer (each sentence of it, and all of it).
     `similarity` gives the cosines of pairs of texts (pair_similarities over the home's embedder); without it the
     share of kept words stands in for both cosines."""
-    olds, said = sentences(old_text), sentences(new_text)
+    olds, said = list(sentences(old_text)), list(sentences(new_text))
     asked = next((i for i, x in enumerate(said) if x.endswith("?")), None)
     question = said[asked] if asked is not None else ""
     answer = said[asked + 1:] if asked is not None else said
@@ -362,7 +203,7 @@ def candidates(old_text: str, new_text: str,
     readings: list[tuple[str, str]] = []
     if len(news) > MAX_SENTENCES:  # a document, not a restatement: its source's own chunks are superseded by source
         return found
-    asked = {t.key for t in _tokens(question)}
+    asked = {t.key for t in tokens(question)}
     keys = {n: _keys(n) for n in news}
     for i, sentence in enumerate(olds):
         subject = subject_of(olds[i - 1]) if i else ""
@@ -388,7 +229,7 @@ def candidates(old_text: str, new_text: str,
 @lru_cache(maxsize=8192)
 def _keys(sentence: str) -> tuple[frozenset, frozenset]:
     """A sentence's value keys and content-word keys."""
-    found = _tokens(sentence)
+    found = tokens(sentence)
     return (frozenset(t.key for t in found if t.value),
             frozenset(t.key for t in found if not t.value and not t.stop))
 
@@ -425,15 +266,3 @@ def pair_similarities(encode: Callable[[list[str]], "object"]) -> Callable[[list
     return run
 
 
-# ---- dates ----------------------------------------------------------------------------------------------------
-def parse_date(text: str) -> float:
-    """A time given by a user (ISO 8601: a date, or a date and time, with or without a zone; a date is its local
-    midnight) as a Unix time; a clear InputError otherwise."""
-    value = (text or "").strip()
-    try:
-        if len(value) == 10:
-            return datetime.combine(date.fromisoformat(value), dtime()).astimezone().timestamp()
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return (moment if moment.tzinfo else moment.astimezone()).timestamp()
-    except ValueError:
-        raise InputError(f"not a date: {text!r} (give ISO 8601, e.g. 2026-12-03 or 2026-12-03T14:30)") from None

@@ -19,7 +19,8 @@ from memory_llm.errors import InputError
 from memory_llm.store import Memory, Store
 from memory_llm.store.records import NewChunk
 from memory_llm.store.supersessions import Supersession
-from memory_llm.supersede import CANDIDATE_SIMILARITY, detect, pair_similarities, sentences, values
+from memory_llm.statements import sentences, values
+from memory_llm.supersede import CANDIDATE_SIMILARITY, detect, pair_similarities
 
 logger = logging.getLogger(__name__)
 

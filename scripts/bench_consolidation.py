@@ -125,7 +125,7 @@ def main() -> None:
     from memory_llm import MemoryLLM
     from memory_llm.consolidate.gate import Floors, decide
     from memory_llm.consolidate.recipe import Recipe
-    from memory_llm.consolidate.run import generic_prompts
+    from memory_llm.consolidate.steps import generic_prompts
 
     OPEN = Floors(0.0, 0.0, 0.0, 1.0)  # always promote, so closed/hybrid can be measured; the default gate's
     # verdict on the same metrics is reported beside them

@@ -391,28 +391,37 @@ def main() -> None:
     ap.add_argument("--json-out", help="write every figure here")
     ap.add_argument("--write", action="store_true", help="replace the section of BENCHMARKS.md")
     args = ap.parse_args()
+    if not args.no_cost and not FK.exists():  # say so now, not after an hour of stages
+        ap.error(f"{FK} is missing (the learn cost reads Fictional Knowledge documents); --no-cost skips it")
 
     facts = [json.loads(line) for line in FACTS.read_text(encoding="utf-8").splitlines() if line.strip()]
     work = Path(tempfile.mkdtemp(prefix="bench-updates-"))
     out = {"date": today(), "machine": machine(), "command": command_line()}
+
+    def save() -> None:  # after every part: a long run that fails late keeps what it measured
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(out, indent=1, default=str), encoding="utf-8")
+
     if not args.no_detector:
         from memory_llm import MemoryLLM
 
         probe = MemoryLLM(work / "detector")
         out["detector"] = detector(probe.embedder.encode)
         probe.close()
+        save()
     if not args.no_stages:
         out["stages"] = {}
         for split in args.splits.split(","):
             part = [f for f in facts if f["split"] == split]
             out["stages"][split] = run_split(split, part, work / split, args)
+            save()
     if not args.no_cost:
         out["learn_cost"] = learn_cost(work / "learn-cost", args.runs)
+        save()
         out["consolidation_cost"] = consolidation_cost([f for f in facts if f["split"] == "tuning"],
                                                        work / "consolidation-cost")
     print(json.dumps(out, indent=1, default=str))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(out, indent=1, default=str), encoding="utf-8")
+    save()
     if args.write:
         write_section("Facts that change (bench_updates.py)", report(out))
 

@@ -354,12 +354,12 @@ def test_lock_allows_one_consolidation(cmem):
 def test_killed_run_leaves_current_intact_and_next_run_succeeds(cmem, monkeypatch):
     run(cmem)
     cmem.learn(text="The Varn museum keeps a whale skeleton nine metres long.", source="museum")
-    import memory_llm.consolidate.run as runmod
+    import memory_llm.consolidate.steps as stepsmod
 
     def boom(*a, **k):
         raise KeyboardInterrupt  # as if killed during training
 
-    monkeypatch.setattr(runmod, "train", boom)
+    monkeypatch.setattr(stepsmod, "train", boom)
     with pytest.raises(KeyboardInterrupt):
         run(cmem)
     reg = cmem.adapters

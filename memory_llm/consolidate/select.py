@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from memory_llm.adapters import AdapterRegistry, AdapterVersion
 from memory_llm.adapters.registry import tenants
 from memory_llm.store import Exemplar, Item, Store
-from memory_llm.supersede import values
+from memory_llm.statements import values
 
 
 @dataclass
