@@ -40,6 +40,7 @@ WEIGHTS = {"coverage": 0.998, "lost_outside": -0.482, "lost_inside": -1.296, "in
            "swapped": -0.633, "subject_swap": -1.344, "changed_values": -0.271, "order": -1.201, "same_kind": 1.394,
            "masked": 0.258, "full": 1.169}
 BIAS = 0.716
+COSINES = ("masked", "full")  # the features that need the embedder
 PROBABILITY = 0.8  # a candidate at least this probable supersedes
 CONFLICT_PROBABILITY = 0.5  # from this to PROBABILITY two live memories retrieved together are in conflict: the
 # newer one leads (Retriever.read_as); chosen on the tuning pairs (cross-validated precision about 0.9)
@@ -189,11 +190,14 @@ def _order(old: list[Token], new: list[Token]) -> float:
 
 
 def candidates(old_text: str, new_text: str,
-               similarity: Callable[[list[tuple[str, str]]], list[float]] | None = None) -> list[Restatement]:
+               similarity: Callable[[list[tuple[str, str]]], list[float]] | None = None,
+               floor: float = 0.0) -> list[Restatement]:
     """Every (old sentence, new text) pair the word rules let through, with its features and probability. A text
     with a question is read as a correction: the question, then its answer (each sentence of it, and all of it).
     `similarity` gives the cosines of pairs of texts (pair_similarities over the home's embedder); without it the
-    share of kept words stands in for both cosines."""
+    share of kept words stands in for both cosines. A pair whose probability cannot reach `floor` whatever its
+    cosines is left out before any text is embedded (what `detect` does with its threshold: the same result,
+    fewer texts to embed)."""
     olds, said = list(sentences(old_text)), list(sentences(new_text))
     asked = next((i for i, x in enumerate(said) if x.endswith("?")), None)
     question = said[asked] if asked is not None else ""
@@ -213,7 +217,7 @@ def candidates(old_text: str, new_text: str,
             if not new_values - old_values or not (old_values | old_words) & (new_values | new_words | asked):
                 continue  # no new value, or nothing in common: not a restatement (cheap to tell)
             r = restates(sentence, candidate, subject=subject, question=question)
-            if r is not None:
+            if r is not None and (not floor or probability(r.features, best_case=True) >= floor):
                 found.append(r)
                 readings.append((resolve(sentence, subject), f"{question} {candidate}".strip()))
     if found:
@@ -234,11 +238,14 @@ def _keys(sentence: str) -> tuple[frozenset, frozenset]:
             frozenset(t.key for t in found if not t.value and not t.stop))
 
 
-def probability(features: dict) -> float:
-    """The detector's probability that a candidate is a restatement (logistic, WEIGHTS and BIAS)."""
+def probability(features: dict, best_case: bool = False) -> float:
+    """The detector's probability that a candidate is a restatement (logistic, WEIGHTS and BIAS); `best_case`: the
+    highest it can be whatever the two cosines (each in [-1, 1]) turn out to be."""
     import math
 
-    z = BIAS + sum(WEIGHTS[f] * float(features.get(f, 0.0)) for f in FEATURES)
+    z = BIAS + sum(WEIGHTS[f] * float(features.get(f, 0.0)) for f in FEATURES if not best_case or f not in COSINES)
+    if best_case:
+        z += sum(abs(WEIGHTS[f]) for f in COSINES) + 1e-9
     return 1.0 / (1.0 + math.exp(-z))
 
 
@@ -248,7 +255,7 @@ def detect(old_text: str, new_text: str, similarity: Callable[[list[tuple[str, s
     (`candidates`) of highest probability, where it reaches `threshold` (default PROBABILITY)."""
     threshold = PROBABILITY if threshold is None else threshold
     best: dict[str, Restatement] = {}
-    for r in candidates(old_text, new_text, similarity):
+    for r in candidates(old_text, new_text, similarity, floor=threshold):
         if r.probability >= threshold and (r.sentence not in best or r.probability > best[r.sentence].probability):
             best[r.sentence] = r
     order = sentences(old_text)

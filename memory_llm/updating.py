@@ -157,33 +157,59 @@ class Updater:
         """The stored memories (or sentences of them) the new chunks restate with other values; a new chunk that
         became true before what it restates (its valid_from) is the one superseded."""
         out: list[Supersession] = []
+        jobs = []  # (new chunk's index, memory id, cosine, older, first text, second text)
         for j, (c, row) in enumerate(zip(chunks, near)):
-            when = c.valid_from
             for i, cosine in row:
                 m = texts.get(i)
                 if m is None or cosine < CANDIDATE_SIMILARITY or i in taken or not m.live:
                     continue
-                older = when is not None and when < m.valid_from
-                first, second = (c.text, m.live_text) if older else (m.live_text, c.text)
-                found = detect(first, second, self.similarities)
-                if not found:
-                    continue
-                whole = {r.sentence for r in found} >= set(sentences(first))
-                for r in ([found[0]] if whole else found):
-                    detail = {**r.as_dict(), "cosine": round(cosine, 3)}
-                    if older:
-                        out.append(Supersession(-1, i, "detected", None if whole else r.sentence, detail,
-                                                old_chunk=j))
-                    else:
-                        out.append(Supersession(i, None, "detected", None if whole else r.sentence, detail,
-                                                new_chunk=j))
-                if whole and not older:
-                    taken.add(i)
+                older = c.valid_from is not None and c.valid_from < m.valid_from
+                jobs.append((j, i, cosine, older, *((c.text, m.live_text) if older else (m.live_text, c.text))))
+        similarity = self._prefetched([(first, second) for *_, first, second in jobs])
+        for j, i, cosine, older, first, second in jobs:
+            if i in taken:
+                continue
+            found = detect(first, second, similarity)
+            if not found:
+                continue
+            whole = {r.sentence for r in found} >= set(sentences(first))
+            for r in ([found[0]] if whole else found):
+                detail = {**r.as_dict(), "cosine": round(cosine, 3)}
+                if older:
+                    out.append(Supersession(-1, i, "detected", None if whole else r.sentence, detail,
+                                            old_chunk=j))
+                else:
+                    out.append(Supersession(i, None, "detected", None if whole else r.sentence, detail,
+                                            new_chunk=j))
+            if whole and not older:
+                taken.add(i)
         return out
 
     def similarities(self, pairs: list[tuple[str, str]]) -> list[float]:
         """The cosine similarity of each (text, text) pair, by the home's embedder."""
         return pair_similarities(self.embedder.encode)(pairs)
+
+    def _prefetched(self, jobs: list[tuple[str, str]]):
+        """A similarity function for detecting over these (old, new) text pairs with every text it will be asked
+        about embedded beforehand, in one batch (a learn of many chunks would otherwise embed a few texts per
+        candidate pair); a text it was not told of is embedded when asked."""
+        asked: list[str] = []
+
+        def record(pairs: list[tuple[str, str]]) -> list[float]:
+            asked.extend(t for pair in pairs for t in pair)
+            return [1.0] * len(pairs)  # the best case: every pair that could be asked about is
+
+        for first, second in jobs:
+            detect(first, second, record)
+        texts = list(dict.fromkeys(asked))
+        known = dict(zip(texts, self.embedder.encode(texts))) if texts else {}
+
+        def similarity(pairs: list[tuple[str, str]]) -> list[float]:
+            missing = list(dict.fromkeys(t for pair in pairs for t in pair if t not in known))
+            if missing:
+                known.update(zip(missing, self.embedder.encode(missing)))
+            return [float(known[a] @ known[b]) for a, b in pairs]
+        return similarity
 
     # ---- after a supersession ------------------------------------------------------------------------------
     def stale_values(self, supersessions: Sequence[Supersession]) -> dict[int, list[str]]:

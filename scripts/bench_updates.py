@@ -385,6 +385,7 @@ def main() -> None:
     ap.add_argument("--splits", default="tuning,heldout")
     ap.add_argument("--no-stages", action="store_true", help="skip the stale/current stages")
     ap.add_argument("--no-cost", action="store_true", help="skip the learn and consolidation costs")
+    ap.add_argument("--no-consolidation-cost", action="store_true", help="skip the consolidation cost only")
     ap.add_argument("--no-detector", action="store_true", help="skip the detector's figures")
     ap.add_argument("--runs", type=int, default=3, help="runs of each learn in the cost figure")
     ap.add_argument("--stale-similarity", type=float, help="serve with this stale_similarity (default: setting)")
@@ -418,8 +419,9 @@ def main() -> None:
     if not args.no_cost:
         out["learn_cost"] = learn_cost(work / "learn-cost", args.runs)
         save()
-        out["consolidation_cost"] = consolidation_cost([f for f in facts if f["split"] == "tuning"],
-                                                       work / "consolidation-cost")
+        if not args.no_consolidation_cost:
+            out["consolidation_cost"] = consolidation_cost([f for f in facts if f["split"] == "tuning"],
+                                                           work / "consolidation-cost")
     print(json.dumps(out, indent=1, default=str))
     save()
     if args.write:
