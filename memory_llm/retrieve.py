@@ -115,19 +115,15 @@ class Retriever:
         """Pairs of live hits that still disagree: the newer may restate the older with other values (the
         detector's probability at least CONFLICT_PROBABILITY, short of a supersession). Each: {"newer", "older",
         "sentence" (the older one's), "old_values", "new_values", "probability"}."""
-        from memory_llm.supersede import CONFLICT_PROBABILITY, detect, pair_similarities
+        from memory_llm.supersede import CONFLICT_PROBABILITY, batched_similarity, detect
 
-        out = []
         live = [h.memory for h in hits if h.memory.live]
-        similarity = pair_similarities(self.embedder.encode)
-        for a in live:
-            for b in live:
-                if a.id == b.id or (a.valid_from, a.id) <= (b.valid_from, b.id):
-                    continue  # a is the newer one
-                for r in detect(b.live_text, a.live_text, similarity, threshold=CONFLICT_PROBABILITY):
-                    out.append({"newer": a.id, "older": b.id, "sentence": r.sentence, "old_values": r.old_values,
-                                "new_values": r.new_values, "probability": round(r.probability, 3)})
-        return out
+        pairs = [(a, b) for a in live for b in live if (a.valid_from, a.id) > (b.valid_from, b.id)]  # a the newer
+        similarity = batched_similarity(self.embedder.encode, [(b.live_text, a.live_text) for a, b in pairs],
+                                        CONFLICT_PROBABILITY)
+        return [{"newer": a.id, "older": b.id, "sentence": r.sentence, "old_values": r.old_values,
+                 "new_values": r.new_values, "probability": round(r.probability, 3)}
+                for a, b in pairs for r in detect(b.live_text, a.live_text, similarity, threshold=CONFLICT_PROBABILITY)]
 
     @staticmethod
     def read_as(hits: Sequence[Hit], conflicts: Sequence[dict] = ()) -> list[str]:

@@ -273,3 +273,26 @@ def pair_similarities(encode: Callable[[list[str]], "object"]) -> Callable[[list
     return run
 
 
+def batched_similarity(encode: Callable[[list[str]], "object"], pairs: list[tuple[str, str]],
+                       threshold: float | None = None) -> Callable[[list[tuple[str, str]]], list[float]]:
+    """A similarity function for `detect(old, new, ..., threshold)` over these (old, new) text pairs, with every
+    text it will be asked about embedded beforehand in one batch (detecting pair by pair would embed a few texts
+    per call); a text it was not told of is embedded when asked. `encode` gives unit vectors."""
+    asked: list[str] = []
+
+    def record(texts: list[tuple[str, str]]) -> list[float]:
+        asked.extend(t for pair in texts for t in pair)
+        return [1.0] * len(texts)  # the best case: every pair that could be asked about is
+
+    for old, new in pairs:
+        detect(old, new, record, threshold)
+    texts = list(dict.fromkeys(asked))
+    known = dict(zip(texts, encode(texts))) if texts else {}
+
+    def similarity(texts: list[tuple[str, str]]) -> list[float]:
+        missing = list(dict.fromkeys(t for pair in texts for t in pair if t not in known))
+        if missing:
+            known.update(zip(missing, encode(missing)))
+        return [float(known[a] @ known[b]) for a, b in texts]
+    return similarity
+

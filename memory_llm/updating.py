@@ -20,7 +20,7 @@ from memory_llm.store import Memory, Store
 from memory_llm.store.records import NewChunk
 from memory_llm.store.supersessions import Supersession
 from memory_llm.statements import sentences, values
-from memory_llm.supersede import CANDIDATE_SIMILARITY, detect, pair_similarities
+from memory_llm.supersede import CANDIDATE_SIMILARITY, batched_similarity, detect, pair_similarities
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class Updater:
                     continue
                 older = c.valid_from is not None and c.valid_from < m.valid_from
                 jobs.append((j, i, cosine, older, *((c.text, m.live_text) if older else (m.live_text, c.text))))
-        similarity = self._prefetched([(first, second) for *_, first, second in jobs])
+        similarity = batched_similarity(self.embedder.encode, [(first, second) for *_, first, second in jobs])
         for j, i, cosine, older, first, second in jobs:
             if i in taken:
                 continue
@@ -188,28 +188,6 @@ class Updater:
     def similarities(self, pairs: list[tuple[str, str]]) -> list[float]:
         """The cosine similarity of each (text, text) pair, by the home's embedder."""
         return pair_similarities(self.embedder.encode)(pairs)
-
-    def _prefetched(self, jobs: list[tuple[str, str]]):
-        """A similarity function for detecting over these (old, new) text pairs with every text it will be asked
-        about embedded beforehand, in one batch (a learn of many chunks would otherwise embed a few texts per
-        candidate pair); a text it was not told of is embedded when asked."""
-        asked: list[str] = []
-
-        def record(pairs: list[tuple[str, str]]) -> list[float]:
-            asked.extend(t for pair in pairs for t in pair)
-            return [1.0] * len(pairs)  # the best case: every pair that could be asked about is
-
-        for first, second in jobs:
-            detect(first, second, record)
-        texts = list(dict.fromkeys(asked))
-        known = dict(zip(texts, self.embedder.encode(texts))) if texts else {}
-
-        def similarity(pairs: list[tuple[str, str]]) -> list[float]:
-            missing = list(dict.fromkeys(t for pair in pairs for t in pair if t not in known))
-            if missing:
-                known.update(zip(missing, self.embedder.encode(missing)))
-            return [float(known[a] @ known[b]) for a, b in pairs]
-        return similarity
 
     # ---- after a supersession ------------------------------------------------------------------------------
     def stale_values(self, supersessions: Sequence[Supersession]) -> dict[int, list[str]]:
