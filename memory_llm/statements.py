@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from datetime import date, datetime, time as dtime
 from functools import lru_cache
+from typing import Sequence
 
 from memory_llm.errors import InputError
 
@@ -141,6 +142,12 @@ def asserted(found, old_keys: set[str] = frozenset()) -> list[Token]:
 def values(text: str) -> list[str]:
     """The value tokens of a text, in order, once each."""
     return list(dict.fromkeys(t.text for t in tokens(text) if t.value))
+
+
+def stale_values(old: str, new: str, named: Sequence[str] | None = None) -> list[str]:
+    """The values an old statement held that its successor does not: those the detector `named`, else the old
+    text's values the new text lacks."""
+    return list(named) if named else [v for v in values(old) if v not in set(values(new))]
 
 
 PRONOUNS = {"it": "", "its": "'s", "they": "", "their": "'s", "he": "", "his": "'s", "she": "", "her": "'s",

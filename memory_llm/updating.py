@@ -19,7 +19,7 @@ from memory_llm.errors import InputError
 from memory_llm.store import Memory, Store
 from memory_llm.store.records import NewChunk
 from memory_llm.store.supersessions import Supersession
-from memory_llm.statements import sentences, values
+from memory_llm.statements import sentences, stale_values, values
 from memory_llm.supersede import CANDIDATE_SIMILARITY, batched_similarity, detect, pair_similarities
 
 logger = logging.getLogger(__name__)
@@ -195,12 +195,9 @@ class Updater:
         memories = self.store.get(sorted({i for x in supersessions for i in (x.old_id, x.new_id) if i}))
         out = {}
         for x in supersessions:
-            if x.detail.get("old_values"):
-                out[x.id] = list(x.detail["old_values"])
-                continue
             old = x.sentence or (memories[x.old_id].text if x.old_id in memories else "")
             new = memories[x.new_id].live_text if x.new_id in memories else ""
-            out[x.id] = [v for v in values(old) if v not in set(values(new))]
+            out[x.id] = stale_values(old, new, x.detail.get("old_values"))
         return out
 
     def retire_exemplars(self, namespace: str, supersessions: Sequence[Supersession]) -> list[int]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from memory_llm.adapters import AdapterRegistry, AdapterVersion
 from memory_llm.adapters.registry import tenants
 from memory_llm.store import Exemplar, Item, Store
-from memory_llm.statements import values
+from memory_llm.statements import stale_values
 
 
 @dataclass
@@ -81,7 +81,7 @@ def stale_probes(store: Store, stale: set[int]) -> list[tuple[Item, list[str]]]:
         for x in rows:
             old = x.sentence or (memories[old_id].text if old_id in memories else "")
             successor = memories[x.new_id].live_text if x.new_id in memories else ""
-            old_values = list(x.detail.get("old_values") or [v for v in values(old) if v not in values(successor)])
+            old_values = stale_values(old, successor, x.detail.get("old_values"))
             old_values = [v for v in phrases(old, old_values) if not mentions(successor, v)]  # still held: not old
             for it in items.get(old_id, []) + items.get(x.new_id, []):
                 if old_values and not any(mentions(it.prompt, v) for v in old_values):  # (an answer may echo
